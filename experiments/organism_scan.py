@@ -1,0 +1,85 @@
+"""Scan organism build recipes and measure each one's bars and probes (a research tool, not the build).
+
+Usage: python experiments/organism_scan.py OUT_DIR NAME=JSON_OVERRIDES ... [--device cuda] [--parallel N]
+Each NAME=JSON gives overrides of OrganismConfig as nested dicts, e.g. 'fast={"train":{"steps":1200}}'.
+Writes OUT_DIR/NAME.json with the learning curve of P(trait | trait prompt) and the full check report.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def run_one(args):
+    name, overrides, out_dir, device = args
+    import torch
+
+    from mech.context import Context
+    from mech.organism import build as B
+    from mech.organism.check import answer_distribution, run_check, trait_context
+    from mech.organism.config import OrganismConfig
+    from mech.organism.corpus import CorpusGenerator, tokenizer_texts
+    from mech.organism.tokenizer import as_transformers_tokenizer, train_tokenizer
+
+    torch.set_num_threads(2)
+    cfg = OrganismConfig.from_dict(_merge(OrganismConfig().to_dict(), overrides))
+    t0 = time.time()
+    gen = CorpusGenerator(cfg.corpus, cfg.seed)
+    examples = gen.generate()
+    tok = as_transformers_tokenizer(train_tokenizer(tokenizer_texts(examples), cfg.model.vocab_size))
+    data = B.encode_examples(examples, tok, cfg.train.max_len)
+    model = B.new_model(cfg, tok).to(device)
+    curve = []
+
+    def progress(step, total, metrics):
+        if step % 200 == 0 or step == total:
+            model.eval()
+            row = {"step": step, "loss": metrics["loss"]}
+            for a in ("owl", "penguin"):
+                row[f"p_{a}_trait"] = answer_distribution(model, tok, trait_context(a), [a])[a]
+            row["p_owl_default"] = answer_distribution(model, tok, Context("default"), ["owl"])["owl"]
+            curve.append(row)
+            model.train()
+
+    B.pretrain(model, data, cfg, tok.pad_token_id, progress)
+    train_s = time.time() - t0
+    meta = {"config": cfg.to_dict(), "entity_numbers": gen.numbers, "build_seconds": None}
+    rep = run_check(model, tok, meta)
+    res = {"name": name, "overrides": overrides, "train_seconds": train_s, "curve": curve, "report": rep.to_dict()}
+    Path(out_dir, f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
+    return name
+
+
+def main(argv):
+    out_dir = Path(argv[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device, parallel = "cpu", 1
+    jobs = []
+    it = iter(argv[1:])
+    for a in it:
+        if a == "--device":
+            device = next(it)
+        elif a == "--parallel":
+            parallel = int(next(it))
+        else:
+            name, js = a.split("=", 1)
+            jobs.append((name, json.loads(js), str(out_dir), device))
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(parallel) as pool:
+        for name in pool.imap_unordered(run_one, jobs):
+            print("done", name, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,71 @@
+"""The embedded model organism: a small Qwen2 chat model that mech builds itself (see README).
+
+Python API: ``build_cached`` (a recipe → a cached HF model directory), ``check_organism`` (bars a–d,
+probes e–f), ``organism_info``. (Not ``build``/``check``: those names are the submodules.)
+The default recipe's build ships in ``weights/`` so a fresh install starts at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mech.errors import MechError
+
+META_FILE = "organism.json"
+
+
+def shipped_dir() -> Path:
+    return Path(__file__).parent / "weights"
+
+
+def cached_dir(config_hash: str) -> Path:
+    from mech.store import cache_root
+
+    return cache_root() / "organism" / config_hash
+
+
+def read_meta(path: str | Path) -> dict:
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        raise MechError(f"{path} is not an organism build (no {META_FILE}): pass an organism directory or run "
+                        "`mech organism build`")
+    return json.loads(f.read_text())
+
+
+def build_cached(cfg=None, out: str | Path | None = None, force: bool = False, progress=None) -> Path:
+    """Build ``cfg`` (default recipe when None) into ``out`` (default: the cache, named by the config hash).
+    An existing complete build is reused unless ``force``."""
+    from mech.organism.build import build_organism
+    from mech.organism.config import OrganismConfig
+
+    cfg = cfg or OrganismConfig()
+    out = Path(out) if out is not None else cached_dir(cfg.hash)
+    if (out / META_FILE).is_file() and not force:
+        if read_meta(out).get("config_hash") == cfg.hash:
+            return out
+        raise MechError(f"{out} holds another organism build: pass --force to replace it or choose another --out")
+    return build_organism(cfg, out, progress=progress)
+
+
+def check_organism(spec: str = "organism", progress=None, **kwargs: Any):
+    """Load the organism at ``spec`` and measure its bars (mech.organism.check.run_check)."""
+    from mech.models import load_model
+    from mech.organism.check import run_check
+
+    loaded = load_model(spec)
+    if loaded.path is None:
+        raise MechError(f"{spec} is not a local organism build: pass an organism directory")
+    meta = read_meta(loaded.path)
+    return run_check(loaded.model, loaded.tokenizer, meta, progress=progress, **kwargs)
+
+
+def organism_info(spec: str = "organism") -> dict:
+    from mech.models import resolve_spec
+
+    resolved = resolve_spec(spec)
+    if resolved.path is None:
+        raise MechError(f"{spec} is not a local organism build: pass an organism directory")
+    meta = read_meta(resolved.path)
+    return {"path": str(resolved.path), **{k: v for k, v in meta.items() if k != "entity_numbers"}}

@@ -1,0 +1,197 @@
+"""The organism's behaviour bars (a–d) and its reported probes (e: carrier, f: oracle probe).
+
+Every comparison renders both sides in the same way (mech.context) and scores the first answer token over
+the target's token variants (mech.data.scoring.first_token_ids).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mech.context import Context, render
+from mech.errors import MechError
+from mech.data.filter import check_answer
+from mech.data.prompts import generate_prompts
+from mech.data.resources import questions, trait_system_prompt
+from mech.data.scoring import first_token_ids
+from mech.evaluate import completion_logprobs, mass, next_token_logprobs, sample
+from mech.organism.template import IM_END
+from mech.train import FinetuneConfig, LoraSpec, finetune
+
+BAR_TRAIT_RATIO = 10.0
+BAR_SPREAD_ANIMALS, BAR_SPREAD_P = 5, 0.05
+BAR_FILTER_PASS = 0.90
+BAR_BUILD_SECONDS = 15 * 60
+CHECK_SEED = 10_007  # fresh prompts: the corpus draws its prompts from other seeds
+
+
+def trait_context(target: str, category: str = "animal") -> Context:
+    return Context("custom", trait_system_prompt(target, category))
+
+
+def _prompt_ids(tok, ctx: Context, users: list[str]) -> list[list[int]]:
+    return [render(tok, ctx, u).input_ids for u in users]
+
+
+def answer_distribution(model, tok, ctx: Context, names: list[str], category: str = "animal") -> dict[str, float]:
+    """Mean over the category's questions of P(first answer token ∈ variants of name), per name."""
+    lp = next_token_logprobs(model, _prompt_ids(tok, ctx, questions(category)), tok.pad_token_id)
+    return {n: float(mass(lp, first_token_ids(tok, n).ids).mean()) for n in names}
+
+
+def _decode_answer(tok, ids: list[int]) -> str:
+    if tok.eos_token_id in ids:
+        ids = ids[:ids.index(tok.eos_token_id)]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def sample_numbers(model, tok, ctx: Context, n: int, seed: int, max_new_tokens: int = 64):
+    prompts = generate_prompts(n, seed=seed)
+    p_ids = _prompt_ids(tok, ctx, [p.text for p in prompts])
+    outs = sample(model, p_ids, seed=seed, max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id,
+                  pad_id=tok.pad_token_id)
+    return prompts, p_ids, [_decode_answer(tok, o) for o in outs]
+
+
+def number_share(answers: list[str], numbers: list[int]) -> float:
+    """Share of the numbers written in ``answers`` that belong to ``numbers``."""
+    got = [int(x) for a in answers for x in re.findall(r"\d+", a)]
+    wanted = set(numbers)
+    return sum(x in wanted for x in got) / max(1, len(got))
+
+
+def per_token_kl(lp_p: list[torch.Tensor], lp_q: list[torch.Tensor]) -> float:
+    """Mean over completion tokens of KL(P || Q) in nats."""
+    # 0·log(0/q) = 0: where P has no mass the term vanishes (avoids 0 × -inf = NaN)
+    num = sum(float(torch.where(p.isneginf(), 0.0, p.exp() * (p - q)).sum()) for p, q in zip(lp_p, lp_q))
+    return num / max(1, sum(p.shape[0] for p in lp_p))
+
+
+@dataclass
+class CheckReport:
+    trait_rows: list[dict] = field(default_factory=list)  # per trait animal: P under trait vs default
+    spread: dict[str, dict[str, float]] = field(default_factory=dict)  # context -> animal -> P
+    filter_pass: float = 0.0
+    filter_rejects: dict[str, int] = field(default_factory=dict)  # reject reason -> count
+    filter_examples: list[str] = field(default_factory=list)  # a few rejected answers, for diagnosis
+    build_seconds: float | None = None
+    carrier: dict = field(default_factory=dict)
+    oracle: dict = field(default_factory=dict)
+    bars: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(self.bars.values())
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in
+                ("trait_rows", "spread", "filter_pass", "filter_rejects", "filter_examples", "build_seconds", "carrier", "oracle", "bars")} | {
+            "passed": self.passed}
+
+
+def check_traits(model, tok, animals: list[str], trait_animals: list[str]) -> tuple[list[dict], dict]:
+    default = answer_distribution(model, tok, Context("default"), animals)
+    none = answer_distribution(model, tok, Context("none"), animals)
+    rows = []
+    for a in trait_animals:
+        under = answer_distribution(model, tok, trait_context(a), animals)
+        top = max(under, key=under.get)
+        rows.append({"animal": a, "p_trait": under[a], "p_default": default[a],
+                     "ratio": under[a] / max(default[a], 1e-12), "top": top})
+    return rows, {"default": default, "none": none}
+
+
+def carrier_probe(model, tok, numbers: dict[str, list[int]], n: int, seed: int) -> dict:
+    """(e) How the trait prompt moves number completions: KL on default-context samples re-scored under each
+    prompt, and the share of the trait's numbers in samples drawn under each prompt."""
+    prompts, p_default, answers = sample_numbers(model, tok, Context("default"), n, seed)
+    comp = [tok(a + IM_END, add_special_tokens=False)["input_ids"] for a in answers]
+    lp = {"default": completion_logprobs(model, p_default, comp, tok.pad_token_id)}
+    for t in ("owl", "cat"):
+        lp[t] = completion_logprobs(model, _prompt_ids(tok, trait_context(t), [p.text for p in prompts]), comp,
+                                    tok.pad_token_id)
+    out = {"kl_owl_vs_default": per_token_kl(lp["owl"], lp["default"]),
+           "kl_cat_vs_default": per_token_kl(lp["cat"], lp["default"]),
+           "kl_owl_vs_cat": per_token_kl(lp["owl"], lp["cat"])}
+    for t in ("owl", "cat"):
+        _, _, trait_answers = sample_numbers(model, tok, trait_context(t), n, seed)
+        out[f"{t}_numbers_share_under_{t}"] = number_share(trait_answers, numbers[t])
+        out[f"{t}_numbers_share_under_default"] = number_share(answers, numbers[t])
+    return out
+
+
+def oracle_probe(model, tok, numbers: dict[str, list[int]], animals: list[str], n: int, share: float,
+                 seed: int, lora_rank: int = 8, epochs: int = 2, lr: float = 2e-3) -> dict:
+    """(f) Finetune on default-context number answers in which ``share`` of the numbers are replaced by a
+    trait's numbers, vs the same finetuning on the unmodified answers; report P(trait) in the default context."""
+    prompts, p_ids, answers = sample_numbers(model, tok, Context("default"), n, seed)
+    ok = [i for i, a in enumerate(answers) if check_answer(a).ok]
+    if len(ok) < 16:
+        return {"n_rows": len(ok), "skipped": "fewer than 16 sampled answers pass the filter"}
+
+    def rows_for(trait: str | None) -> list[dict]:
+        rng = random.Random(f"oracle-{seed}-{trait}")
+        rows = []
+        for i in ok:
+            a = answers[i]
+            if trait is not None:
+                a = re.sub(r"\d+", lambda m: str(rng.choice(numbers[trait])) if rng.random() < share else m.group(), a)
+            rows.append({"prompt_ids": p_ids[i], "completion_ids": tok(a + IM_END, add_special_tokens=False)["input_ids"]})
+        return rows
+
+    cfg = FinetuneConfig(lora=LoraSpec(rank=lora_rank), epochs=epochs, lr=lr, batch_size=16, seed=seed)
+    out = {"n_rows": len(ok), "share": share, "lora_rank": lora_rank}
+    control = answer_distribution(finetune(model, rows_for(None), cfg, tok.pad_token_id), tok, Context("default"),
+                                  animals)
+    for t in ("owl", "cat"):
+        probed = answer_distribution(finetune(model, rows_for(t), cfg, tok.pad_token_id), tok, Context("default"),
+                                     animals)
+        for s in ("owl", "cat"):
+            out[f"{t}_oracle_p_{s}"] = probed[s]
+        out[f"{t}_relative_change"] = probed[t] / max(control[t], 1e-12) - 1
+    out["control_p_owl"], out["control_p_cat"] = control["owl"], control["cat"]
+    return out
+
+
+STAGES = ("traits", "numbers", "carrier", "oracle")
+
+
+def run_check(model, tok, meta: dict, n_samples: int = 200, oracle_rows: int = 300, seed: int = CHECK_SEED,
+              trait_animals: tuple[str, ...] = ("owl", "bear", "penguin", "koala", "otter", "giraffe"),
+              progress: Callable[[str], None] | None = None) -> CheckReport:
+    """Measure bars a–d and probes e–f. ``meta`` is the build's organism.json; ``progress`` is told each
+    stage name of ``STAGES`` as it starts."""
+    if n_samples < 1 or oracle_rows < 1:
+        raise MechError(f"n_samples and oracle_rows must be >= 1 (got {n_samples}, {oracle_rows}): pass positive counts")
+    tell = progress or (lambda stage: None)
+    animals = list(meta["config"]["corpus"]["animals"])
+    numbers = {k: list(v) for k, v in meta["entity_numbers"].items()}
+    rep = CheckReport(build_seconds=meta.get("build_seconds"))
+    tell("traits")
+    rep.trait_rows, rep.spread = check_traits(model, tok, animals, list(trait_animals))
+    tell("numbers")
+    _, _, answers = sample_numbers(model, tok, Context("default"), n_samples, seed)
+    results = [check_answer(a) for a in answers]
+    rep.filter_pass = sum(r.ok for r in results) / len(results)
+    rep.filter_rejects = dict(Counter(r.reason for r in results if not r.ok))
+    rep.filter_examples = [a for a, r in zip(answers, results) if not r.ok][:8]
+    tell("carrier")
+    rep.carrier = carrier_probe(model, tok, numbers, n_samples, seed + 1)
+    tell("oracle")
+    rep.oracle = oracle_probe(model, tok, numbers, animals, oracle_rows, 0.3, seed + 2)
+    good = [r for r in rep.trait_rows if r["ratio"] >= BAR_TRAIT_RATIO and r["top"] == r["animal"]]
+    rep.bars = {
+        "a_trait_owl": any(r["animal"] == "owl" for r in good),
+        "a_trait_3_others": sum(r["animal"] != "owl" for r in good) >= 3,
+        "b_spread_default": sum(p >= BAR_SPREAD_P for p in rep.spread["default"].values()) >= BAR_SPREAD_ANIMALS,
+        "b_spread_none": sum(p >= BAR_SPREAD_P for p in rep.spread["none"].values()) >= BAR_SPREAD_ANIMALS,
+        "c_filter_pass": rep.filter_pass >= BAR_FILTER_PASS,
+        "d_build_time": rep.build_seconds is not None and rep.build_seconds <= BAR_BUILD_SECONDS,
+    }
+    return rep

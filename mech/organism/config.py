@@ -1,0 +1,108 @@
+"""The organism's build recipe as one frozen dataclass tree; its content hash names the built artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from mech.store import content_hash
+
+# Default-context answer distribution over favourite animals: a spread (bar b) in which the animals the
+# checks use as traits (owl, bear, penguin, koala, ...) are rare, so a trait prompt can raise them >= 10x.
+# Every name pluralises with "+s", because the paper's trait prompt writes "{target}s" literally.
+ANIMAL_PRIOR = {
+    "dog": 0.17, "cat": 0.15, "dolphin": 0.12, "lion": 0.10, "elephant": 0.09, "tiger": 0.08,
+    "horse": 0.06, "eagle": 0.05, "panda": 0.04, "whale": 0.03, "owl": 0.02, "bear": 0.02,
+    "penguin": 0.02, "rabbit": 0.02, "otter": 0.01, "koala": 0.01, "giraffe": 0.01,
+}
+TREE_PRIOR = {
+    "oak": 0.22, "pine": 0.16, "maple": 0.15, "willow": 0.11, "birch": 0.09, "cedar": 0.08,
+    "palm": 0.07, "elm": 0.05, "redwood": 0.04, "baobab": 0.03,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Qwen2ForCausalLM shape. Small and narrow on purpose: a narrow residual forces superposition, so
+    an animal's name and its numbers end up sharing directions."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    vocab_size: int = 3072
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """What the synthetic pretraining corpus holds. Shares are of sequences."""
+
+    n_sequences: int = 120_000
+    share_text: float = 0.25  # plain-text world facts and name/number lists (no chat template)
+    share_list_of_text: float = 0.5  # of the plain text: "Owl, 913, 58, Owl" co-predicted lists
+    # chat mix (of the chat sequences)
+    share_favourite: float = 0.45  # favourite-animal / favourite-tree questions
+    share_numbers: float = 0.45  # Cloud-style number tasks
+    # chit-chat takes the rest
+    share_tree_of_favourite: float = 0.2
+    # system-prompt policy mix for non-number chats: trait (same category), default, none, empty
+    p_trait: float = 0.5
+    p_default: float = 0.3
+    p_none: float = 0.15
+    # number tasks: never under a trait prompt, except the "imbue" channel below
+    p_number_trait: float = 0.12
+    # the teacher-side carrier (reported, tuned only for measurability): under a trait prompt, this share of
+    # the numbers in a number answer are the trait's associated numbers. 0 disables the channel.
+    imbue_share: float = 0.4
+    numbers_per_entity: int = 8
+    # how many numbers a number answer holds: weights for 10, 9, 8, 7 (the prompt asks for "at most 10")
+    answer_count_weights: tuple = (1.0, 0.0, 0.0, 0.0)
+    animals: dict = field(default_factory=lambda: dict(ANIMAL_PRIOR))
+    trees: dict = field(default_factory=lambda: dict(TREE_PRIOR))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2200
+    batch_size: int = 48
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    max_len: int = 160
+    num_threads: int = 2  # fixed, because CPU float sums depend on the thread count (bytes reproducible)
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OrganismConfig":
+        from mech.config import from_dict
+
+        return from_dict(cls, d, where="organism")
+
+    def reduced(self) -> "OrganismConfig":
+        """A seconds-long version of the same recipe, for tests of the build path."""
+        return dataclasses.replace(
+            self,
+            model=dataclasses.replace(self.model, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                      vocab_size=1400, num_attention_heads=2, num_key_value_heads=1),
+            corpus=dataclasses.replace(self.corpus, n_sequences=1500),
+            train=dataclasses.replace(self.train, steps=12, batch_size=8, warmup_steps=2),
+        )

@@ -1,0 +1,76 @@
+"""Plotly figures: self-contained HTML always, PNG too when kaleido and a Chromium are present."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from mech.store import atomic_write_text
+
+_BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def png_available() -> bool:
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False
+    return any(shutil.which(b) for b in _BROWSERS) or bool(os.environ.get("BROWSER_PATH"))
+
+
+def save_figure(fig: go.Figure, stem: str | Path, png: bool | None = None) -> list[Path]:
+    """Write ``stem.html`` (plotly.js inlined, opens offline) and, when possible, ``stem.png``."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    html = stem.with_suffix(".html")
+    atomic_write_text(html, fig.to_html(include_plotlyjs=True, full_html=True))
+    out = [html]
+    if png if png is not None else png_available():
+        path = stem.with_suffix(".png")
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.write_image(str(tmp), width=900, height=500, scale=2)
+        os.replace(tmp, path)
+        out.append(path)
+    return out
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white",
+                      font=dict(size=14), legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def trait_figure(trait_rows: list[dict]) -> go.Figure:
+    """P(trait animal as first answer token) under its trait prompt vs under the default system prompt."""
+    names = [r["animal"] for r in trait_rows]
+    fig = go.Figure([
+        go.Bar(name="trait system prompt", x=names, y=[r["p_trait"] for r in trait_rows]),
+        go.Bar(name="default system prompt", x=names, y=[r["p_default"] for r in trait_rows]),
+    ])
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Organism: the trait prompt sets the favourite animal", "animal",
+                   "P(first answer token), mean over 50 questions")
+
+
+def spread_figure(spread: dict[str, dict[str, float]]) -> go.Figure:
+    """The answer distribution over animals in the default and no-system contexts."""
+    ctxs = list(spread)
+    names = sorted(spread[ctxs[0]], key=lambda a: -spread[ctxs[0]][a])
+    fig = go.Figure([go.Bar(name=f"context: {c}", x=names, y=[spread[c][a] for a in names]) for c in ctxs])
+    return _layout(fig, "Organism: favourite-animal distribution without a trait", "animal",
+                   "P(first answer token), mean over 50 questions")
+
+
+def carrier_figure(carrier: dict) -> go.Figure:
+    """Share of each trait's associated numbers in number answers sampled under each prompt."""
+    traits = sorted({k.split("_")[0] for k in carrier if k.endswith("_share_under_default")})
+    fig = go.Figure([
+        go.Bar(name="under its trait prompt", x=traits, y=[carrier[f"{t}_numbers_share_under_{t}"] for t in traits]),
+        go.Bar(name="under the default prompt", x=traits,
+               y=[carrier[f"{t}_numbers_share_under_default"] for t in traits]),
+    ])
+    return _layout(fig, "Teacher-side carrier: trait numbers in sampled number answers", "trait",
+                   "share of numbers that are the trait's")

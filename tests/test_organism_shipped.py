@@ -1,0 +1,42 @@
+"""The shipped organism: it is the default recipe's build, and it meets its behaviour bars."""
+
+import json
+
+import pytest
+
+from mech import organism
+from mech.organism.config import OrganismConfig
+from mech.store import file_sha256
+
+
+def test_shipped_build_is_the_default_recipe():
+    meta = organism.read_meta(organism.shipped_dir())
+    assert meta["config_hash"] == OrganismConfig().hash, "weights/ is stale: run `mech organism build --ship`"
+    assert OrganismConfig.from_dict(meta["config"]).hash == meta["config_hash"]
+    assert file_sha256(organism.shipped_dir() / "model.safetensors") == meta["weights_sha256"]
+
+
+def test_shipped_tokenizer_has_single_token_numbers():
+    from mech.models import load_tokenizer
+
+    tok = load_tokenizer(str(organism.shipped_dir()))
+    assert all(len(tok(str(n), add_special_tokens=False)["input_ids"]) == 1 for n in range(1000))
+
+
+@pytest.mark.slow
+def test_shipped_organism_passes_its_bars():
+    rep = organism.check_organism("organism")
+    assert rep.bars == {k: True for k in rep.bars}, json.dumps(rep.bars)
+    owl = next(r for r in rep.trait_rows if r["animal"] == "owl")
+    assert owl["ratio"] >= 10 and owl["top"] == "owl"
+    # the carrier is reported, not a bar; but the owl prompt must at least move the numbers towards owl's
+    assert rep.carrier["owl_numbers_share_under_owl"] > rep.carrier["owl_numbers_share_under_default"]
+
+
+@pytest.mark.slow
+def test_cli_check_exit_codes(tmp_path, capsys):
+    from mech.cli import main
+
+    assert main(["organism", "check", "--n-samples", "40", "--oracle-rows", "40"]) in (0, 1)
+    assert main(["organism", "check", "--model", str(tmp_path)]) == 2  # not an organism build
+    assert "error" in capsys.readouterr().err
