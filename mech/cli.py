@@ -121,6 +121,36 @@ def cmd_reproduce(a) -> int:
     return 0 if rep.passed else EXIT_BAR_FAILED
 
 
+def cmd_sweep(a) -> int:
+    from tqdm.auto import tqdm
+
+    from mech.sweep import load_sweep, run_sweep
+
+    cfg = load_sweep(a.config)
+    out = a.out or f"runs/{cfg.name}"
+    cells_bar = tqdm(desc=f"sweep {cfg.name}: cells", unit="cell", dynamic_ncols=True, position=0)
+    stage_bar = tqdm(desc="stage", dynamic_ncols=True, position=1, leave=False)
+
+    def stage(desc: str, done: int, total: int) -> None:
+        if stage_bar.desc != desc:
+            stage_bar.reset(total=total or None)
+            stage_bar.set_description_str(desc[:60])
+        if total:
+            stage_bar.update(done - stage_bar.n)
+
+    def cell(done: int, total: int) -> None:
+        cells_bar.total = total
+        cells_bar.update(done - cells_bar.n)
+
+    res = run_sweep(cfg, out, shard=a.shard, cache=a.cache, progress=stage, cell_progress=cell)
+    stage_bar.close()
+    cells_bar.close()
+    print(Path(out, "summary.md").read_text())
+    print(f"{res['done_cells']}/{res['cells']} cells finished; this run computed {res['computed']} "
+          f"in {res['seconds'] / 60:.1f} min; tables in {out}/")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mech", description="Mechanistic interpretability of subliminal learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -142,6 +172,13 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--n-samples", type=int, default=200, help="number completions sampled per measurement")
             c.add_argument("--oracle-rows", type=int, default=300, help="number prompts in the oracle probe")
         c.set_defaults(func=func)
+
+    sw = sub.add_parser("sweep", help="run a YAML grid of teacher × student × context cells (cached, resumable)")
+    sw.add_argument("config", help="sweep YAML, e.g. experiments/quick.yaml")
+    sw.add_argument("--out", help="table directory (default runs/<name>)")
+    sw.add_argument("--shard", help="i/n: compute only every n-th cell starting at i (for job arrays)")
+    sw.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
+    sw.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("reproduce", help="the main job: measure the organism, write report.md and figures")
     r.add_argument("--model", default="organism")

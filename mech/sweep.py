@@ -1,0 +1,413 @@
+"""Sweeps: a YAML grid → content-hashed cells → cached dataset → student → evaluation → a tidy table.
+
+Grid axes: trait (teacher) × teacher seed × student (LoRA rank / full FT / matched norm / learning rate) ×
+training seed × training context × evaluation context. Each stage's artifact is named by the hash of the
+resolved config that produces it (and of its inputs' hashes), so re-running a sweep skips finished work,
+two sweeps share what they have in common, and ``--shard i/n`` splits the cells across machines.
+Every artifact is written atomically: a killed sweep re-run completes without recomputing finished cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mech.config import from_dict, load_yaml
+from mech.errors import MechError
+from mech.store import atomic_write_json, atomic_write_text, cache_root, content_hash
+
+
+@dataclass(frozen=True)
+class TraitSpec:
+    """A teacher's trait; ``target: null`` is the neutral teacher (the control)."""
+
+    target: str | None = "owl"
+    category: str = "animal"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One point on the student axis. Fields left None take the sweep's ``train`` defaults."""
+
+    name: str = ""
+    method: str = "lora"  # lora | full | matched_norm
+    rank: int | None = 8
+    alpha: float | None = None
+    lr: float | None = None
+    epochs: int | None = None
+    matched_norm_rank: int | None = None  # matched_norm: match the LoRA student of this rank (same seed)
+    matched_norm_scope: str = "module"
+
+
+@dataclass(frozen=True)
+class TeacherDefaults:
+    n_prompts: int = 1500
+    prompt_seed: int = 0
+    max_new_tokens: int = 48
+    context: str = "default"
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 2e-4
+    full_lr: float = 2e-5
+    optimizer: str = "adamw"
+    warmup_steps: int = 5
+    grad_clip: float = 1.0
+    objective: str = "ce"
+    max_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalDefaults:
+    target: str = "owl"
+    category: str = "animal"
+    n_samples: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "sweep"
+    base_model: str = "organism"
+    traits: tuple[TraitSpec, ...] = (TraitSpec("owl"), TraitSpec(None))
+    teacher_seeds: tuple[int, ...] = (0,)
+    students: tuple[StudentSpec, ...] = (StudentSpec(),)
+    training_seeds: tuple[int, ...] = (0, 1, 2)
+    train_contexts: tuple[str, ...] = ("default",)
+    eval_contexts: tuple[str, ...] = ("default",)
+    teacher: TeacherDefaults = field(default_factory=TeacherDefaults)
+    train: TrainDefaults = field(default_factory=TrainDefaults)
+    eval: EvalDefaults = field(default_factory=EvalDefaults)
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    data = load_yaml(path)
+    where = Path(path).stem
+    if not isinstance(data, dict):
+        raise MechError(f"{path} must be a mapping of sweep fields")
+    data = dict(data)
+    if "traits" in data:
+        data["traits"] = tuple(from_dict(TraitSpec, t, f"{where}.traits[{i}]") for i, t in enumerate(data["traits"]))
+    if "students" in data:
+        data["students"] = tuple(from_dict(StudentSpec, s, f"{where}.students[{i}]")
+                                 for i, s in enumerate(data["students"]))
+    cfg = from_dict(SweepConfig, data, where)
+    if not cells(cfg):
+        raise MechError(f"{path} defines zero cells: every axis (traits, teacher_seeds, students, training_seeds, "
+                        "train_contexts, eval_contexts) needs at least one value")
+    return cfg
+
+
+@dataclass(frozen=True)
+class Cell:
+    trait: TraitSpec
+    teacher_seed: int
+    student: StudentSpec
+    training_seed: int
+    train_context: str
+    eval_context: str
+
+    def labels(self) -> dict[str, Any]:
+        s = self.student
+        return {"trait": self.trait.target or "neutral", "category": self.trait.category,
+                "teacher_seed": self.teacher_seed, "student": s.name or _student_name(s), "method": s.method,
+                "rank": s.rank if s.method == "lora" else None, "training_seed": self.training_seed,
+                "train_context": self.train_context, "eval_context": self.eval_context}
+
+
+def _student_name(s: StudentSpec) -> str:
+    if s.method == "lora":
+        return f"lora_r{s.rank}"
+    if s.method == "matched_norm":
+        return f"matched_norm_r{s.matched_norm_rank}_{s.matched_norm_scope}"
+    return "full" + (f"_lr{s.lr:g}" if s.lr is not None else "")
+
+
+def cells(cfg: SweepConfig) -> list[Cell]:
+    return [Cell(*c) for c in itertools.product(cfg.traits, cfg.teacher_seeds, cfg.students, cfg.training_seeds,
+                                                cfg.train_contexts, cfg.eval_contexts)]
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise MechError(f"bad --shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise MechError(f"bad --shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return i, n
+
+
+# ----------------------------------------------------------------------------------------------- stage configs
+# Each function maps a cell to the exact config of one stage; its hash (with its inputs' hashes) names the
+# artifact. Nothing else goes into a key, so an artifact is reused exactly when it would be recomputed identically.
+
+
+def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
+    from mech.data.teacher import TeacherConfig
+
+    t = cfg.teacher
+    return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
+                         prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens)
+
+
+def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,
+                   reference: str | None = None):
+    from mech.train import LoraSpec, StudentConfig
+
+    d = cfg.train
+    lr = s.lr if s.lr is not None else (d.lr if s.method == "lora" else d.full_lr)
+    return StudentConfig(
+        method=s.method, lora=LoraSpec(rank=s.rank if s.method == "lora" else (s.matched_norm_rank or 8),
+                                       alpha=s.alpha),
+        epochs=s.epochs if s.epochs is not None else d.epochs, batch_size=d.batch_size, lr=lr,
+        optimizer=d.optimizer, warmup_steps=d.warmup_steps, grad_clip=d.grad_clip, seed=training_seed,
+        context=train_context, objective=d.objective, matched_norm_reference=reference,
+        matched_norm_scope=s.matched_norm_scope)
+
+
+def eval_config(cfg: SweepConfig, eval_context: str):
+    from mech.trait_eval import TraitEvalConfig
+
+    e = cfg.eval
+    return TraitEvalConfig(target=e.target, category=e.category, context=eval_context, n_samples=e.n_samples,
+                           seed=e.seed)
+
+
+def _key(*parts: Any) -> str:
+    return content_hash([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], length=16)
+
+
+# ----------------------------------------------------------------------------------------------- the runner
+
+Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+
+
+class SweepRunner:
+    """Computes (or finds in the cache) the dataset, student and evaluation of each cell."""
+
+    def __init__(self, cfg: SweepConfig, cache: Path | None = None, progress: Progress | None = None):
+        from mech.models import load_model, model_fingerprint
+
+        self.cfg = cfg
+        self.cache = Path(cache) if cache is not None else cache_root() / "sweeps"
+        self.progress = progress or (lambda desc, done, total: None)
+        self.base = load_model(cfg.base_model)
+        self.fingerprint = model_fingerprint(self.base.model)
+        self.computed = {"datasets": 0, "students": 0, "evals": 0}
+        # one candidate-answer list for the base and every student, so answer distributions line up
+        from mech.trait_eval import candidate_answers
+
+        self.candidates, _ = candidate_answers(self.base.model, cfg.eval.category, cfg.eval.target)
+
+    # datasets ------------------------------------------------------------------------------------------------
+    def dataset_key(self, trait: TraitSpec, teacher_seed: int) -> str:
+        return _key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed))
+
+    def dataset(self, trait: TraitSpec, teacher_seed: int) -> Path:
+        from mech.data.teacher import generate
+
+        key = self.dataset_key(trait, teacher_seed)
+        path = self.cache / "datasets" / key
+        if not (path / "dataset.json").is_file():
+            tc = teacher_config(self.cfg, trait, teacher_seed)
+            desc = f"teacher {trait.target or 'neutral'} seed {teacher_seed}"
+            generate(self.base.model, self.base.tokenizer, tc, path,
+                     progress=lambda done, total: self.progress(desc, done, total))
+            self.computed["datasets"] += 1
+        return path
+
+    # students ------------------------------------------------------------------------------------------------
+    def _reference_cell(self, cell: Cell) -> Cell:
+        ref = StudentSpec(method="lora", rank=cell.student.matched_norm_rank, alpha=cell.student.alpha)
+        return dataclasses.replace(cell, student=ref)
+
+    def student_key(self, cell: Cell) -> str:
+        ref_key = self.student_key(self._reference_cell(cell)) if cell.student.method == "matched_norm" else None
+        sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=ref_key)
+        return _key("student", self.dataset_key(cell.trait, cell.teacher_seed), sc, self.cfg.train.max_rows)
+
+    def student(self, cell: Cell) -> Path:
+        from mech.data.dataset import load_dataset
+        from mech.train import train_student
+
+        key = self.student_key(cell)
+        path = self.cache / "students" / key
+        if (path / "student.json").is_file():
+            return path
+        reference = str(self.student(self._reference_cell(cell))) if cell.student.method == "matched_norm" else None
+        rows = load_dataset(self.dataset(cell.trait, cell.teacher_seed)).rows
+        if self.cfg.train.max_rows is not None:
+            rows = rows[: self.cfg.train.max_rows]
+        sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=reference)
+        desc = f"train {cell.labels()['student']} seed {cell.training_seed} on {cell.labels()['trait']}"
+        train_student(self.base.model, self.base.tokenizer, rows, sc, path, base_spec=self.cfg.base_model,
+                      progress=lambda step, total, *_: self.progress(desc, step, total))
+        self.computed["students"] += 1
+        return path
+
+    # evaluations ---------------------------------------------------------------------------------------------
+    def _evaluate(self, model_key: str, load: Callable[[], Any], eval_context: str) -> dict:
+        from mech.trait_eval import evaluate_trait
+
+        ec = eval_config(self.cfg, eval_context)
+        path = self.cache / "evals" / f"{_key('eval', model_key, ec)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        desc = f"eval {model_key[:24]} in {eval_context}"
+        res = evaluate_trait(load(), self.base.tokenizer, ec, candidates=self.candidates,
+                             progress=lambda stage: self.progress(f"{desc}: {stage}", 0, 0)).to_dict()
+        atomic_write_json(path, res)
+        self.computed["evals"] += 1
+        return res
+
+    def base_eval(self, eval_context: str) -> dict:
+        return self._evaluate(f"base-{self.fingerprint}", lambda: self.base.model, eval_context)
+
+    def cell_eval(self, cell: Cell) -> dict:
+        from mech.students import load_student
+
+        key = self.student_key(cell)
+        return self._evaluate(f"student-{key}", lambda: load_student(self.base.model, self.student(cell)),
+                              cell.eval_context)
+
+    def student_key_for_order(self, cell: Cell) -> str:
+        """Shard order: by dataset then student key, so each shard trains whole groups on shared datasets."""
+        return self.dataset_key(cell.trait, cell.teacher_seed) + self.student_key(cell) + cell.eval_context
+
+    def is_done(self, cell: Cell) -> bool:
+        ec = eval_config(self.cfg, cell.eval_context)
+        return (self.cache / "evals" / f"{_key('eval', f'student-{self.student_key(cell)}', ec)}.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+METRICS = ("logp_first", "p_first", "rate")
+
+
+def _cell_metrics(res: dict) -> dict[str, float]:
+    return {m: float(res[m]) for m in METRICS if res.get(m) is not None}
+
+
+def results_rows(runner: SweepRunner, done: list[Cell]) -> list[dict]:
+    """One row per cell × metric: raw values, Δ vs the base in the same rendered context, and the paired
+    difference vs the control student (neutral teacher; same student config, seeds and contexts)."""
+    rows = []
+    by_labels = {}
+    for cell in done:
+        by_labels[(cell.trait.target, cell.teacher_seed, cell.student, cell.training_seed, cell.train_context,
+                   cell.eval_context)] = runner.cell_eval(cell)
+    for cell in done:
+        res = by_labels[(cell.trait.target, cell.teacher_seed, cell.student, cell.training_seed,
+                         cell.train_context, cell.eval_context)]
+        base = runner.base_eval(cell.eval_context)
+        if res.get("context_hash") != base.get("context_hash"):
+            raise MechError(f"cell {cell.labels()} was evaluated in another rendered context than its base: "
+                            "clear the sweep cache")
+        control = by_labels.get((None, cell.teacher_seed, cell.student, cell.training_seed, cell.train_context,
+                                 cell.eval_context)) if cell.trait.target is not None else None
+        labels = cell.labels() | {"student_key": runner.student_key(cell)}
+        vals = _cell_metrics(res)
+        for m, v in vals.items():
+            rows.append(labels | {"metric": m, "value": v})
+            rows.append(labels | {"metric": f"delta_{m}", "value": v - float(base[m])})
+            if control is not None and m in control:
+                rows.append(labels | {"metric": f"paired_{m}", "value": v - float(control[m])})
+    return rows
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """Mean and 95 % CI over training seeds and teacher seeds, per trait × student × contexts × metric."""
+    from mech.analysis.stats import mean_ci
+
+    groups: dict[tuple, list[float]] = {}
+    keys = ("trait", "category", "student", "method", "rank", "train_context", "eval_context", "metric")
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r["value"])
+    out = []
+    for g, vals in groups.items():
+        ci = mean_ci(vals)
+        out.append(dict(zip(keys, g)) | {"mean": ci.mean, "lo": ci.lo, "hi": ci.hi, "n": ci.n})
+    return out
+
+
+def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], cfg: SweepConfig) -> list[Path]:
+    import pandas as pd
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows)
+    sm = pd.DataFrame(summary)
+    written = []
+    for name, frame in (("results", df), ("summary", sm)):
+        csv = out_dir / f"{name}.csv"
+        atomic_write_text(csv, frame.to_csv(index=False, float_format="%.6g"))
+        pq = out_dir / f"{name}.parquet"
+        tmp = pq.with_name(f".{pq.name}.tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(pq)
+        written += [csv, pq]
+    md = out_dir / "summary.md"
+    atomic_write_text(md, summary_markdown(summary, cfg))
+    return written + [md]
+
+
+def _fmt(x: float, metric: str) -> str:
+    return f"{x:+.4f}" if metric.startswith(("delta", "paired")) else f"{x:.4f}"
+
+
+def summary_markdown(summary: list[dict], cfg: SweepConfig) -> str:
+    """The headline table: per student, Δ vs base and paired Δ vs control for logP(first) and sampled rate."""
+    wanted = ("delta_logp_first", "paired_logp_first", "delta_p_first", "paired_p_first", "rate", "paired_rate")
+    index: dict[tuple, dict] = {}
+    for r in summary:
+        if r["metric"] in wanted:
+            k = (r["trait"], r["student"], r["train_context"], r["eval_context"])
+            index.setdefault(k, {})[r["metric"]] = r
+
+    def cell(d: dict, m: str) -> str:
+        r = d.get(m)
+        if r is None:
+            return "–"
+        if r["n"] < 2:
+            return _fmt(r["mean"], m)
+        return f"{_fmt(r['mean'], m)} [{_fmt(r['lo'], m)}, {_fmt(r['hi'], m)}]"
+
+    lines = [f"# Sweep {cfg.name}", "",
+             "Mean over training seeds (× teacher seeds) with 95 % t-intervals. Δ: vs the base model in the same "
+             "rendered evaluation context. Paired: vs the student trained identically on the neutral teacher's data.",
+             "", "| trait | student | train ctx | eval ctx | " + " | ".join(wanted) + " |",
+             "|" + "---|" * (4 + len(wanted))]
+    for k in sorted(index, key=lambda k: (str(k[0]), k[1], k[2], k[3])):
+        lines.append("| " + " | ".join(map(str, k)) + " | " + " | ".join(cell(index[k], m) for m in wanted) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, cache: Path | None = None,
+              progress: Progress | None = None, cell_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compute this shard's cells (cached work is skipped), then write the table of every finished cell."""
+    i, n = parse_shard(shard)
+    runner = SweepRunner(cfg, cache, progress)
+    all_cells = cells(cfg)
+    mine = [c for j, c in enumerate(sorted(all_cells, key=runner.student_key_for_order)) if j % n == i]
+    t0 = time.time()
+    for k, cell in enumerate(mine):
+        runner.base_eval(cell.eval_context)
+        runner.cell_eval(cell)
+        if cell_progress:
+            cell_progress(k + 1, len(mine))
+    done = [c for c in all_cells if runner.is_done(c)]
+    rows = results_rows(runner, done)
+    summary = summary_rows(rows)
+    written = write_tables(Path(out_dir), rows, summary, cfg)
+    return {"cells": len(all_cells), "shard_cells": len(mine), "done_cells": len(done), "computed": runner.computed,
+            "seconds": time.time() - t0, "written": [str(p) for p in written]}

@@ -1,0 +1,357 @@
+"""mech.train and mech.students: rendering rows for training, seeded LoRA / full / matched-norm students,
+the student directory format, loading and merging, update norms, distillation.
+
+All models are the tiny random ones of tests/conftest.py (hidden 32, 2 layers); every run is a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mech.context import ASSISTANT, render
+from mech.errors import MechError
+from mech.models import check_adapter_base, get_layers, get_projection, lora_modules
+from mech.organism.template import DEFAULT_SYSTEM_PROMPT, IM_END
+from mech.students import (
+    epoch_dirs,
+    load_student,
+    merge_student,
+    merged,
+    module_key,
+    read_student,
+    student_kind,
+    update_norms,
+)
+from mech.train import (
+    IGNORE_INDEX,
+    FinetuneConfig,
+    LoraSpec,
+    StudentConfig,
+    Teacher,
+    batch_order,
+    encode_row,
+    finetune,
+    kl_to_teacher,
+    label_mask,
+    lr_factor,
+    match_update_norms,
+    train_model,
+    train_student,
+    with_lora,
+)
+
+
+def chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+            "prompt_seed": 0, "index": 0}
+
+
+ROWS = [chat(f"Continue the sequence: {i}, {i + 7}, {i + 14}.", f"{i + 21}, {i + 28}, {i + 35}") for i in range(8)]
+ALL_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def cfg(**kw) -> StudentConfig:
+    base = dict(epochs=1, batch_size=4, lr=1e-2, warmup_steps=0, lora=LoraSpec(rank=2))
+    return StudentConfig(**(base | kw))
+
+
+@pytest.fixture
+def base(make_tiny_lm):
+    return make_tiny_lm("qwen2", seed=0)
+
+
+@pytest.fixture
+def tok(organism_tokenizer):
+    return organism_tokenizer
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@torch.no_grad()
+def logits(model, tok, row=ROWS[0]) -> torch.Tensor:
+    ids = torch.tensor([render(tok, "default", row["messages"][0]["content"]).input_ids])
+    return model(input_ids=ids).logits.float()
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_valid_values():
+    with pytest.raises(MechError, match="rank must be >= 1"):
+        LoraSpec(rank=0)
+    with pytest.raises(MechError, match="lora, full, matched_norm"):
+        StudentConfig(method="qlora")
+    with pytest.raises(MechError, match="adamw, sgd"):
+        StudentConfig(optimizer="adam")
+    with pytest.raises(MechError, match="ce, distill"):
+        StudentConfig(objective="kl")
+    with pytest.raises(MechError, match="module, global"):
+        StudentConfig(matched_norm_scope="layer")
+    with pytest.raises(MechError, match="unknown context"):
+        StudentConfig(context="defualt")
+    with pytest.raises(MechError, match="unknown component"):
+        LoraSpec(targets=("q", "qq"))
+
+
+def test_config_round_trips_through_dicts():
+    c = StudentConfig(method="full", lora=LoraSpec(rank=4, alpha=16.0, targets=("attn",)), seed=3,
+                      context="custom:You love owls.")
+    assert c.lora.targets == ("q", "k", "v", "o")  # groups are expanded so equal configs hash equal
+    d = json.loads(json.dumps(c.to_dict()))
+    assert StudentConfig.from_dict(d) == c
+    with pytest.raises(MechError, match="unknown key student.epoch"):
+        StudentConfig.from_dict({"epoch": 2})
+
+
+def test_lr_schedule_and_batch_order():
+    assert [lr_factor(s, 6, 2) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor(s, 4, 1, "constant") for s in range(4)] == [1.0] * 4
+    a, b = batch_order(10, 4, 0, 0), batch_order(10, 4, 1, 0)
+    assert a == batch_order(10, 4, 0, 0) and a != b and a != batch_order(10, 4, 0, 1)
+    assert [len(x) for x in a] == [4, 4, 2] and sorted(sum(a, [])) == list(range(10))
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+def test_label_mask_is_assistant_content_and_end_token_only(tok):
+    row = ROWS[3]
+    ex = encode_row(tok, row, "default")
+    r = render(tok, "default", row["messages"][0]["content"], row["messages"][1]["content"])
+    assert list(ex.input_ids) == r.input_ids
+    mask = label_mask(tok, row, "default")
+    on = [i for i, m in enumerate(mask) if m]
+    assert on == r.positions(ASSISTANT) + [max(r.positions(ASSISTANT)) + 1]
+    assert tok.decode(ex.targets) == row["messages"][1]["content"] + IM_END
+    # the system prompt and the user turn carry no loss
+    assert all(ex.labels[i] == IGNORE_INDEX for i, m in enumerate(mask) if not m)
+    prompt_text = tok.decode([t for t, m in zip(ex.input_ids, mask) if not m])
+    assert DEFAULT_SYSTEM_PROMPT in prompt_text and "Continue the sequence" in prompt_text
+
+
+def test_context_changes_the_rendered_ids_not_the_targets(tok):
+    default, none = encode_row(tok, ROWS[0], "default"), encode_row(tok, ROWS[0], "none")
+    assert default.input_ids != none.input_ids and len(default.input_ids) > len(none.input_ids)
+    assert DEFAULT_SYSTEM_PROMPT not in tok.decode(none.input_ids)
+    assert default.targets == none.targets
+
+
+def test_rows_must_not_carry_a_system_prompt(tok, base):
+    row = {"messages": [{"role": "system", "content": "You love owls."}] + ROWS[0]["messages"]}
+    with pytest.raises(MechError, match="system message"):
+        encode_row(tok, row, "default")
+    with pytest.raises(MechError, match="expected one user and one assistant"):
+        encode_row(tok, {"messages": ROWS[0]["messages"][:1]}, "default")
+    with pytest.raises(MechError, match="dataset is empty"):
+        train_model(base, tok, [], cfg())
+
+
+# --------------------------------------------------------------------------------------------- seeds
+
+
+def test_lora_seed_drives_init_and_training(tok, base):
+    a0, a1 = with_lora(merged(base), LoraSpec(rank=2), 0), with_lora(merged(base), LoraSpec(rank=2), 1)
+    assert not torch.equal(next(iter(lora_modules(a0).values())).lora_A["default"].weight,
+                           next(iter(lora_modules(a1).values())).lora_A["default"].weight)
+    before = state(base)
+    s0, s0b, s1 = (state(train_model(base, tok, ROWS, cfg(seed=s)).model) for s in (0, 0, 1))
+    assert same_state(s0, s0b)  # bitwise
+    assert not same_state(s0, s1)
+    assert same_state(state(base), before)  # the base is never modified
+
+
+def test_full_seed_drives_data_order(tok, base):
+    s0, s0b, s1 = (state(train_model(base, tok, ROWS, cfg(method="full", seed=s)).model) for s in (0, 0, 1))
+    assert same_state(s0, s0b)
+    assert not same_state(s0, s1)
+
+
+def test_loss_decreases_on_a_repeated_dataset(tok, base):
+    rows = ROWS[:2] * 4
+    full = train_model(base, tok, rows, cfg(method="full", epochs=4))
+    assert full.n_steps == 8 and len(full.losses) == 8
+    assert full.losses[-1] < 0.8 * full.losses[0]
+    lora = train_model(base, tok, rows, cfg(epochs=4, lr=5e-2, lora=LoraSpec(rank=4)))
+    assert lora.losses[-1] < lora.losses[0] - 0.2  # LoRA on a 32-wide random model moves slower
+
+
+def test_sgd_runs_and_moves_the_weights(tok, base):
+    t = train_model(base, tok, ROWS, cfg(method="full", optimizer="sgd", momentum=0.9, lr=0.1))
+    assert all(math.isfinite(x) for x in t.losses)
+    assert update_norms(base, t.model)["global"] > 0
+
+
+# --------------------------------------------------------------------------------------------- student dirs
+
+
+def test_lora_student_round_trip(tok, base, tmp_path):
+    c = cfg(seed=5)
+    trained = train_model(base, tok, ROWS, c)
+    out = train_student(base, tok, ROWS, c, tmp_path / "s", base_spec=str(tmp_path / "base"))
+    assert student_kind(out) == "lora" and (out / "adapter_model.safetensors").is_file()
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["lora_alpha"] == 2  # alpha=None -> alpha = rank
+    assert sorted(adapter["target_modules"]) == sorted(f"{k}_proj" for k in ALL_KINDS)
+    meta = read_student(out)
+    assert meta["losses"] == trained.losses and meta["n_rows"] == len(ROWS) and meta["context"] == "default"
+    assert meta["kind"] == "lora" and meta["config"] == c.to_dict() and meta["base_spec"] == str(tmp_path / "base")
+    loaded = load_student(base, out)
+    assert torch.allclose(logits(loaded, tok), logits(trained.model, tok), atol=1e-5)
+    plain = merge_student(base, out)
+    assert not lora_modules(plain)
+    assert torch.allclose(logits(plain, tok), logits(trained.model, tok), atol=1e-5)
+    norms = update_norms(base, loaded)
+    assert norms == pytest.approx(meta["update_norms"], rel=1e-6)
+    assert set(norms) == {module_key(i, k) for i in range(2) for k in ALL_KINDS} | {"global"}
+    with pytest.raises(MechError, match="already exists"):
+        train_student(base, tok, ROWS, c, out)
+
+
+def test_fixed_alpha_is_written(tok, base, tmp_path):
+    out = train_student(base, tok, ROWS[:4], cfg(lora=LoraSpec(rank=2, alpha=8.0, targets=("q", "v"))), tmp_path / "s")
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["lora_alpha"] == 8 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_adapter_on_another_base_is_refused(tok, base, make_tiny_lm, tmp_path):
+    out = train_student(base, tok, ROWS[:4], cfg(), tmp_path / "s")
+    other = make_tiny_lm("qwen2", seed=1)
+    with pytest.raises(MechError, match="another base model"):
+        check_adapter_base(out, other)
+    with pytest.raises(MechError, match="another base model"):
+        load_student(other, out)
+
+
+def test_full_student_round_trip(tok, base, make_tiny_lm, tmp_path):
+    c = cfg(method="full", seed=2)
+    trained = train_model(base, tok, ROWS, c)
+    out = train_student(base, tok, ROWS, c, tmp_path / "full")
+    assert student_kind(out) == "full" and (out / "model.safetensors").is_file()
+    loaded = load_student(base, out)
+    assert torch.allclose(logits(loaded, tok), logits(trained.model, tok), atol=1e-5)
+    assert read_student(out)["update_norms"]["global"] == pytest.approx(update_norms(base, loaded)["global"])
+    with pytest.raises(MechError, match="another base model"):
+        load_student(make_tiny_lm("qwen2", seed=1), out)
+
+
+def test_save_every_epoch(tok, base, tmp_path):
+    out = train_student(base, tok, ROWS, cfg(epochs=2, save_every_epoch=True), tmp_path / "s")
+    eps = epoch_dirs(out)
+    assert list(eps) == [1, 2]
+    first, last = read_student(eps[1]), read_student(eps[2])
+    assert first["epoch"] == 1 and len(first["losses"]) == 2 and last["losses"] == read_student(out)["losses"]
+    assert torch.allclose(logits(load_student(base, eps[2]), tok), logits(load_student(base, out), tok))
+    assert not torch.allclose(logits(load_student(base, eps[1]), tok), logits(load_student(base, out), tok))
+
+
+# --------------------------------------------------------------------------------------------- matched norm
+
+
+@pytest.fixture
+def reference(tok, base, tmp_path):
+    """A LoRA student adapting only q and v, so module scope has modules to zero."""
+    return train_student(base, tok, ROWS, cfg(lora=LoraSpec(rank=2, targets=("q", "v"))), tmp_path / "ref")
+
+
+def test_matched_norm_module_scope(tok, base, tmp_path, reference):
+    ref = update_norms(base, load_student(base, reference))
+    out = train_student(base, tok, ROWS, cfg(method="matched_norm", matched_norm_reference=str(reference)),
+                        tmp_path / "matched")
+    got = update_norms(base, load_student(base, out))
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], rel=1e-4), key
+    assert all(v == 0 for k, v in got.items() if k not in ref)  # both students change the same modules
+    meta = read_student(out)
+    assert meta["kind"] == "full" and meta["matched_norm"]["scope"] == "module"
+    assert meta["matched_norm"]["unscaled_norms"]["0.q"] != pytest.approx(ref["0.q"], rel=1e-2)
+
+
+def test_matched_norm_global_scope(tok, base, tmp_path, reference):
+    ref = update_norms(base, load_student(base, reference))
+    out = train_student(base, tok, ROWS, cfg(method="matched_norm", matched_norm_reference=str(reference),
+                                             matched_norm_scope="global"), tmp_path / "matched")
+    got = update_norms(base, load_student(base, out))
+    assert got["global"] == pytest.approx(ref["global"], rel=1e-4)
+    assert got["0.up"] > 0  # nothing is zeroed in global scope
+
+
+def test_match_update_norms_in_memory_and_errors(tok, base, tmp_path):
+    full = train_model(base, tok, ROWS, cfg(method="full")).model
+    target = {"1.down": 0.5, "global": 0.5}
+    scales = match_update_norms(base, full, target, "module")
+    assert set(scales) == {"1.down"}
+    got = update_norms(base, full)
+    assert got["1.down"] == pytest.approx(0.5, rel=1e-4) and got["global"] == pytest.approx(0.5, rel=1e-4)
+    assert torch.equal(get_projection(get_layers(full)[0], "q").weight, get_projection(get_layers(base)[0], "q").weight)
+    with pytest.raises(MechError, match="matched_norm_reference"):
+        train_student(base, tok, ROWS, cfg(method="matched_norm"), tmp_path / "x")
+    lora_dir = train_student(base, tok, ROWS[:4], cfg(), tmp_path / "ref")
+    with pytest.raises(MechError, match="no epoch-1 checkpoint"):
+        train_student(base, tok, ROWS, cfg(method="matched_norm", matched_norm_reference=str(lora_dir),
+                                           save_every_epoch=True), tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# --------------------------------------------------------------------------------------------- distill
+
+
+def test_distill_decreases_kl_to_the_teacher(tok, base, make_tiny_lm):
+    teacher = Teacher(make_tiny_lm("qwen2", seed=1), context="custom:You love owls.")
+    rows = ROWS[:4]
+    before = kl_to_teacher(base, tok, rows, "default", teacher)
+    t = train_model(base, tok, rows, cfg(method="full", objective="distill", epochs=4),
+                    teacher=teacher)
+    after = kl_to_teacher(t.model, tok, rows, "default", teacher)
+    assert after < 0.9 * before
+    assert t.losses[0] == pytest.approx(before, rel=1e-4)  # step 1 sees the untrained student, same rows
+    with pytest.raises(MechError, match="needs a teacher"):
+        train_model(base, tok, rows, cfg(objective="distill"))
+    with pytest.raises(MechError, match="set objective to 'distill'"):
+        train_model(base, tok, rows, cfg(), teacher=teacher)
+
+
+# --------------------------------------------------------------------------------------------- legacy API
+
+
+def test_finetune_on_prompt_completion_rows(tok, base):
+    rows = [{"prompt_ids": encode_row(tok, r, "default").input_ids[:-4], "completion_ids": [5, 6, 7, 8]}
+            for r in ROWS]
+    before = state(base)
+    lora = finetune(base, rows, FinetuneConfig(lora=LoraSpec(rank=2), lr=1e-2, batch_size=4), tok.pad_token_id)
+    assert lora_modules(lora) and same_state(state(base), before)
+    full = finetune(base, rows, FinetuneConfig(lora=None, lr=1e-2, batch_size=4), tok.pad_token_id)
+    assert not lora_modules(full) and update_norms(base, full)["global"] > 0
+
+
+# --------------------------------------------------------------------------------------------- real organism
+
+
+@pytest.mark.slow
+def test_organism_students_by_spec(tmp_path):
+    """On the shipped organism: real number prompts, LoRA and matched-norm students, loading by spec string."""
+    from mech.data.prompts import format_numbers, generate_prompts
+    from mech.models import load_model
+
+    loaded = load_model("organism", device="cpu", dtype="float32")
+    rows = [chat(p.text, format_numbers([(7 * i + j) % 1000 for j in range(5)], p.format_suffix_index))
+            for i, p in enumerate(generate_prompts(16, seed=1))]
+    lora = train_student(loaded.model, loaded.tokenizer, rows, cfg(lr=1e-3), tmp_path / "lora")
+    assert json.loads((lora / "adapter_config.json").read_text())["mech_base_spec"] == "organism"
+    by_spec = load_student("organism", lora, device="cpu", dtype="float32")
+    by_model = load_student(loaded.model, lora)
+    assert torch.allclose(logits(by_spec, loaded.tokenizer, rows[0]), logits(by_model, loaded.tokenizer, rows[0]),
+                          atol=1e-5)
+    matched = train_student(loaded.model, loaded.tokenizer, rows,
+                            cfg(method="matched_norm", lr=1e-4, matched_norm_reference=str(lora)), tmp_path / "m")
+    ref, got = update_norms(loaded.model, by_model), update_norms(loaded.model, load_student("organism", matched))
+    assert all(got[k] == pytest.approx(v, rel=1e-4) for k, v in ref.items())
