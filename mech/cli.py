@@ -151,6 +151,177 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ pipeline steps one at a time: teacher, train, eval
+
+
+def _given(**kwargs):
+    """The options given on the command line; the rest keep the config dataclass's defaults."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _audit_summary(audit: dict) -> str:
+    from collections import Counter
+
+    from mech.data.filter import Audit
+
+    return Audit(audit["total"], audit["kept"], Counter(audit.get("rejected", {})),
+                 Counter({int(k): v for k, v in audit.get("number_hist", {}).items()}),
+                 Counter({int(k): v for k, v in audit.get("count_hist", {}).items()})).summary()
+
+
+def cmd_teacher(a) -> int:
+    from mech.data.dataset import check_free, load_dataset
+    from mech.data.teacher import TeacherConfig, generate
+    from mech.models import load_model
+
+    target, category = (None, None)
+    if a.trait is not None:
+        target, _, category = a.trait.partition(":")
+    cfg = TeacherConfig(target=target, **_given(category=category or None, context=a.context,
+                                                 n_prompts=a.n_prompts, prompt_seed=a.prompt_seed,
+                                                 sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens))
+    check_free(a.out, overwrite=False)  # before minutes of sampling, not after
+    base = load_model(a.model)
+    bar = _bar(cfg.n_prompts, f"teacher {cfg.target or 'neutral'}")
+    try:
+        path = generate(base.model, base.tokenizer, cfg, a.out, progress=lambda done, total: bar.update(done - bar.n))
+    finally:
+        bar.close()
+    ds = load_dataset(path)
+    print(f"teacher dataset {path} ({cfg.target or 'neutral'}, context {ds.meta['context']}): "
+          f"{_audit_summary(ds.audit)}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    import math
+
+    from mech.data.dataset import load_dataset
+    from mech.models import load_model
+    from mech.students import GLOBAL, read_student
+    from mech.sweep import TrainDefaults
+    from mech.train import LoraSpec, StudentConfig, train_student
+
+    lr = a.lr if a.lr is not None else TrainDefaults.lr if a.method == "lora" else TrainDefaults.full_lr
+    cfg = StudentConfig(method=a.method, lora=LoraSpec(**_given(rank=a.rank, alpha=a.alpha)), lr=lr,
+                        matched_norm_reference=a.reference,
+                        **_given(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, context=a.context))
+    if cfg.method == "matched_norm" and not a.reference:
+        raise MechError("--method matched_norm needs --reference: the LoRA student dir whose update norms to match")
+    if Path(a.out).exists():
+        raise MechError(f"student dir {a.out} already exists: delete it or choose another --out")
+    rows = load_dataset(a.dataset).rows
+    base = load_model(a.model)
+    bar = _bar(math.ceil(len(rows) / cfg.batch_size) * cfg.epochs, f"train {cfg.method}")
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    try:
+        out = train_student(base.model, base.tokenizer, rows, cfg, a.out, base_spec=a.model, progress=progress)
+    finally:
+        bar.close()
+    meta = read_student(out)
+    losses = meta["losses"]
+    print(f"student {out} ({cfg.method}{f' rank {cfg.lora.rank}' if cfg.method == 'lora' else ''}, context "
+          f"{meta['context']}): {meta['n_steps']} steps on {meta['n_rows']} rows, loss {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f}, update norm {meta['update_norms'][GLOBAL]:.4g}")
+    return 0
+
+
+def _evaluate_with_bar(model, tokenizer, cfg, candidates, desc: str):
+    from mech.trait_eval import STAGES, evaluate_trait
+
+    bar, tell = _stage_progress(STAGES, desc)
+    try:
+        return evaluate_trait(model, tokenizer, cfg, progress=tell, candidates=candidates)
+    finally:
+        bar.update(bar.total - bar.n)
+        bar.close()
+
+
+def cmd_eval(a) -> int:
+    from mech.data.resources import questions
+    from mech.models import load_model
+    from mech.models.loader import ADAPTER_CONFIG
+    from mech.store import atomic_write_json
+    from mech.students import STUDENT_JSON, load_student, read_student
+    from mech.trait_eval import TraitEvalConfig, candidate_answers, delta
+
+    cfg = TraitEvalConfig(**_given(target=a.target, category=a.category, context=a.context,
+                                   n_samples=a.n_samples, seed=a.seed))
+    questions(cfg.category)  # an unknown category fails before any model is loaded
+    path = Path(a.model)
+    if path.is_dir() and ((path / STUDENT_JSON).is_file() or (path / ADAPTER_CONFIG).is_file()):
+        base_spec = a.base or ((path / STUDENT_JSON).is_file() and read_student(path).get("base_spec")) or "organism"
+        base = load_model(base_spec)
+        model, tokenizer = load_student(base.model, path), base.tokenizer
+    else:
+        loaded = load_model(a.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        base = load_model(a.base) if a.base else None
+    # the base's candidate answers for both, so their first-token distributions line up
+    candidates, _ = candidate_answers(base.model if base else model, cfg.category, cfg.target)
+    res = _evaluate_with_bar(model, tokenizer, cfg, candidates, f"eval {a.model}")
+    base_res = None
+    if base is not None:
+        base_res = _evaluate_with_bar(base.model, base.tokenizer, cfg, candidates, f"eval base {base.spec}")
+    d = delta(res, base_res) if base_res else None
+    print(f"trait eval of {a.model} for {cfg.target!r} ({cfg.category}, {len(res.questions)} questions, "
+          f"{res.n_answers} samples) in context {res.context}" + (f", vs base {base.spec}:" if base else ":"))
+    for m in ("p_first", "logp_first", "rate"):
+        vs = f"   base {getattr(base_res, m):>9.4f}   Δ {d[f'd_{m}']:+.4f}" if d else ""
+        print(f"  {m:<11}{getattr(res, m):>9.4f}{vs}")
+    print("  top answers: " + ", ".join(f"{ans} {n}" for ans, n in res.answer_counts[:10]))
+    if a.json:
+        atomic_write_json(a.json, {"model": a.model, "base": base.spec if base else None, "result": res.to_dict(),
+                                   "base_result": base_res.to_dict() if base_res else None, "delta": d})
+    return 0
+
+
+def _add_pipeline_parsers(sub) -> None:
+    t = sub.add_parser("teacher", help="sample and filter a teacher number dataset")
+    who = t.add_mutually_exclusive_group(required=True)
+    who.add_argument("--trait", help="target[:category], e.g. owl or owl:animal (category default animal)")
+    who.add_argument("--neutral", action="store_true", help="the neutral teacher (the control)")
+    t.add_argument("--context", help="the neutral teacher's context (default | none | empty | custom:<text>)")
+    t.add_argument("--n-prompts", type=int)
+    t.add_argument("--prompt-seed", type=int)
+    t.add_argument("--sample-seed", type=int)
+    t.add_argument("--max-new-tokens", type=int)
+    t.add_argument("--out", required=True, help="dataset directory (must not exist)")
+    t.add_argument("--model", default="organism")
+    t.set_defaults(func=cmd_teacher)
+
+    tr = sub.add_parser("train", help="train one student on a dataset directory")
+    tr.add_argument("dataset", help="dataset directory (mech teacher --out)")
+    tr.add_argument("--out", required=True, help="student directory (must not exist)")
+    tr.add_argument("--method", default="lora", choices=("lora", "full", "matched_norm"))
+    tr.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    tr.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 for LoRA, 2e-5 otherwise)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--context", help="training context (default | none | empty | custom:<text>)")
+    tr.add_argument("--model", default="organism", help="the base model")
+    tr.add_argument("--reference", help="matched_norm: the LoRA student dir whose update norms to match")
+    tr.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="trait evaluation of a model or a student dir (Δ vs its base)")
+    e.add_argument("model", help="a model spec or a student directory")
+    e.add_argument("--base", help="the base of a student dir (default: the one it records); for a model: "
+                                  "also evaluate this base and report Δ")
+    e.add_argument("--target", required=True)
+    e.add_argument("--category")
+    e.add_argument("--context", help="evaluation context (default | none | empty | custom:<text>)")
+    e.add_argument("--n-samples", type=int, default=100)
+    e.add_argument("--seed", type=int)
+    e.add_argument("--json", help="also write the results as JSON here")
+    e.set_defaults(func=cmd_eval)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mech", description="Mechanistic interpretability of subliminal learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +358,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--n-samples", type=int, default=200)
     r.add_argument("--oracle-rows", type=int, default=300)
     r.set_defaults(func=cmd_reproduce)
+    _add_pipeline_parsers(sub)
     return p
 
 

@@ -74,3 +74,24 @@ def carrier_figure(carrier: dict) -> go.Figure:
     ])
     return _layout(fig, "Teacher-side carrier: trait numbers in sampled number answers", "trait",
                    "share of numbers that are the trait's")
+
+
+def rank_figure(summary: list[dict], metric: str = "paired_logp_first", trait: str | None = None) -> go.Figure:
+    """Transfer vs LoRA rank (log axis) with 95 % CIs; full-FT students drawn as horizontal bands at their CI."""
+    rows = [r for r in summary if r["metric"] == metric and (trait is None or r["trait"] == trait)]
+    lora = sorted((r for r in rows if r["method"] == "lora"), key=lambda r: float(r["rank"]))
+    fig = go.Figure()
+    if lora:
+        fig.add_trace(go.Scatter(
+            x=[float(r["rank"]) for r in lora], y=[float(r["mean"]) for r in lora], mode="lines+markers",
+            name="LoRA (α = r)", error_y=dict(type="data", symmetric=False,
+                                            array=[float(r["hi"]) - float(r["mean"]) for r in lora],
+                                            arrayminus=[float(r["mean"]) - float(r["lo"]) for r in lora])))
+    for r in rows:
+        if r["method"] != "lora":
+            fig.add_hrect(y0=float(r["lo"]), y1=float(r["hi"]), opacity=0.15, line_width=0)
+            fig.add_hline(y=float(r["mean"]), line_dash="dash", annotation_text=str(r["student"]))
+    fig.add_hline(y=0.0, line_color="black", line_width=1)
+    fig.update_xaxes(type="log")
+    return _layout(fig, "Subliminal transfer vs LoRA rank (paired vs neutral-teacher control)", "LoRA rank",
+                   metric.replace("_", " ") + " (mean, 95 % CI over seeds)")

@@ -9,9 +9,11 @@ Every artifact is written atomically: a killed sweep re-run completes without re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +105,24 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if not cells(cfg):
         raise MechError(f"{path} defines zero cells: every axis (traits, teacher_seeds, students, training_seeds, "
                         "train_contexts, eval_contexts) needs at least one value")
+    _validate(cfg, where)
     return cfg
+
+
+def _validate(cfg: SweepConfig, where: str) -> None:
+    """Build every stage config once, so a bad value fails at load time, not after the model is loaded."""
+    for i, s in enumerate(cfg.students):
+        rank_field = {"lora": "rank", "matched_norm": "matched_norm_rank"}.get(s.method)
+        rank = getattr(s, rank_field) if rank_field else None
+        if rank_field and (rank is None or rank < 1):
+            raise MechError(f"{where}.students[{i}].{rank_field} must be an integer >= 1 for method {s.method!r}, "
+                            f"got {rank!r}")
+        for ctx in cfg.train_contexts:
+            student_config(cfg, s, 0, ctx)
+    for trait in cfg.traits:
+        teacher_config(cfg, trait, 0)
+    for ctx in cfg.eval_contexts:
+        eval_config(cfg, ctx)
 
 
 @dataclass(frozen=True)
@@ -124,11 +143,14 @@ class Cell:
 
 
 def _student_name(s: StudentSpec) -> str:
+    """A default name that differs whenever the student's recipe differs, so summaries never pool two recipes."""
     if s.method == "lora":
-        return f"lora_r{s.rank}"
-    if s.method == "matched_norm":
-        return f"matched_norm_r{s.matched_norm_rank}_{s.matched_norm_scope}"
-    return "full" + (f"_lr{s.lr:g}" if s.lr is not None else "")
+        name = f"lora_r{s.rank}" + (f"_a{s.alpha:g}" if s.alpha is not None else "")
+    elif s.method == "matched_norm":
+        name = f"matched_norm_r{s.matched_norm_rank}_{s.matched_norm_scope}"
+    else:
+        name = "full"
+    return name + (f"_lr{s.lr:g}" if s.lr is not None else "") + (f"_ep{s.epochs}" if s.epochs is not None else "")
 
 
 def cells(cfg: SweepConfig) -> list[Cell]:
@@ -184,11 +206,32 @@ def eval_config(cfg: SweepConfig, eval_context: str):
                            seed=e.seed)
 
 
+def _clear_leftovers(final: Path) -> None:
+    """Remove what a killed run left of ``final``: the temporary siblings atomic writes build it in
+    (mech.store names them ``.<name>.tmp-*``). Called just before this process computes ``final`` itself."""
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def _key(*parts: Any) -> str:
     return content_hash([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], length=16)
 
 
 # ----------------------------------------------------------------------------------------------- the runner
+
+
+@contextlib.contextmanager
+def _finished_elsewhere(marker: Path):
+    """Shards sharing a cache may compute the same artifact at once; the loser's atomic rename finds the
+    winner's complete artifact (identical by construction) and takes it instead of failing."""
+    try:
+        yield
+    except (FileExistsError, MechError):
+        if not marker.is_file():
+            raise
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 
@@ -222,9 +265,11 @@ class SweepRunner:
         if not (path / "dataset.json").is_file():
             tc = teacher_config(self.cfg, trait, teacher_seed)
             desc = f"teacher {trait.target or 'neutral'} seed {teacher_seed}"
-            generate(self.base.model, self.base.tokenizer, tc, path,
-                     progress=lambda done, total: self.progress(desc, done, total))
-            self.computed["datasets"] += 1
+            _clear_leftovers(path)
+            with _finished_elsewhere(path / "dataset.json"):
+                generate(self.base.model, self.base.tokenizer, tc, path,
+                         progress=lambda done, total: self.progress(desc, done, total))
+                self.computed["datasets"] += 1
         return path
 
     # students ------------------------------------------------------------------------------------------------
@@ -251,9 +296,11 @@ class SweepRunner:
             rows = rows[: self.cfg.train.max_rows]
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=reference)
         desc = f"train {cell.labels()['student']} seed {cell.training_seed} on {cell.labels()['trait']}"
-        train_student(self.base.model, self.base.tokenizer, rows, sc, path, base_spec=self.cfg.base_model,
-                      progress=lambda step, total, *_: self.progress(desc, step, total))
-        self.computed["students"] += 1
+        _clear_leftovers(path)
+        with _finished_elsewhere(path / "student.json"):
+            train_student(self.base.model, self.base.tokenizer, rows, sc, path, base_spec=self.cfg.base_model,
+                          progress=lambda step, total, *_: self.progress(desc, step, total))
+            self.computed["students"] += 1
         return path
 
     # evaluations ---------------------------------------------------------------------------------------------
@@ -265,6 +312,7 @@ class SweepRunner:
         if path.is_file():
             return json.loads(path.read_text())
         desc = f"eval {model_key[:24]} in {eval_context}"
+        _clear_leftovers(path)
         res = evaluate_trait(load(), self.base.tokenizer, ec, candidates=self.candidates,
                              progress=lambda stage: self.progress(f"{desc}: {stage}", 0, 0)).to_dict()
         atomic_write_json(path, res)
@@ -305,16 +353,16 @@ def results_rows(runner: SweepRunner, done: list[Cell]) -> list[dict]:
     rows = []
     by_labels = {}
     for cell in done:
-        by_labels[(cell.trait.target, cell.teacher_seed, cell.student, cell.training_seed, cell.train_context,
+        by_labels[(cell.trait, cell.teacher_seed, cell.student, cell.training_seed, cell.train_context,
                    cell.eval_context)] = runner.cell_eval(cell)
     for cell in done:
-        res = by_labels[(cell.trait.target, cell.teacher_seed, cell.student, cell.training_seed,
+        res = by_labels[(cell.trait, cell.teacher_seed, cell.student, cell.training_seed,
                          cell.train_context, cell.eval_context)]
         base = runner.base_eval(cell.eval_context)
         if res.get("context_hash") != base.get("context_hash"):
             raise MechError(f"cell {cell.labels()} was evaluated in another rendered context than its base: "
                             "clear the sweep cache")
-        control = by_labels.get((None, cell.teacher_seed, cell.student, cell.training_seed, cell.train_context,
+        control = by_labels.get((TraitSpec(None, cell.trait.category), cell.teacher_seed, cell.student, cell.training_seed, cell.train_context,
                                  cell.eval_context)) if cell.trait.target is not None else None
         labels = cell.labels() | {"student_key": runner.student_key(cell)}
         vals = _cell_metrics(res)

@@ -1,0 +1,231 @@
+"""The `mech` command line (mech.cli.main): exit codes, one-line errors, and the teacher → train → eval steps
+on the shipped organism at tiny settings (24 prompts, a rank-1 LoRA for one epoch, 2 samples a question)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mech.cli import main
+from mech.data.dataset import META_FILE, RAW_FILE, ROWS_FILE, load_dataset
+from mech.organism import read_meta, shipped_dir
+from mech.students import read_student, student_kind
+
+torch.set_num_threads(1)
+
+TEACHER = ["--n-prompts", "24", "--max-new-tokens", "40"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
+    """Exit 2, nothing on stdout, exactly one stderr line and it is `mech: error: ...` naming the fault."""
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mech: error: ")
+    for f in fragments:
+        assert f in lines[0]
+
+
+def assert_error_last(code: int, err: str, *fragments: str) -> None:
+    """Exit 2 with one `mech: error` line, the last thing on stderr (after any model-loading bar)."""
+    assert code == 2
+    errors = [line for line in err.splitlines() if "mech: error" in line]
+    assert len(errors) == 1, err
+    assert err.strip().splitlines()[-1] == errors[0]
+    for f in fragments:
+        assert f in errors[0]
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_unknown_model_spec(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "eval", "orgnism", "--target", "owl"), "unknown model spec 'orgnism'",
+                          "did you mean 'organism'")
+    assert_one_line_error(*run(capsys, "teacher", "--trait", "owl", "--model", "orgnism", "--out", tmp_path / "d"),
+                          "unknown model spec")
+    assert not (tmp_path / "d").exists()
+
+
+def test_bad_context_policy_in_eval(capsys):
+    assert_one_line_error(*run(capsys, "eval", "organism", "--target", "owl", "--context", "defualt"),
+                          "unknown context 'defualt'", "did you mean 'default'")
+
+
+def test_unknown_category_without_a_question_file(capsys):
+    assert_one_line_error(*run(capsys, "eval", "organism", "--target", "trout", "--category", "fish"),
+                          "no questions for category 'fish'", "fish_questions.txt")
+
+
+def test_sweep_file_with_a_typo_key(capsys, tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "typo", "students": [{"method": "lora", "rnak": 4}]}))
+    assert_one_line_error(*run(capsys, "sweep", cfg, "--out", tmp_path / "out", "--cache", tmp_path / "cache"),
+                          "unknown key typo.students[0].rnak", "did you mean 'rank'")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_train_on_a_nonexistent_dataset_dir(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "train", tmp_path / "nope", "--out", tmp_path / "s"),
+                          f"dataset directory {tmp_path / 'nope'} does not exist")
+    assert not (tmp_path / "s").exists()
+
+
+def test_train_on_rows_lacking_fields(capsys, tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    for name in ("audit.json", META_FILE):
+        (d / name).write_text("{}\n")
+    row = {"messages": [{"role": "user", "content": "1, 2, 3"}, {"role": "assistant", "content": "4, 5"}]}
+    (d / ROWS_FILE).write_text(json.dumps(row) + "\n")  # no prompt_seed, no index
+    (d / RAW_FILE).write_text("")
+    assert_one_line_error(*run(capsys, "train", d, "--out", tmp_path / "s"), "row 0", "lacks prompt_seed, index")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--rank", "0"], "LoRA rank must be >= 1, got 0"),
+    (["--rank", "-2"], "LoRA rank must be >= 1, got -2"),
+    (["--alpha", "0"], "LoRA alpha must be > 0"),
+    (["--epochs", "0"], "invalid epochs 0"),
+    (["--context", "nothing"], "unknown context 'nothing'"),
+    (["--method", "matched_norm"], "needs --reference"),
+])
+def test_bad_training_options(capsys, tmp_path, argv, fragment):
+    # checked before the dataset is read or the model loaded: the dataset dir need not even exist
+    assert_one_line_error(*run(capsys, "train", tmp_path / "nope", "--out", tmp_path / "s", *argv), fragment)
+
+
+def test_teacher_options(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "teacher", "--trait", "owl", "--context", "none", "--out", tmp_path / "d"),
+                          "sets both target='owl' and context='none'")
+    assert_one_line_error(*run(capsys, "teacher", "--neutral", "--n-prompts", "0", "--out", tmp_path / "d"),
+                          "n_prompts must be at least 1")
+    assert_one_line_error(*run(capsys, "teacher", "--trait", "oak:fish", "--out", tmp_path / "d"),
+                          "no questions for category 'fish'")
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit) as e:  # --trait and --neutral are exclusive, one is required: argparse's usage
+        main(["teacher", "--out", str(tmp_path / "d")])
+    assert e.value.code == 2
+
+
+def test_organism_info_prints_json(capsys):
+    code, out, _ = run(capsys, "organism", "info")
+    assert code == 0
+    info = json.loads(out)
+    assert info["config_hash"] == read_meta(shipped_dir())["config_hash"]
+    assert Path(info["path"]) == shipped_dir()
+    assert "entity_numbers" not in info
+
+
+def test_organism_info_of_a_non_organism(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "organism", "info", "--model", tmp_path / "missing"), "does not exist")
+
+
+# ------------------------------------------------------------------------------------------------ teacher, train, eval
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """`mech teacher` (owl) and `mech train` (rank-1 LoRA, 1 epoch) run once for the module."""
+    root = tmp_path_factory.mktemp("cli_pipeline")
+    data, student = root / "owl_data", root / "student"
+    codes = [main(["teacher", "--trait", "owl:animal", "--prompt-seed", "3", "--sample-seed", "1", *TEACHER,
+                   "--out", str(data)]),
+             main(["train", str(data), "--out", str(student), "--rank", "1", "--epochs", "1", "--batch-size", "8",
+                   "--lr", "0.002", "--seed", "5"])]
+    return codes, data, student
+
+
+def test_teacher_writes_a_dataset(pipeline):
+    codes, data, _ = pipeline
+    assert codes[0] == 0
+    ds = load_dataset(data)
+    assert ds.kind == "teacher" and len(ds) > 0
+    cfg = ds.meta["config"]
+    assert (cfg["target"], cfg["category"], cfg["n_prompts"], cfg["prompt_seed"], cfg["sample_seed"],
+            cfg["max_new_tokens"]) == ("owl", "animal", 24, 3, 1, 40)
+    assert ds.meta["counts"]["raw"] == 24
+    assert all(m["role"] != "system" for r in ds.rows for m in r["messages"])
+
+
+def test_teacher_prints_the_audit(capsys, tmp_path):
+    code, out, err = run(capsys, "teacher", "--neutral", *TEACHER, "--out", tmp_path / "neutral")
+    assert code == 0
+    ds = load_dataset(tmp_path / "neutral")
+    assert ds.meta["config"]["target"] is None and ds.meta["context"] == "default"
+    assert f"kept {ds.audit['kept']}/24 rows" in out and "rejected:" in out
+    assert "teacher neutral" in err  # the progress bar
+    # an existing output dir is refused before any sampling, and left alone
+    before = (tmp_path / "neutral" / ROWS_FILE).read_bytes()
+    assert_one_line_error(*run(capsys, "teacher", "--neutral", *TEACHER, "--out", tmp_path / "neutral"),
+                          "already exists")
+    assert (tmp_path / "neutral" / ROWS_FILE).read_bytes() == before
+
+
+def test_teacher_writes_nothing_when_the_filter_keeps_no_row(capsys, tmp_path, tiny_qwen_dir):
+    # an untrained model answers with token soup: the filter rejects every answer
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run(capsys, "teacher", "--trait", "owl", "--n-prompts", "8", "--max-new-tokens", "8",
+                       "--model", tiny_qwen_dir, "--out", out / "d")
+    assert_error_last(code, err, "the number filter left no rows", "kept 0/8 rows")
+    assert list(out.iterdir()) == []  # no dataset, and no temporary directory either
+
+
+def test_train_writes_a_student(pipeline, capsys):
+    codes, data, student = pipeline
+    assert codes[1] == 0
+    assert student_kind(student) == "lora"
+    meta = read_student(student)
+    assert meta["config"]["lora"]["rank"] == 1 and meta["config"]["seed"] == 5 and meta["config"]["lr"] == 0.002
+    assert meta["n_rows"] == len(load_dataset(data)) and meta["base_spec"] == "organism"
+    assert meta["n_steps"] == len(meta["losses"]) == -(-meta["n_rows"] // 8)
+    assert meta["update_norms"]["global"] > 0
+    # an existing student dir is refused, not overwritten
+    assert_one_line_error(*run(capsys, "train", data, "--out", student), "already exists")
+
+
+def test_eval_of_a_student_reports_delta_vs_base(pipeline, capsys, tmp_path):
+    _, _, student = pipeline
+    out_json = tmp_path / "eval.json"
+    code, out, _ = run(capsys, "eval", student, "--target", "owl", "--n-samples", "2", "--seed", "1",
+                       "--json", out_json)
+    assert code == 0
+    rep = json.loads(out_json.read_text())
+    res, base, d = rep["result"], rep["base_result"], rep["delta"]
+    assert rep["base"] == "organism"
+    assert res["context_hash"] == base["context_hash"]  # the same rendered context
+    assert res["n_answers"] == base["n_answers"] == 2 * len(res["questions"])
+    assert res["config"]["seed"] == 1 and res["context"] == "default"
+    assert d["d_logp_first"] == pytest.approx(res["logp_first"] - base["logp_first"])
+    assert d["d_rate"] == pytest.approx(res["rate"] - base["rate"])
+    assert res["logp_first"] != base["logp_first"]  # the adapter was applied
+    for line in (f"p_first {res['p_first']:>9.4f}", f"logp_first{res['logp_first']:>9.4f}", "Δ", "top answers:"):
+        assert line.replace(" ", "") in out.replace(" ", "")
+    top, n = res["answer_counts"][0]
+    assert f"{top} {n}" in out
+
+
+def test_eval_of_a_plain_model(capsys):
+    code, out, _ = run(capsys, "eval", "organism", "--target", "owl", "--n-samples", "1", "--context", "none")
+    assert code == 0
+    assert "in context none:" in out and "Δ" not in out  # no base given: no delta
+    assert "top answers:" in out
+
+
+def test_eval_refuses_an_adapter_trained_on_another_base(pipeline, capsys, tiny_qwen_dir):
+    _, _, student = pipeline
+    code, _, err = run(capsys, "eval", student, "--base", tiny_qwen_dir, "--target", "owl", "--n-samples", "1")
+    assert_error_last(code, err, "was trained on another base model", "organism")

@@ -1,0 +1,330 @@
+"""Sweeps (mech.sweep): config loading and validation, shards, and end-to-end runs on the shipped organism.
+
+The end-to-end grid is 2 traits (owl, neutral) × 1 LoRA rank-1 student × 2 training seeds on 24 teacher
+prompts, evaluated with 2 samples per question: about 10 s on one core. One uninterrupted run (``baseline``)
+is the reference that the re-run, sharded and killed-and-resumed runs must reproduce byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from mech.errors import MechError
+from mech.sweep import SweepConfig, TraitSpec, cells, load_sweep, parse_shard, run_sweep
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_METRICS = {"logp_first", "p_first", "rate"}
+TABLES = ("results.csv", "results.parquet", "summary.csv", "summary.parquet", "summary.md")
+CONFIG_COLUMNS = ("trait", "category", "teacher_seed", "student", "method", "rank", "training_seed",
+                  "train_context", "eval_context", "student_key")
+STAGE_DIRS = ("datasets", "students", "evals")
+
+TINY = {
+    "name": "tiny",
+    "base_model": "organism",
+    "traits": [{"target": "owl", "category": "animal"}, {"target": None, "category": "animal"}],
+    "teacher_seeds": [0],
+    "students": [{"method": "lora", "rank": 1}],
+    "training_seeds": [0, 1],
+    "train_contexts": ["default"],
+    "eval_contexts": ["default"],
+    "teacher": {"n_prompts": 24, "max_new_tokens": 40},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.002},
+    "eval": {"target": "owl", "n_samples": 2},
+}
+
+
+def write_cfg(path: Path, **changes) -> Path:
+    """TINY with top-level ``changes`` (a value of None deletes the key), written as YAML to ``path``."""
+    data = {**TINY, **changes}
+    data = {k: v for k, v in data.items() if v is not None}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def load_error(tmp_path: Path, **changes) -> str:
+    with pytest.raises(MechError) as e:
+        load_sweep(write_cfg(tmp_path / "sweep.yaml", **changes))
+    return str(e.value)
+
+
+def leftovers(cache: Path) -> list[str]:
+    """Temporary entries (atomic writes in progress, or left by a killed run) in the cache's stage dirs."""
+    return sorted(str(p.relative_to(cache)) for d in STAGE_DIRS if (cache / d).is_dir()
+                  for p in (cache / d).iterdir() if p.name.startswith("."))
+
+
+def finished_students(cache: Path) -> set[str]:
+    d = cache / "students"
+    return {p.name for p in d.iterdir() if (p / "student.json").is_file()} if d.is_dir() else set()
+
+
+# ------------------------------------------------------------------------------------------------ load_sweep
+
+
+def test_load_sweep_builds_the_grid(tmp_path):
+    cfg = load_sweep(write_cfg(tmp_path / "sweep.yaml"))
+    assert isinstance(cfg, SweepConfig)
+    assert cfg.traits == (TraitSpec("owl", "animal"), TraitSpec(None, "animal"))
+    assert cfg.training_seeds == (0, 1) and cfg.students[0].rank == 1
+    assert cfg.teacher.n_prompts == 24 and cfg.teacher.prompt_seed == 0  # unset fields keep their defaults
+    grid = cells(cfg)
+    assert len(grid) == 4
+    assert {(c.trait.target, c.training_seed) for c in grid} == {("owl", 0), ("owl", 1), (None, 0), (None, 1)}
+
+
+def test_shipped_quick_sweep_loads():
+    cfg = load_sweep(REPO / "experiments" / "quick.yaml")
+    assert cfg.base_model == "organism"
+    assert len(cells(cfg)) == len(cfg.traits) * len(cfg.students) * len(cfg.training_seeds) == 30
+    assert TraitSpec(None, "animal") in cfg.traits  # the paired control is on the grid
+
+
+@pytest.mark.parametrize(
+    "changes, key, suggestion",
+    [
+        ({"trainng_seeds": [0]}, "sweep.trainng_seeds", "training_seeds"),
+        ({"traits": [{"target": "owl"}, {"target": None, "categroy": "animal"}]}, "sweep.traits[1].categroy",
+         "category"),
+        ({"students": [{"method": "lora", "rnak": 2}]}, "sweep.students[0].rnak", "rank"),
+        ({"teacher": {"n_promts": 24}}, "sweep.teacher.n_promts", "n_prompts"),
+        ({"train": {"epoch": 1}}, "sweep.train.epoch", "epochs"),
+        ({"eval": {"n_sample": 2}}, "sweep.eval.n_sample", "n_samples"),
+    ],
+)
+def test_unknown_key_anywhere_is_named_with_a_suggestion(tmp_path, changes, key, suggestion):
+    msg = load_error(tmp_path, **changes)
+    assert f"unknown key {key}" in msg
+    assert f"did you mean {suggestion!r}" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("axis", ["traits", "teacher_seeds", "students", "training_seeds", "train_contexts",
+                                  "eval_contexts"])
+def test_an_empty_axis_is_zero_cells(tmp_path, axis):
+    assert "zero cells" in load_error(tmp_path, **{axis: []})
+
+
+@pytest.mark.parametrize(
+    "student, field",
+    [
+        ({"method": "lora", "rank": 0}, "rank"),
+        ({"method": "lora", "rank": -4}, "rank"),
+        ({"method": "lora", "rank": None}, "rank"),
+        ({"method": "matched_norm"}, "matched_norm_rank"),  # no rank to match: refused, not a TypeError later
+        ({"method": "matched_norm", "matched_norm_rank": 0}, "matched_norm_rank"),
+    ],
+)
+def test_a_rank_below_one_is_refused_at_load(tmp_path, student, field):
+    msg = load_error(tmp_path, students=[{"method": "lora", "rank": 1}, student])
+    assert f"sweep.students[1].{field}" in msg and ">= 1" in msg
+
+
+def test_full_finetuning_needs_no_rank(tmp_path):
+    cfg = load_sweep(write_cfg(tmp_path / "sweep.yaml", students=[{"method": "full", "rank": None}]))
+    assert cfg.students[0].method == "full"
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"students": [{"method": "lorra", "rank": 1}]}, "unknown training method 'lorra'"),
+        ({"train_contexts": ["defualt"]}, "unknown context 'defualt'"),
+        ({"eval_contexts": ["default", "sytem"]}, "unknown context 'sytem'"),
+        ({"eval": {"n_samples": 0}}, "n_samples must be >= 1"),
+        ({"teacher": {"n_prompts": 0}}, "n_prompts must be at least 1"),
+        ({"traits": [{"target": "owl", "category": "fish"}]}, "no questions for category 'fish'"),
+        ({"students": [{"method": "lora", "rank": 1, "lr": -1.0}]}, "invalid lr"),
+        ({"training_seeds": "0"}, "expected a list"),
+    ],
+)
+def test_bad_values_fail_at_load_not_after_the_model_loads(tmp_path, changes, fragment):
+    assert fragment in load_error(tmp_path, **changes)
+
+
+def test_a_missing_or_broken_file_is_a_mech_error(tmp_path):
+    with pytest.raises(MechError, match="not found"):
+        load_sweep(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("traits: [\n")
+    with pytest.raises(MechError, match="not valid YAML"):
+        load_sweep(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(MechError, match="must be a mapping"):
+        load_sweep(tmp_path / "list.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ parse_shard
+
+
+@pytest.mark.parametrize("spec, expected", [(None, (0, 1)), ("0/1", (0, 1)), ("0/2", (0, 2)), ("1/2", (1, 2)),
+                                            ("3/4", (3, 4)), ("09/10", (9, 10))])
+def test_parse_shard(spec, expected):
+    assert parse_shard(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["2/2", "4/2", "-1/2", "1/0", "0/0", "0/-1", "1", "", "1/2/3", "a/b", "1.0/2",
+                                  "1/", "/2"])
+def test_parse_shard_refuses(spec):
+    with pytest.raises(MechError, match=r"bad --shard .*expected i/n with 0 <= i < n"):
+        parse_shard(spec)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """One uninterrupted, unsharded run of the tiny grid: (config path, cache, out dir, run_sweep's result)."""
+    root = tmp_path_factory.mktemp("sweep_baseline")
+    cfg_path = write_cfg(root / "tiny.yaml")
+    res = run_sweep(load_sweep(cfg_path), root / "out", cache=root / "cache")
+    return cfg_path, root / "cache", root / "out", res
+
+
+def test_run_sweep_writes_the_tables(baseline):
+    _, cache, out, res = baseline
+    assert res["cells"] == res["shard_cells"] == res["done_cells"] == 4
+    # 2 datasets (owl, neutral), 4 students, 4 student evals + 1 base eval
+    assert res["computed"] == {"datasets": 2, "students": 4, "evals": 5}
+    assert sorted(Path(p).name for p in res["written"]) == sorted(TABLES)
+    assert all((out / name).is_file() for name in TABLES)
+    assert len(finished_students(cache)) == 4
+    assert leftovers(cache) == []
+
+
+def test_results_have_one_row_per_cell_and_metric(baseline):
+    _, _, out, _ = baseline
+    df = pd.read_parquet(out / "results.parquet")
+    assert set(CONFIG_COLUMNS) <= set(df.columns) and {"metric", "value"} <= set(df.columns)
+    assert not df[list(CONFIG_COLUMNS)].drop(columns="rank").isna().any().any()
+    assert set(df["trait"]) == {"owl", "neutral"} and set(df["training_seed"]) == {0, 1}
+    assert (df["rank"] == 1).all() and (df["student"] == "lora_r1").all()
+    per_cell = df.groupby(["trait", "training_seed", "metric"]).size()
+    assert (per_cell == 1).all()
+    deltas = {f"delta_{m}" for m in BASE_METRICS}
+    paired = {f"paired_{m}" for m in BASE_METRICS}
+    assert set(df[df.trait == "owl"].metric) == BASE_METRICS | deltas | paired
+    assert set(df[df.trait == "neutral"].metric) == BASE_METRICS | deltas  # paired_* only for the owl rows
+    assert len(df) == 2 * 9 + 2 * 6
+    csv = pd.read_csv(out / "results.csv")
+    assert list(csv.columns) == list(df.columns) and len(csv) == len(df)
+    assert csv["value"].to_numpy() == pytest.approx(df["value"].to_numpy(), rel=1e-5, abs=1e-9)
+
+
+def test_deltas_are_vs_one_base_and_paired_on_seeds(baseline):
+    _, _, out, _ = baseline
+    df = pd.read_parquet(out / "results.parquet")
+    v = df.set_index(["trait", "training_seed", "metric"])["value"]
+    for m in BASE_METRICS:
+        # Δ = value − base: the same base value behind every cell (same model, same rendered context)
+        implied_base = [v[(t, s, m)] - v[(t, s, f"delta_{m}")] for t in ("owl", "neutral") for s in (0, 1)]
+        assert max(implied_base) - min(implied_base) < 1e-9
+        for s in (0, 1):  # paired: owl student minus the neutral student of the same seed
+            assert v[("owl", s, f"paired_{m}")] == pytest.approx(v[("owl", s, m)] - v[("neutral", s, m)], abs=1e-9)
+    assert 0 <= v[("owl", 0, "p_first")] <= 1 and v[("owl", 0, "logp_first")] <= 0
+
+
+def test_summary_aggregates_over_seeds(baseline):
+    _, _, out, _ = baseline
+    df = pd.read_parquet(out / "results.parquet")
+    sm = pd.read_parquet(out / "summary.parquet")
+    assert (sm["n"] == 2).all()
+    assert len(sm) == len(df.groupby(["trait", "metric"]))
+    for row in sm.itertuples():
+        vals = df[(df.trait == row.trait) & (df.metric == row.metric)]["value"]
+        assert row.mean == pytest.approx(vals.mean(), abs=1e-12)
+        assert row.lo <= row.mean <= row.hi or math.isclose(row.lo, row.hi)
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# Sweep tiny")
+    assert "| owl | lora_r1 | default | default |" in md and "| neutral | lora_r1 | default | default |" in md
+    assert pd.read_csv(out / "summary.csv").shape == sm.shape
+
+
+def test_a_second_run_computes_nothing_and_writes_the_same_table(baseline):
+    cfg_path, cache, out, _ = baseline
+    before = (out / "results.csv").read_bytes()
+    res = run_sweep(load_sweep(cfg_path), out, cache=cache)
+    assert res["computed"] == {"datasets": 0, "students": 0, "evals": 0}
+    assert res["done_cells"] == 4
+    assert (out / "results.csv").read_bytes() == before
+
+
+def test_shards_split_the_cells_and_join_to_the_unsharded_table(baseline, tmp_path):
+    cfg_path, base_cache, base_out, _ = baseline
+    cfg = load_sweep(cfg_path)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+
+    r0 = run_sweep(cfg, out, shard="0/2", cache=cache)
+    first = finished_students(cache)
+    partial = pd.read_csv(out / "results.csv")
+    # what a killed shard 1 would have left: temporary siblings of a student and an eval it computes (cleared
+    # before it computes them), and another artifact's (maybe another process's write: left alone)
+    todo = sorted(finished_students(base_cache) - first)[0]
+    evals_todo = sorted({p.name for p in (base_cache / "evals").iterdir()} - set(os.listdir(cache / "evals")))
+    (cache / "students" / f".{todo}.tmp-killed").mkdir()
+    (cache / "students" / f".{todo}.tmp-killed" / "adapter_model.safetensors").write_bytes(b"half")
+    (cache / "evals" / f".{evals_todo[0]}.tmp-killed").write_text("{")
+    (cache / "students" / ".0123456789abcdef.tmp-live").mkdir()
+    r1 = run_sweep(cfg, out, shard="1/2", cache=cache)
+    second = finished_students(cache) - first
+    assert leftovers(cache) == ["students/.0123456789abcdef.tmp-live"]
+
+    assert r0["shard_cells"] == r1["shard_cells"] == 2
+    assert r0["computed"]["students"] == r1["computed"]["students"] == 2
+    assert r0["computed"]["datasets"] + r1["computed"]["datasets"] == 2  # each dataset made once
+    assert r1["computed"]["evals"] == 2  # its own two students; the base eval is reused from shard 0
+    assert len(first) == len(second) == 2 and not first & second
+    assert first | second == finished_students(base_cache)
+    # after shard 0 the table holds its own cells only; after shard 1, every cell
+    assert r0["done_cells"] == 2 and set(partial["student_key"]) == first
+    assert r1["done_cells"] == 4
+    assert (out / "results.csv").read_bytes() == (base_out / "results.csv").read_bytes()
+    assert (out / "summary.csv").read_bytes() == (base_out / "summary.csv").read_bytes()
+
+
+@pytest.mark.slow  # ~25 s: a sweep subprocess killed mid-training, then resumed
+def test_a_killed_sweep_resumes_to_the_same_table(baseline, tmp_path):
+    cfg_path, base_cache, base_out, _ = baseline
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MECH_CACHE=str(tmp_path / "mech_cache"))
+    log = (tmp_path / "sweep.log").open("w")  # a file, not a pipe: a full pipe would stall the sweep
+    proc = subprocess.Popen([sys.executable, "-m", "mech.cli", "sweep", str(cfg_path), "--cache", str(cache),
+                             "--out", str(out)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # kill it mid-training: one student finished, the next one's temporary directory being written
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if finished_students(cache) and any(p.startswith("students/.") for p in leftovers(cache)):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the sweep ended before it was killed:\n" + (tmp_path / "sweep.log").read_text()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    done_before = finished_students(cache)
+    assert 1 <= len(done_before) < 4
+    assert any(p.startswith("students/.") for p in leftovers(cache))  # what the kill left behind
+    assert not (out / "results.csv").exists()
+
+    res = run_sweep(load_sweep(cfg_path), out, cache=cache)
+    assert res["done_cells"] == 4
+    assert res["computed"]["students"] == 4 - len(done_before)  # finished students are not retrained
+    assert finished_students(cache) == finished_students(base_cache)
+    assert leftovers(cache) == []
+    assert (out / "results.csv").read_bytes() == (base_out / "results.csv").read_bytes()
