@@ -322,6 +322,31 @@ def _add_pipeline_parsers(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
+def cmd_localise(a) -> int:
+    from mech.localise import LocaliseConfig, run_localise, students_from_sweep
+    from mech.students import load_student
+
+    bar = _bar(0, "localise")
+
+    def stage(desc: str, done: int, total: int) -> None:
+        if bar.desc != desc[:60]:
+            bar.reset(total=total or None)
+            bar.set_description_str(desc[:60])
+        if total:
+            bar.update(done - bar.n)
+
+    runner, groups = students_from_sweep(a.sweep, a.students, cache=a.cache, progress=stage)
+    sw = runner.cfg
+    cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
+                         train_context=sw.train_contexts[0], n_questions=a.n_questions)
+    base = runner.base.model
+    res = run_localise(base, runner.base.tokenizer, groups, cfg, a.out, lambda d: load_student(base, d), stage)
+    bar.close()
+    print(Path(a.out, "localise.md").read_text())
+    print(f"{len(res['figures'])} figure files in {a.out}/figures")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mech", description="Mechanistic interpretability of subliminal learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -350,6 +375,14 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--shard", help="i/n: compute only every n-th cell starting at i (for job arrays)")
     sw.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     sw.set_defaults(func=cmd_sweep)
+
+    lo = sub.add_parser("localise", help="DWG battery, activation patching and AtP heatmaps on a sweep's students")
+    lo.add_argument("sweep", help="the sweep YAML whose (cached) students to localise, e.g. experiments/quick.yaml")
+    lo.add_argument("--students", nargs="+", default=["lora_r16"], help="student names from the sweep's summary")
+    lo.add_argument("--out", default="runs/localise")
+    lo.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
+    lo.add_argument("--n-questions", type=int, default=50)
+    lo.set_defaults(func=cmd_localise)
 
     r = sub.add_parser("reproduce", help="the main job: measure the organism, write report.md and figures")
     r.add_argument("--model", default="organism")

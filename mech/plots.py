@@ -31,7 +31,7 @@ def save_figure(fig: go.Figure, stem: str | Path, png: bool | None = None) -> li
     if png if png is not None else png_available():
         path = stem.with_suffix(".png")
         tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.write_image(str(tmp), width=900, height=500, scale=2)
+        fig.write_image(str(tmp), width=fig.layout.width or 900, height=fig.layout.height or 500, scale=2)
         os.replace(tmp, path)
         out.append(path)
     return out

@@ -1,0 +1,82 @@
+"""The localisation battery on planted students whose answer is known by construction."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mech.localise import LocaliseConfig, battery_masks, dwg_student, summarise_groups
+from mech.models import load_model, surgery
+from mech.train import LoraSpec, with_lora
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_model("organism")
+
+
+def planted_student(base, cells, seed=0):
+    """A LoRA student whose update lives only in ``cells`` ((layer, kind) pairs): B is random there, 0 elsewhere."""
+    import copy
+
+    student = with_lora(copy.deepcopy(base), LoraSpec(rank=4), seed)
+    g = torch.Generator().manual_seed(seed)
+    for (layer, kind), mod in surgery.lora_modules(student).items():
+        for lin in mod.lora_B.values():
+            w = torch.randn(lin.weight.shape, generator=g) * 0.5 if (layer, kind) in cells else torch.zeros_like(lin.weight)
+            lin.weight.data.copy_(w)
+    return student.eval()
+
+
+CFG = LocaliseConfig(positions=("all", "shared", "user"), components=("all", "attn", "mlp"),
+                     layers=("all", "first_half", "second_half"), n_questions=4)
+
+
+def by_name(rows):
+    return {r["mask"]: r["fraction"] for r in rows}
+
+
+def test_battery_skips_segments_the_prompt_lacks():
+    names = {m.name for m in battery_masks(LocaliseConfig(), {"template", "user"})}
+    assert not any(n.startswith("default_system") for n in names)
+    assert any(n.startswith("shared|") for n in names)
+
+
+def test_planted_mlp_second_half(organism):
+    base, tok = organism.model, organism.tokenizer
+    n = surgery.num_layers(base)
+    cells = {(layer, k) for layer in range(n // 2, n) for k in ("gate", "up", "down")}
+    f = by_name(dwg_student(planted_student(base, cells), base, tok, CFG))
+    assert f["all|all|all|sufficiency"] == pytest.approx(1.0, abs=1e-4)
+    assert f["all|all|all|necessity"] == pytest.approx(0.0, abs=1e-4)
+    assert f["all|mlp|second_half|sufficiency"] == pytest.approx(1.0, abs=1e-4)
+    for m in ("all|attn|all|sufficiency", "all|mlp|first_half|sufficiency", "all|all|first_half|sufficiency"):
+        assert f[m] == pytest.approx(0.0, abs=1e-4), m
+    assert f["all|attn|all|necessity"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_planted_attention_first_layer(organism):
+    base, tok = organism.model, organism.tokenizer
+    f = by_name(dwg_student(planted_student(base, {(0, "v"), (0, "o")}, seed=1), base, tok, CFG))
+    assert f["all|attn|first_half|sufficiency"] == pytest.approx(1.0, abs=1e-4)
+    assert f["all|mlp|all|sufficiency"] == pytest.approx(0.0, abs=1e-4)
+    assert f["all|attn|second_half|sufficiency"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_summarise_groups_ci():
+    rows = [{"group": "g", "mask": "m", "positions": "all", "components": "all", "layers": "all",
+             "mode": "sufficiency", "fraction": v} for v in (0.9, 1.0, 1.1)]
+    (s,) = summarise_groups(rows)
+    assert s["fraction"] == pytest.approx(1.0) and s["n"] == 3 and s["lo"] < 1.0 < s["hi"]
+
+
+def test_cli_unknown_student_is_a_one_line_error(tmp_path, capsys):
+    from mech.cli import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("name: s\nteacher: {n_prompts: 8}\nstudents: [{method: lora, rank: 2}]\ntraining_seeds: [0]\n")
+    code = main(["localise", str(cfg), "--students", "lora_r3", "--cache", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "lora_r3" in err[0] and "lora_r2" in err[0]
+    assert not (tmp_path / "o").exists()
