@@ -335,13 +335,15 @@ def cmd_localise(a) -> int:
         if total:
             bar.update(done - bar.n)
 
-    runner, groups = students_from_sweep(a.sweep, a.students, cache=a.cache, progress=stage)
-    sw = runner.cfg
-    cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
-                         train_context=sw.train_contexts[0], n_questions=a.n_questions)
-    base = runner.base.model
-    res = run_localise(base, runner.base.tokenizer, groups, cfg, a.out, lambda d: load_student(base, d), stage)
-    bar.close()
+    try:  # close the bar before main() prints an error, so the error stays the last stderr line
+        runner, groups = students_from_sweep(a.sweep, a.students, cache=a.cache, progress=stage)
+        sw = runner.cfg
+        cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
+                             train_context=sw.train_contexts[0], n_questions=a.n_questions)
+        base = runner.base.model
+        res = run_localise(base, runner.base.tokenizer, groups, cfg, a.out, lambda d: load_student(base, d), stage)
+    finally:
+        bar.close()
     print(Path(a.out, "localise.md").read_text())
     print(f"{len(res['figures'])} figure files in {a.out}/figures")
     return 0
