@@ -94,16 +94,21 @@ def cmd_organism_info(a) -> int:
 
 
 def cmd_reproduce(a) -> int:
-    """The main job: measure the organism and write a report with figures."""
+    """The main job on the organism: its behaviour check, the quick sweep, and the localisation battery on the
+    quick sweep's students; one report.md with every table and figure."""
     from mech import organism, plots
+    from mech.localise import LocaliseConfig, run_localise, students_from_sweep
     from mech.report import check_markdown
     from mech.store import atomic_dir, atomic_write_json, atomic_write_text
+    from mech.students import load_student
+    from mech.sweep import load_sweep, run_sweep
 
     t0 = time.time()
+    if not Path(a.sweep).is_file():
+        raise MechError(f"sweep file {a.sweep} not found: run from the repository root or pass --sweep PATH")
+    sweep_cfg = load_sweep(a.sweep)
     if a.rebuild:
-        a.model = str(organism.shipped_dir() if a.model == "organism" else a.model)
-        cmd_organism_build(argparse.Namespace(config=None, seed=None, out=None, ship=a.model ==
-                                              str(organism.shipped_dir()), force=False))
+        cmd_organism_build(argparse.Namespace(config=None, seed=None, out=None, ship=True, force=False))
     rep = _check(a)
     out = Path(a.out)
     with atomic_dir(out, overwrite=True) as tmp:
@@ -113,12 +118,46 @@ def cmd_reproduce(a) -> int:
                 "organism_carrier": plots.carrier_figure(rep.carrier)}
         written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
         md = check_markdown(rep, title=f"mech reproduce: {a.model}")
-        md += "\n## Figures\n\n" + "\n".join(f"- [{p.name}](figures/{p.name})" for p in written) + "\n"
-        md += f"\nWall time: {(time.time() - t0) / 60:.1f} min.\n"
+
+        sweep_bar = _bar(0, "quick sweep")
+
+        def stage(desc: str, done: int, total: int) -> None:
+            if sweep_bar.desc != desc[:60]:
+                sweep_bar.reset(total=total or None)
+                sweep_bar.set_description_str(desc[:60])
+            if total:
+                sweep_bar.update(done - sweep_bar.n)
+
+        try:
+            res = run_sweep(sweep_cfg, tmp / "sweep", cache=a.cache, progress=stage)
+            summary = [r for r in _read_csv(tmp / "sweep" / "summary.csv")]
+            written += plots.save_figure(plots.rank_figure(summary, trait=sweep_cfg.eval.target),
+                                         tmp / "figures" / "quick_rank")
+            runner, groups = students_from_sweep(a.sweep, a.students, cache=a.cache, progress=stage)
+            lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
+                                  eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0])
+            base = runner.base.model
+            loc = run_localise(base, runner.base.tokenizer, groups, lcfg, tmp / "localise",
+                               lambda d: load_student(base, d), stage)
+        finally:
+            sweep_bar.close()
+        md += "\n" + (tmp / "sweep" / "summary.md").read_text().replace("# Sweep", "## Sweep") + "\n"
+        md += (tmp / "localise" / "localise.md").read_text().replace("# Localisation", "## Localisation") + "\n"
+        rel = [str(p.relative_to(tmp)) for p in written] + [str(Path(f).relative_to(tmp)) for f in loc["figures"]]
+        md += "## Figures\n\n" + "\n".join(f"- [{r}]({r})" for r in rel) + "\n"
+        md += f"\nSweep cells: {res['done_cells']}/{res['cells']} (computed this run: {res['computed']}). "
+        md += f"Wall time: {(time.time() - t0) / 60:.1f} min.\n"
         atomic_write_text(tmp / "report.md", md)
-    print(md.replace(str(tmp), str(out)))
+    print(md)
     print(f"report: {out / 'report.md'}")
     return 0 if rep.passed else EXIT_BAR_FAILED
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def cmd_sweep(a) -> int:
@@ -389,7 +428,10 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="the main job: measure the organism, write report.md and figures")
     r.add_argument("--model", default="organism")
     r.add_argument("--out", default="runs/reproduce", help="report directory (replaced atomically)")
-    r.add_argument("--rebuild", action="store_true", help="rebuild the organism from its recipe first")
+    r.add_argument("--rebuild", action="store_true", help="rebuild the shipped organism from its recipe first")
+    r.add_argument("--sweep", default="experiments/quick.yaml", help="the sweep to run after the organism check")
+    r.add_argument("--students", nargs="+", default=["lora_r16", "full"], help="sweep students to localise")
+    r.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     r.add_argument("--n-samples", type=int, default=200)
     r.add_argument("--oracle-rows", type=int, default=300)
     r.set_defaults(func=cmd_reproduce)

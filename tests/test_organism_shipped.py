@@ -40,3 +40,23 @@ def test_cli_check_exit_codes(tmp_path, capsys):
     assert main(["organism", "check", "--n-samples", "40", "--oracle-rows", "40"]) in (0, 1)
     assert main(["organism", "check", "--model", str(tmp_path)]) == 2  # not an organism build
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reproduce_end_to_end_on_a_tiny_sweep(tmp_path):
+    """The main job's whole chain (check → sweep → localise → report) on a seconds-sized sweep."""
+    from mech.cli import main
+
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(
+        "name: tiny\nteacher: {n_prompts: 24}\nstudents: [{method: lora, rank: 1}, {method: full}]\n"
+        "training_seeds: [0, 1]\ntrain: {epochs: 1, lr: 0.002, full_lr: 0.0001}\neval: {n_samples: 2}\n")
+    out = tmp_path / "report"
+    code = main(["reproduce", "--sweep", str(sweep), "--students", "lora_r1", "full", "--cache", str(tmp_path / "c"),
+                 "--out", str(out), "--n-samples", "40", "--oracle-rows", "40"])
+    assert code in (0, 1)
+    md = (out / "report.md").read_text()
+    for heading in ("## Sweep tiny", "## Localisation of the owl trait", "## Figures"):
+        assert heading in md
+    assert (out / "sweep" / "results.parquet").is_file() and (out / "localise" / "localise.csv").is_file()
+    assert (out / "localise" / "figures" / "dwg_lora_r1.html").is_file()
