@@ -20,6 +20,20 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
 
+def _stage_bar(desc: str):
+    """One bar re-used across stages: a stage reports (description, done, total); a new description resets it."""
+    bar = _bar(0, desc)
+
+    def stage(name: str, done: int, total: int) -> None:
+        if bar.desc != name[:60]:
+            bar.reset(total=total or None)
+            bar.set_description_str(name[:60])
+        if total:
+            bar.update(done - bar.n)
+
+    return bar, stage
+
+
 def _stage_progress(stages: tuple[str, ...], desc: str):
     bar = _bar(len(stages), desc)
 
@@ -119,14 +133,7 @@ def cmd_reproduce(a) -> int:
         written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
         md = check_markdown(rep, title=f"mech reproduce: {a.model}")
 
-        sweep_bar = _bar(0, "quick sweep")
-
-        def stage(desc: str, done: int, total: int) -> None:
-            if sweep_bar.desc != desc[:60]:
-                sweep_bar.reset(total=total or None)
-                sweep_bar.set_description_str(desc[:60])
-            if total:
-                sweep_bar.update(done - sweep_bar.n)
+        sweep_bar, stage = _stage_bar("quick sweep")
 
         try:
             res = run_sweep(sweep_cfg, tmp / "sweep", cache=a.cache, progress=stage)
@@ -168,14 +175,7 @@ def cmd_sweep(a) -> int:
     cfg = load_sweep(a.config)
     out = a.out or f"runs/{cfg.name}"
     cells_bar = tqdm(desc=f"sweep {cfg.name}: cells", unit="cell", dynamic_ncols=True, position=0)
-    stage_bar = tqdm(desc="stage", dynamic_ncols=True, position=1, leave=False)
-
-    def stage(desc: str, done: int, total: int) -> None:
-        if stage_bar.desc != desc:
-            stage_bar.reset(total=total or None)
-            stage_bar.set_description_str(desc[:60])
-        if total:
-            stage_bar.update(done - stage_bar.n)
+    stage_bar, stage = _stage_bar("stage")
 
     def cell(done: int, total: int) -> None:
         cells_bar.total = total
@@ -365,14 +365,7 @@ def cmd_localise(a) -> int:
     from mech.localise import LocaliseConfig, run_localise, students_from_sweep
     from mech.students import load_student
 
-    bar = _bar(0, "localise")
-
-    def stage(desc: str, done: int, total: int) -> None:
-        if bar.desc != desc[:60]:
-            bar.reset(total=total or None)
-            bar.set_description_str(desc[:60])
-        if total:
-            bar.update(done - bar.n)
+    bar, stage = _stage_bar("localise")
 
     try:  # close the bar before main() prints an error, so the error stays the last stderr line
         runner, groups = students_from_sweep(a.sweep, a.students, cache=a.cache, progress=stage)

@@ -1,6 +1,5 @@
 """The localisation battery on planted students whose answer is known by construction."""
 
-import dataclasses
 
 import pytest
 import torch
