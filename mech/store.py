@@ -76,6 +76,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, fix: str) -> dict:
+    """A JSON object from ``path``; an unreadable file or a non-object raises MechError ending with ``fix``."""
+    from mech.errors import MechError
+
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MechError(f"{path} is unreadable ({type(e).__name__}): {fix}") from None
+    if not isinstance(obj, dict):
+        raise MechError(f"{path} is not a JSON object: {fix}")
+    return obj
+
+
 def cache_root() -> Path:
     """Where built artifacts live: $MECH_CACHE, else ~/.cache/mech."""
     return Path(os.environ.get("MECH_CACHE", Path.home() / ".cache" / "mech"))

@@ -20,7 +20,6 @@ global norm also counts what LoRA cannot touch.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from mech.errors import MechError
+from mech.store import read_json_object
 from mech.models import loader, surgery
 
 STUDENT_JSON = "student.json"
@@ -78,13 +78,7 @@ def read_student(student_dir: str | os.PathLike) -> dict:
     path = Path(student_dir) / STUDENT_JSON
     if not path.is_file():
         raise MechError(f"{Path(student_dir)} has no {STUDENT_JSON}: not a student dir written by train_student")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MechError(f"{path} is unreadable ({type(e).__name__}): retrain the student") from None
-    if not isinstance(meta, dict):
-        raise MechError(f"{path} is not a JSON object: retrain the student")
-    return meta
+    return read_json_object(path, "retrain the student")
 
 
 def epoch_dirs(student_dir: str | os.PathLike) -> dict[int, Path]:

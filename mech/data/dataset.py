@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 
 from mech.data.filter import Audit, require_rows
 from mech.errors import MechError
-from mech.store import atomic_dir, atomic_write_json, file_sha256
+from mech.store import atomic_dir, atomic_write_json, file_sha256, read_json_object
 
 ROWS_FILE = "rows.jsonl"
 RAW_FILE = "raw.jsonl"
@@ -149,15 +149,7 @@ def _read_jsonl(path: Path) -> list[Any]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MechError(
-            f"{path} is unreadable ({type(e).__name__}): delete {path.parent} and generate it again"
-        ) from None
-    if not isinstance(obj, dict):
-        raise MechError(f"{path} is not a JSON object: delete {path.parent} and generate it again")
-    return obj
+    return read_json_object(path, f"delete {path.parent} and generate it again")
 
 
 def _check_dir(path: Path) -> None:

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 
 from mech.errors import MechError
-from mech.store import atomic_write_json, canonical_json
+from mech.store import atomic_write_json, canonical_json, read_json_object
 
 ORGANISM = "organism"
 SMOLLM2 = "smollm2-135m"
@@ -364,15 +364,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise MechError(f"{adapter_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter dir; save one with save_pretrained")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MechError(
-            f"{path} is unreadable ({type(e).__name__}): re-save the adapter with save_pretrained"
-        ) from None
-    if not isinstance(cfg, dict):
-        raise MechError(f"{path} is not a JSON object: re-save the adapter with save_pretrained")
-    return cfg
+    return read_json_object(path, "re-save the adapter with save_pretrained")
 
 
 def record_adapter_base(adapter_dir: str | os.PathLike, base_model: Any, base_spec: str | None = None) -> None:
