@@ -218,16 +218,9 @@ def update_norms(base_model: Any, student_model: Any) -> dict[str, float]:
             out[module_key(i, kind)] = float(_lora_delta(layer).norm())
         out[GLOBAL] = math.sqrt(sum(v * v for v in out.values()))
         return out
-    base_layers, student_layers = surgery.get_layers(base_model), surgery.get_layers(student_model)
-    if len(base_layers) != len(student_layers):
-        raise MechError("student and base have different layer counts: compare a student with its own base")
-    for i, (bl, sl) in enumerate(zip(base_layers, student_layers)):
-        for kind in surgery.COMPONENTS:
-            try:
-                b, s = surgery.get_projection(bl, kind), surgery.get_projection(sl, kind)
-            except MechError:
-                continue
-            out[module_key(i, kind)] = float(param_update(b.weight, s.weight).norm())
+    pairs = surgery.paired_projections(student_model, base_model, "compare a student with its own base")
+    for i, kind, s, b in pairs:
+        out[module_key(i, kind)] = float(param_update(b.weight, s.weight).norm())
     total = sum(float(param_update(b, s).pow(2).sum()) for _, b, s in param_pairs(base_model, student_model))
     out[GLOBAL] = math.sqrt(total)
     return out

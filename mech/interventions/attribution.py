@@ -50,13 +50,10 @@ from mech.interventions.patching import (
     MLP,
     RESID,
     Metric,
-    as_input_ids,
-    check_pair,
-    check_sites,
     evaluate_metric,
     forward_order,
     model_device,
-    run_and_source,
+    prepare,
     site_module,
     site_tensor,
 )
@@ -324,11 +321,7 @@ def attribution_patching(
     """
     if method not in METHODS:
         raise MechError(f"unknown attribution method {method!r}: expected one of {', '.join(METHODS)}")
-    sites = check_sites(sites)
-    run, src = run_and_source(base, student, direction)
-    check_pair(base, student)
-    ids_list = as_input_ids(prompt)
-    layer_list = surgery.resolve_layers(run, layers)
+    sites, run, src, ids_list, layer_list = prepare(base, student, prompt, sites, layers, direction)
     fix_sites = [s for s in sites if s in QK_SITES] if method == ATP_STAR else []
     capture = layer_list if fix_sites else []
     if fix_sites:

@@ -156,23 +156,15 @@ def _projection_pairs(student: Any, base: Any) -> dict[Cell, tuple[nn.Module, nn
         if surgery.lora_modules(m):
             raise MechError(f"full-FT grafting got a PEFT LoRA model as {who}: graft a LoRA student with base=None, "
                             "or merge it first (mech.students.merged)")
-    sl, bl = surgery.get_layers(student), surgery.get_layers(base)
-    if len(sl) != len(bl):
-        raise MechError(f"student and base have {len(sl)} and {len(bl)} layers: graft a student onto its own base")
     pairs = {}
-    for i, (a, b) in enumerate(zip(sl, bl)):
-        for kind in surgery.COMPONENTS:
-            try:
-                pa, pb = surgery.get_projection(a, kind), surgery.get_projection(b, kind)
-            except MechError:
-                continue
-            if pa.weight.shape != pb.weight.shape:
-                raise MechError(f"projection ({i}, {kind!r}) has shape {tuple(pa.weight.shape)} in the student and "
-                                f"{tuple(pb.weight.shape)} in the base: graft a student onto its own base")
-            if pa.weight.device != pb.weight.device:
-                raise MechError(f"student and base are on {pa.weight.device} and {pb.weight.device}: put both on "
-                                "one device")
-            pairs[(i, kind)] = (pa, pb)
+    for i, kind, pa, pb in surgery.paired_projections(student, base, "graft a student onto its own base"):
+        if pa.weight.shape != pb.weight.shape:
+            raise MechError(f"projection ({i}, {kind!r}) has shape {tuple(pa.weight.shape)} in the student and "
+                            f"{tuple(pb.weight.shape)} in the base: graft a student onto its own base")
+        if pa.weight.device != pb.weight.device:
+            raise MechError(f"student and base are on {pa.weight.device} and {pb.weight.device}: put both on "
+                            "one device")
+        pairs[(i, kind)] = (pa, pb)
     if not pairs:
         raise MechError("no projection pairs found between student and base: check mech/models/surgery.py")
     return pairs

@@ -316,6 +316,16 @@ class PatchResult:
         }
 
 
+def prepare(base: Any, student: Any, prompt: Any, sites: Any, layers: Any, direction: str
+            ) -> tuple[tuple[str, ...], Any, Any, list[int], list[int]]:
+    """The checked inputs every patching method starts from: (sites, the model run, the model the activations
+    come from, prompt ids, layer indices)."""
+    sites = check_sites(sites)
+    run, src = run_and_source(base, student, direction)
+    check_pair(base, student)
+    return sites, run, src, as_input_ids(prompt), surgery.resolve_layers(run, layers)
+
+
 def patching_sweep(
     base: Any,
     student: Any,
@@ -334,13 +344,9 @@ def patching_sweep(
     :func:`resolve_positions` takes. Per (site, layer), the positions run as batches of at most
     ``batch_size`` copies of the prompt.
     """
-    sites = check_sites(sites)
-    run, src = run_and_source(base, student, direction)
-    check_pair(base, student)
     if batch_size < 1:
         raise MechError(f"batch_size must be >= 1, got {batch_size}")
-    ids = as_input_ids(prompt)
-    layer_list = surgery.resolve_layers(run, layers)
+    sites, run, src, ids, layer_list = prepare(base, student, prompt, sites, layers, direction)
     pos = resolve_positions(positions, len(ids))
     rows: list[list[int]] = [[p] for p in pos] + ([pos] if include_all else [])
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -212,6 +212,21 @@ def get_projection(layer: Any, kind: str) -> nn.Module:
     block, name = arch.projection(_check_kind(kind))
     parent = get_attention(layer) if block == "attn" else get_mlp(layer)
     return _get_path(parent, name, f"{kind} projection")
+
+
+def paired_projections(a: Any, b: Any, fix: str) -> Iterator[tuple[int, str, nn.Module, nn.Module]]:
+    """(layer, kind, a's projection, b's projection) for every projection both models have, layer by layer.
+    Models with different layer counts raise MechError ending with ``fix``."""
+    la, lb = get_layers(a), get_layers(b)
+    if len(la) != len(lb):
+        raise MechError(f"student and base have {len(la)} and {len(lb)} layers: {fix}")
+    for i, (x, y) in enumerate(zip(la, lb)):
+        for kind in COMPONENTS:
+            try:
+                px, py = get_projection(x, kind), get_projection(y, kind)
+            except MechError:  # an architecture without this projection kind
+                continue
+            yield i, kind, px, py
 
 
 def component_block(kind: str) -> str:
