@@ -1,6 +1,6 @@
 """AtP / AtP* vs exact activation patching on the shipped organism and a random LoRA student.
 
-The student is the organism with LoRA (``mech.train.with_lora``) on every projection whose B matrices are
+The student is the organism with LoRA (``mech.students.train.with_lora``) on every projection whose B matrices are
 set to small random values, so it differs from the base everywhere LoRA reaches. On one evaluation prompt
 (the first animal question, default context) and the trait metric (first-token log P of "owl"), this times
 
@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from mech.context import render
-from mech.data.resources import questions
-from mech.data.scoring import first_token_ids
+from mech.resources import questions
+from mech.evaluation.scoring import first_token_ids
 from mech.interventions.attribution import atp, atp_star, spearman
 from mech.interventions.patching import first_token_metric, patching_sweep
 from mech.models import load_model, surgery
 from mech.store import atomic_write_json
-from mech.train import LoraSpec, with_lora
+from mech.students.train import LoraSpec, with_lora
 
 SITES = ("resid", "attn", "mlp", "q", "k", "v")
 RESULTS = Path(__file__).parent / "results" / "atp.json"

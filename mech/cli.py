@@ -90,7 +90,7 @@ def _check(a):
 
 
 def cmd_organism_check(a) -> int:
-    from mech.report import check_markdown
+    from mech.report.organism import check_markdown
     from mech.store import atomic_write_json
 
     rep = _check(a)
@@ -110,11 +110,12 @@ def cmd_organism_info(a) -> int:
 def cmd_reproduce(a) -> int:
     """The main job on the organism: its behaviour check, the quick sweep, and the localisation battery on the
     quick sweep's students; one report.md with every table and figure."""
-    from mech import organism, plots
-    from mech.localise import LocaliseConfig, run_localise, students_from_sweep
-    from mech.report import check_markdown
+    from mech import organism
+    from mech.report import figures as plots
+    from mech.interventions.battery import LocaliseConfig, run_localise, students_from_sweep
+    from mech.report.organism import check_markdown
     from mech.store import atomic_dir, atomic_write_json, atomic_write_text
-    from mech.students import load_student
+    from mech.students.store import load_student
     from mech.sweep import load_sweep, run_sweep
 
     t0 = time.time()
@@ -201,7 +202,7 @@ def _given(**kwargs):
 def _audit_summary(audit: dict) -> str:
     from collections import Counter
 
-    from mech.data.filter import Audit
+    from mech.teacher.filter import Audit
 
     return Audit(audit["total"], audit["kept"], Counter(audit.get("rejected", {})),
                  Counter({int(k): v for k, v in audit.get("number_hist", {}).items()}),
@@ -209,8 +210,8 @@ def _audit_summary(audit: dict) -> str:
 
 
 def cmd_teacher(a) -> int:
-    from mech.data.dataset import check_free, load_dataset
-    from mech.data.teacher import TeacherConfig, generate
+    from mech.teacher.dataset import check_free, load_dataset
+    from mech.teacher.generate import TeacherConfig, generate
     from mech.models import load_model
 
     target, category = (None, None)
@@ -235,11 +236,11 @@ def cmd_teacher(a) -> int:
 def cmd_train(a) -> int:
     import math
 
-    from mech.data.dataset import load_dataset
+    from mech.teacher.dataset import load_dataset
     from mech.models import load_model
-    from mech.students import GLOBAL, read_student
+    from mech.students.store import GLOBAL, read_student
     from mech.sweep import TrainDefaults
-    from mech.train import LoraSpec, StudentConfig, train_student
+    from mech.students.train import LoraSpec, StudentConfig, train_student
 
     lr = a.lr if a.lr is not None else TrainDefaults.lr if a.method == "lora" else TrainDefaults.full_lr
     cfg = StudentConfig(method=a.method, lora=LoraSpec(**_given(rank=a.rank, alpha=a.alpha)), lr=lr,
@@ -270,7 +271,7 @@ def cmd_train(a) -> int:
 
 
 def _evaluate_with_bar(model, tokenizer, cfg, candidates, desc: str):
-    from mech.trait_eval import STAGES, evaluate_trait
+    from mech.evaluation.trait import STAGES, evaluate_trait
 
     bar, tell = _stage_progress(STAGES, desc)
     try:
@@ -281,12 +282,12 @@ def _evaluate_with_bar(model, tokenizer, cfg, candidates, desc: str):
 
 
 def cmd_eval(a) -> int:
-    from mech.data.resources import questions
+    from mech.resources import questions
     from mech.models import load_model
     from mech.models.loader import ADAPTER_CONFIG
     from mech.store import atomic_write_json
-    from mech.students import STUDENT_JSON, load_student, read_student
-    from mech.trait_eval import TraitEvalConfig, candidate_answers, delta
+    from mech.students.store import STUDENT_JSON, load_student, read_student
+    from mech.evaluation.trait import TraitEvalConfig, candidate_answers, delta
 
     cfg = TraitEvalConfig(**_given(target=a.target, category=a.category, context=a.context,
                                    n_samples=a.n_samples, seed=a.seed))
@@ -362,8 +363,8 @@ def _add_pipeline_parsers(sub) -> None:
 
 
 def cmd_localise(a) -> int:
-    from mech.localise import LocaliseConfig, run_localise, students_from_sweep
-    from mech.students import load_student
+    from mech.interventions.battery import LocaliseConfig, run_localise, students_from_sweep
+    from mech.students.store import load_student
 
     bar, stage = _stage_bar("localise")
 

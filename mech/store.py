@@ -88,7 +88,3 @@ def read_json_object(path: str | os.PathLike, fix: str) -> dict:
         raise MechError(f"{path} is not a JSON object: {fix}")
     return obj
 
-
-def cache_root() -> Path:
-    """Where built artifacts live: $MECH_CACHE, else ~/.cache/mech."""
-    return Path(os.environ.get("MECH_CACHE", Path.home() / ".cache" / "mech"))

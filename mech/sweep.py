@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from mech.config import from_dict, load_yaml
 from mech.errors import MechError
-from mech.store import atomic_write_json, atomic_write_text, cache_root, content_hash
+from mech.paths import cache_root
+from mech.store import atomic_write_json, atomic_write_text, content_hash
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
-    from mech.data.teacher import TeacherConfig
+    from mech.teacher.generate import TeacherConfig
 
     t = cfg.teacher
     return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
@@ -185,7 +186,7 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,
                    reference: str | None = None):
-    from mech.train import LoraSpec, StudentConfig
+    from mech.students.train import LoraSpec, StudentConfig
 
     d = cfg.train
     lr = s.lr if s.lr is not None else (d.lr if s.method == "lora" else d.full_lr)
@@ -199,7 +200,7 @@ def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_c
 
 
 def eval_config(cfg: SweepConfig, eval_context: str):
-    from mech.trait_eval import TraitEvalConfig
+    from mech.evaluation.trait import TraitEvalConfig
 
     e = cfg.eval
     return TraitEvalConfig(target=e.target, category=e.category, context=eval_context, n_samples=e.n_samples,
@@ -249,7 +250,7 @@ class SweepRunner:
         self.fingerprint = model_fingerprint(self.base.model)
         self.computed = {"datasets": 0, "students": 0, "evals": 0}
         # one candidate-answer list for the base and every student, so answer distributions line up
-        from mech.trait_eval import candidate_answers
+        from mech.evaluation.trait import candidate_answers
 
         self.candidates, _ = candidate_answers(self.base.model, cfg.eval.category, cfg.eval.target)
 
@@ -258,7 +259,7 @@ class SweepRunner:
         return _key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed))
 
     def dataset(self, trait: TraitSpec, teacher_seed: int) -> Path:
-        from mech.data.teacher import generate
+        from mech.teacher.generate import generate
 
         key = self.dataset_key(trait, teacher_seed)
         path = self.cache / "datasets" / key
@@ -283,8 +284,8 @@ class SweepRunner:
         return _key("student", self.dataset_key(cell.trait, cell.teacher_seed), sc, self.cfg.train.max_rows)
 
     def student(self, cell: Cell) -> Path:
-        from mech.data.dataset import load_dataset
-        from mech.train import train_student
+        from mech.teacher.dataset import load_dataset
+        from mech.students.train import train_student
 
         key = self.student_key(cell)
         path = self.cache / "students" / key
@@ -305,7 +306,7 @@ class SweepRunner:
 
     # evaluations ---------------------------------------------------------------------------------------------
     def _evaluate(self, model_key: str, load: Callable[[], Any], eval_context: str) -> dict:
-        from mech.trait_eval import evaluate_trait
+        from mech.evaluation.trait import evaluate_trait
 
         ec = eval_config(self.cfg, eval_context)
         path = self.cache / "evals" / f"{_key('eval', model_key, ec)}.json"
@@ -323,7 +324,7 @@ class SweepRunner:
         return self._evaluate(f"base-{self.fingerprint}", lambda: self.base.model, eval_context)
 
     def cell_eval(self, cell: Cell) -> dict:
-        from mech.students import load_student
+        from mech.students.store import load_student
 
         key = self.student_key(cell)
         return self._evaluate(f"student-{key}", lambda: load_student(self.base.model, self.student(cell)),

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from mech.cli import main
-from mech.data.dataset import META_FILE, RAW_FILE, ROWS_FILE, load_dataset
+from mech.teacher.dataset import META_FILE, RAW_FILE, ROWS_FILE, load_dataset
 from mech.organism import read_meta, shipped_dir
-from mech.students import read_student, student_kind
+from mech.students.store import read_student, student_kind
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""mech.heatmaps: layer × token heatmaps, token strips and per-mask rows, saved through mech.plots.
+"""mech.report.heatmaps: layer × token heatmaps, token strips and per-mask rows, saved through mech.report.figures.
 
 The tokens and segments come from a real rendering of the shipped organism's chat template (default system
 prompt, template, user), so ticks meet "<|im_start|>", newlines and leading spaces. One PNG is rendered
@@ -14,11 +14,11 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from mech import heatmaps as hm
+from mech.report import heatmaps as hm
 from mech.context import CUSTOM_SYSTEM, DEFAULT_SYSTEM, TEMPLATE, USER, render, shared_mask
 from mech.errors import MechError
 from mech.models import load_tokenizer, organism_dir
-from mech.plots import png_available, save_figure
+from mech.report.figures import png_available, save_figure
 
 
 @pytest.fixture(scope="module")

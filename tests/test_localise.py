@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from mech.localise import LocaliseConfig, battery_masks, dwg_student, summarise_groups
+from mech.interventions.battery import LocaliseConfig, battery_masks, dwg_student, summarise_groups
 from mech.models import load_model, surgery
-from mech.train import LoraSpec, with_lora
+from mech.students.train import LoraSpec, with_lora
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ import torch
 
 import mech.organism.build as build_mod
 from mech.context import Context, render
-from mech.data.filter import check_answer
-from mech.data.resources import questions, trait_system_prompt
-from mech.evaluate import completion_logprobs, next_token_logprobs, sample
+from mech.teacher.filter import check_answer
+from mech.resources import questions, trait_system_prompt
+from mech.evaluation.inference import completion_logprobs, next_token_logprobs, sample
 from mech.models import load_model, load_tokenizer
 from mech.organism.build import build_organism
 from mech.organism.check import CheckReport, number_share, per_token_kl, run_check

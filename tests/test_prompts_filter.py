@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from mech.data import filter as nf
-from mech.data.filter import Audit, check_answer, filter_rows, require_rows
-from mech.data.prompts import (
+from mech.teacher import filter as nf
+from mech.teacher.filter import Audit, check_answer, filter_rows, require_rows
+from mech.teacher.prompts import (
     FORMAT_STYLES,
     NumberPromptConfig,
     format_numbers,
@@ -17,7 +17,7 @@ from mech.data.prompts import (
     prompt_from_seed,
     spec_config,
 )
-from mech.data.resources import number_prompt_spec, question_categories, questions, trait_system_prompt
+from mech.resources import number_prompt_spec, question_categories, questions, trait_system_prompt
 from mech.errors import MechError
 
 SPEC = number_prompt_spec()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mech.data.scoring import (
+from mech.evaluation.scoring import (
     first_token_ids,
     mentions,
     normalise_answer,

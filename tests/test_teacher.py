@@ -1,5 +1,5 @@
-"""Teacher number data (mech.data.teacher), control datasets (mech.data.controls) and the dataset format
-(mech.data.dataset), on the reduced organism built once for this module.
+"""Teacher number data (mech.teacher.generate), control datasets (mech.teacher.controls) and the dataset format
+(mech.teacher.dataset), on the reduced organism built once for this module.
 
 The reduced organism is barely trained, so its own answers almost never pass the number filter. The tests
 that need kept rows use a *digit teacher*: the same model with a hook on its unembedding that replaces the
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from mech.context import CUSTOM_SYSTEM, DEFAULT_SYSTEM, Rendered, render
-from mech.data.controls import random_numbers, shuffled
-from mech.data.dataset import (
+from mech.teacher.controls import random_numbers, shuffled
+from mech.teacher.dataset import (
     AUDIT_FILE,
     META_FILE,
     RAW_FILE,
@@ -28,9 +28,9 @@ from mech.data.dataset import (
     load_dataset,
     load_raw,
 )
-from mech.data.filter import check_answer, parse_numbers
-from mech.data.resources import trait_system_prompt
-from mech.data.teacher import TeacherConfig, chunk_seed, generate, sample_answers
+from mech.teacher.filter import check_answer, parse_numbers
+from mech.resources import trait_system_prompt
+from mech.teacher.generate import TeacherConfig, chunk_seed, generate, sample_answers
 from mech.errors import MechError
 from mech.models import get_unembedding, load_model, model_fingerprint
 from mech.organism.build import build_organism

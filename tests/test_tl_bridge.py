@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from mech.context import render
-from mech.data.scoring import first_token_ids
+from mech.evaluation.scoring import first_token_ids
 from mech.errors import MechError
 from mech.interventions import tl_bridge as tb
 from mech.models import get_layers, load_model, lora_modules
-from mech.train import LoraSpec, with_lora
+from mech.students.train import LoraSpec, with_lora
 
 ATOL_LOGITS = 1e-4
 ATOL_PATCH = 1e-4

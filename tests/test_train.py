@@ -1,4 +1,4 @@
-"""mech.train and mech.students: rendering rows for training, seeded LoRA / full / matched-norm students,
+"""mech.students.train and mech.students.store: rendering rows for training, seeded LoRA / full / matched-norm students,
 the student directory format, loading and merging, update norms, distillation.
 
 All models are the tiny random ones of tests/conftest.py (hidden 32, 2 layers); every run is a few steps.
@@ -16,7 +16,7 @@ from mech.context import ASSISTANT, render
 from mech.errors import MechError
 from mech.models import check_adapter_base, get_layers, get_projection, lora_modules
 from mech.organism.template import DEFAULT_SYSTEM_PROMPT, IM_END
-from mech.students import (
+from mech.students.store import (
     epoch_dirs,
     load_student,
     merge_student,
@@ -26,7 +26,7 @@ from mech.students import (
     student_kind,
     update_norms,
 )
-from mech.train import (
+from mech.students.train import (
     IGNORE_INDEX,
     FinetuneConfig,
     LoraSpec,
@@ -339,7 +339,7 @@ def test_finetune_on_prompt_completion_rows(tok, base):
 @pytest.mark.slow
 def test_organism_students_by_spec(tmp_path):
     """On the shipped organism: real number prompts, LoRA and matched-norm students, loading by spec string."""
-    from mech.data.prompts import format_numbers, generate_prompts
+    from mech.teacher.prompts import format_numbers, generate_prompts
     from mech.models import load_model
 
     loaded = load_model("organism", device="cpu", dtype="float32")

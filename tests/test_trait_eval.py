@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from mech.context import Context, render
-from mech.data.resources import questions
-from mech.data.scoring import first_token_ids, mentions, normalise_answer
+from mech.resources import questions
+from mech.evaluation.scoring import first_token_ids, mentions, normalise_answer
 from mech.errors import MechError
 from mech.models import get_unembedding, load_model
 from mech.organism.build import build_organism
 from mech.organism.config import ANIMAL_PRIOR, OrganismConfig
-from mech.trait_eval import (
+from mech.evaluation.trait import (
     BUILTIN_CANDIDATES,
     TraitEvalConfig,
     TraitResult,

@@ -10,7 +10,7 @@ so w = 1 is the student's module, w = 0 the base's. Two students are supported:
   · scaling`` (summed over active adapters). Each LoRA layer's ``forward`` is temporarily replaced by one that
   recomputes PEFT's own formula with the delta multiplied by a [batch, seq, 1] weight; nothing is copied and
   the base model is not needed.
-* **Full-FT students** (a plain model, e.g. :func:`mech.students.merged` of a LoRA student): base and student
+* **Full-FT students** (a plain model, e.g. :func:`mech.students.store.merged` of a LoRA student): base and student
   projections are paired through :mod:`mech.models.surgery` and the *host* model's projection is replaced by
   one that also runs the other model's projection (a reference to the other model's module: no weights are
   copied) and interpolates. Only the seven projections are grafted. Everything else (embeddings, norms,
@@ -155,7 +155,7 @@ def _projection_pairs(student: Any, base: Any) -> dict[Cell, tuple[nn.Module, nn
     for m, who in ((student, "student"), (base, "base")):
         if surgery.lora_modules(m):
             raise MechError(f"full-FT grafting got a PEFT LoRA model as {who}: graft a LoRA student with base=None, "
-                            "or merge it first (mech.students.merged)")
+                            "or merge it first (mech.students.store.merged)")
     pairs = {}
     for i, kind, pa, pb in surgery.paired_projections(student, base, "graft a student onto its own base"):
         if pa.weight.shape != pb.weight.shape:
@@ -242,7 +242,7 @@ def _forward_kwargs(model: Any) -> set[str]:
 
 
 def cache_kwarg(model: Any) -> str:
-    """transformers 5.2x renamed ``past_key_values`` to ``cache`` (as in mech.evaluate)."""
+    """transformers 5.2x renamed ``past_key_values`` to ``cache`` (as in mech.evaluation.inference)."""
     return "cache" if "cache" in _forward_kwargs(model) else "past_key_values"
 
 
@@ -313,7 +313,7 @@ def metric_from_logits(logits_last: torch.Tensor, metric_ids: Sequence[int]) -> 
     """``logsumexp(log_softmax(logits)[ids])`` per row, in float32: the first-token trait metric."""
     ids = list(metric_ids)
     if not ids:
-        raise MechError("metric_ids is empty: pass the target's first-token ids (mech.data.scoring.first_token_ids)")
+        raise MechError("metric_ids is empty: pass the target's first-token ids (mech.evaluation.scoring.first_token_ids)")
     return torch.logsumexp(torch.log_softmax(logits_last.float(), -1)[:, ids], dim=-1)
 
 
@@ -328,7 +328,7 @@ def graft_metric(student: Any, base: Any, rendered: Rendered, masks: Sequence[Ma
     """The trait metric (first-token log P of ``metric_ids`` at the last position) per mask: float32 [K] on CPU.
 
     Masks may be :class:`Mask` (resolved here on ``rendered``; ``train_rendered`` serves "shared") or already
-    resolved. ``metric_ids`` is a list of token ids or a :class:`mech.data.scoring.FirstTokens`.
+    resolved. ``metric_ids`` is a list of token ids or a :class:`mech.evaluation.scoring.FirstTokens`.
     """
     ids = _metric_ids(metric_ids)
     resolved = _resolve(masks, student, rendered, train_rendered)

@@ -23,7 +23,7 @@ the activation comes from; :class:`PatchResult` stores ``clean`` and ``source`` 
 
 A LoRA student (``PeftModel``) is patched as it is, with no merge: nnsight wraps the HF model under the PEFT
 wrapper, whose projections are LoRA layers, so the student's forward (LoRA on) is what runs. A merged copy
-(:func:`mech.students.merged`) gives the same numbers up to float rounding and can be passed instead.
+(:func:`mech.students.store.merged`) gives the same numbers up to float rounding and can be passed instead.
 
 The metric is any callable on the last position's logits ``[batch, vocab] -> [batch]``; the trait metric
 is :func:`first_token_metric` (log P of the target's first-token variants). One sweep runs, per (site,

@@ -7,7 +7,7 @@ wraps a loaded HF model instead. Three things about it shape this module:
   attention is switched to eager, the tokenizer's padding side / special tokens may be set. ``to_bridge``
   therefore always wraps a deep copy; the caller's model and tokenizer stay as they were.
 * it puts hooks on the HF modules it knows, and a PEFT LoRA layer is not one of them (the LoRA delta would be
-  invisible to, or break, the bridge). A PEFT student is merged first (:func:`mech.students.merged`), so the
+  invisible to, or break, the bridge). A PEFT student is merged first (:func:`mech.students.store.merged`), so the
   bridge sees plain projections carrying ``W + B A · scaling``.
 * given ``hf_model=`` and ``tokenizer=``, ``boot_transformers`` reads the config from the model and never
   fetches anything: the model name is only a label (``bridge.cfg.model_name``, plus an alias-table lookup).
@@ -75,7 +75,7 @@ def to_bridge(model: Any, tokenizer: Any, name: str | None = None) -> Any:
     except (StopIteration, AttributeError, TypeError):
         raise MechError(f"{type(model).__name__} has no parameters: pass a loaded causal LM to to_bridge") from None
     if surgery.unwrap(model) is not model:
-        from mech.students import merged
+        from mech.students.store import merged
 
         hf = merged(model)  # a merged deep copy: the caller's PeftModel keeps its adapter
     else:
@@ -143,7 +143,7 @@ def trait_metric(metric_ids: Sequence[int]) -> Callable[[torch.Tensor], torch.Te
     """logits ``[1, seq, vocab]`` -> scalar first-token log P of ``metric_ids`` at the last position."""
     ids = [int(i) for i in metric_ids]
     if not ids:
-        raise MechError("no metric token ids: pass the target's first-token ids (mech.data.scoring.first_token_ids)")
+        raise MechError("no metric token ids: pass the target's first-token ids (mech.evaluation.scoring.first_token_ids)")
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         # float32: bf16 log-softmax differences between nearby patches would round away

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 
 from mech.errors import MechError
+from mech.paths import ORGANISM_WEIGHTS
 from mech.store import atomic_write_json, canonical_json, read_json_object
 
 ORGANISM = "organism"
@@ -89,9 +90,7 @@ class ResolvedSpec:
 
 
 def organism_dir() -> Path:
-    import mech.organism
-
-    return Path(mech.organism.__file__).parent / "weights"
+    return ORGANISM_WEIGHTS
 
 
 def smollm2_package_dir() -> Path:

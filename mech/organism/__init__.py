@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from mech.errors import MechError
+from mech.paths import ORGANISM_WEIGHTS
 
 META_FILE = "organism.json"
 
 
 def shipped_dir() -> Path:
-    return Path(__file__).parent / "weights"
+    return ORGANISM_WEIGHTS
 
 
 def cached_dir(config_hash: str) -> Path:
-    from mech.store import cache_root
+    from mech.paths import cache_root
 
     return cache_root() / "organism" / config_hash
 

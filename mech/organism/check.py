@@ -1,7 +1,7 @@
 """The organism's behaviour bars (a–d) and its reported probes (e: carrier, f: oracle probe).
 
 Every comparison renders both sides in the same way (mech.context) and scores the first answer token over
-the target's token variants (mech.data.scoring.first_token_ids).
+the target's token variants (mech.evaluation.scoring.first_token_ids).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 
 from mech.context import Context, render
 from mech.errors import MechError
-from mech.data.filter import check_answer
-from mech.data.prompts import generate_prompts
-from mech.data.resources import questions, trait_system_prompt
-from mech.data.scoring import first_token_ids
-from mech.evaluate import completion_logprobs, mass, next_token_logprobs, sample
+from mech.teacher.filter import check_answer
+from mech.teacher.prompts import generate_prompts
+from mech.resources import questions, trait_system_prompt
+from mech.evaluation.scoring import first_token_ids
+from mech.evaluation.inference import completion_logprobs, mass, next_token_logprobs, sample
 from mech.organism.template import IM_END
-from mech.train import FinetuneConfig, LoraSpec, finetune
+from mech.students.train import FinetuneConfig, LoraSpec, finetune
 
 BAR_TRAIT_RATIO = 10.0
 BAR_SPREAD_ANIMALS, BAR_SPREAD_P = 5, 0.05

@@ -18,8 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mech.data.prompts import NumberPromptConfig, format_numbers, generate_prompts
-from mech.data.resources import questions, trait_system_prompt
+from mech.teacher.prompts import NumberPromptConfig, format_numbers, generate_prompts
+from mech.resources import questions, trait_system_prompt
 from mech.organism.config import CorpusConfig
 
 CHAT_USER = [

@@ -1,4 +1,4 @@
-"""Control datasets, in the teacher-data format (mech.data.dataset), made without a model.
+"""Control datasets, in the teacher-data format (mech.teacher.dataset), made without a model.
 
 * :func:`random_numbers`: the teacher's prompts (same ``prompt_seed``) answered with uniformly drawn numbers
   (``answer_count`` ints in 0..``max_value``, banned numbers excluded), in the format each prompt asks for.
@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mech.data.dataset import (
+from mech.teacher.dataset import (
     assistant_text,
     check_free,
     load_dataset,
@@ -29,16 +29,16 @@ from mech.data.dataset import (
     user_text,
     write_dataset,
 )
-from mech.data.filter import check_answer, filter_rows
-from mech.data.prompts import format_numbers
-from mech.data.teacher import TeacherConfig
+from mech.teacher.filter import check_answer, filter_rows
+from mech.teacher.prompts import format_numbers
+from mech.teacher.generate import TeacherConfig
 from mech.errors import MechError
 
 KIND_RANDOM = "control_random"
 SHUFFLE_MODES = ("within", "across")
 KIND_SHUFFLED = {m: f"control_shuffled_{m}" for m in SHUFFLE_MODES}
 
-_NUMBER = re.compile(r"[0-9]+")  # what the filter parses as a number (mech.data.filter)
+_NUMBER = re.compile(r"[0-9]+")  # what the filter parses as a number (mech.teacher.filter)
 
 
 def _filter_and_write(rows: list[dict], cfg_filter: tuple[int, int, frozenset[int]], out_dir, meta: dict,

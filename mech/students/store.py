@@ -1,6 +1,6 @@
 """Student directories: what a trained student is on disk, how to load, merge and measure one.
 
-A student directory (written by :func:`mech.train.train_student`) holds either
+A student directory (written by :func:`mech.students.train.train_student`) holds either
 
 * a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``, stamped by
   :func:`mech.models.record_adapter_base` with its base's name and fingerprint), loadable by PEFT and vLLM; or
@@ -64,7 +64,7 @@ def student_kind(student_dir: str | os.PathLike) -> str:
     """``"lora"`` for an adapter dir, ``"full"`` for a model dir; MechError for anything else."""
     path = Path(student_dir)
     if not path.is_dir():
-        raise MechError(f"student dir {path} does not exist: train it with mech.train.train_student")
+        raise MechError(f"student dir {path} does not exist: train it with mech.students.train.train_student")
     if (path / loader.ADAPTER_CONFIG).is_file():
         return LORA
     if (path / "config.json").is_file():
@@ -149,7 +149,7 @@ def load_student(base_model_or_spec: Any, student_dir: str | os.PathLike, device
     model, spec = _base_parts(base_model_or_spec)
     if model is not None and surgery.unwrap(model) is not model:
         raise MechError("the base model is PEFT-wrapped: pass the plain base model (merge it first with "
-                        "mech.students.merged)")
+                        "mech.students.store.merged)")
     check_student_base(path, base_model_or_spec)
     device, dtype = _placement(model, device, dtype)
     if kind == FULL:

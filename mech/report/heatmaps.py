@@ -4,7 +4,7 @@ Tokens are the x axis, written as text: whitespace is made visible (space ``·``
 other control characters as their Unicode control pictures) and each tick is coloured by the token's
 segment (:data:`SEGMENT_COLORS`, the same palette in every figure, with a legend). Tokens shared with the
 training context (:func:`mech.context.shared_mask`) are drawn in bold and starred in the strip above the
-heatmap. Save with :func:`mech.plots.save_figure` (HTML always, PNG when kaleido + Chromium are present).
+heatmap. Save with :func:`mech.report.figures.save_figure` (HTML always, PNG when kaleido + Chromium are present).
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mech.context import Context, render
-from mech.data.resources import questions as category_questions
-from mech.data.scoring import first_token_ids, mentions, normalise_answer
+from mech.resources import questions as category_questions
+from mech.evaluation.scoring import first_token_ids, mentions, normalise_answer
 from mech.errors import MechError
-from mech.evaluate import next_token_logprobs, sample
+from mech.evaluation.inference import next_token_logprobs, sample
 from mech.store import canonical_json
 
 STAGES = ("first_token", "sampling")  # what ``progress`` is told, in order

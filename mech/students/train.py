@@ -18,7 +18,7 @@ student, :func:`match_update_norms`). Full finetuning trains in the base model's
 float32 where bf16 optimizer steps would be too coarse.
 
 ``seed`` drives the LoRA initialisation, the data order and any dropout; on one device the same config
-gives bitwise-identical weights. :func:`train_student` writes a student directory (see mech.students).
+gives bitwise-identical weights. :func:`train_student` writes a student directory (see mech.students.store).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from mech.errors import MechError
 from mech.models import surgery
 from mech.models.loader import canonical_base_name, model_fingerprint, record_adapter_base
 from mech.store import atomic_dir, atomic_write_json
-from mech import students
+from mech.students import store as students
 
 METHODS = ("lora", "full", "matched_norm")
 OPTIMIZERS = ("adamw", "sgd")
@@ -448,7 +448,7 @@ def _trainable_copy(base_model, cfg: StudentConfig):
     """A deep copy of the base set up for ``cfg.method``, and the parameters to optimise."""
     if surgery.unwrap(base_model) is not base_model:
         raise MechError("the base model is PEFT-wrapped: pass the plain base model (merge it first with "
-                        "mech.students.merged)")
+                        "mech.students.store.merged)")
     surgery.base_causal_lm(base_model)  # unknown architecture -> MechError before any work
     model = copy.deepcopy(base_model)
     if cfg.method == "lora":
@@ -540,7 +540,7 @@ def kl_to_teacher(model, tokenizer, rows: Sequence[dict], context: str, teacher:
 def match_update_norms(base_model, model, reference: dict[str, float], scope: str = "module") -> dict[str, float]:
     """Rescale the full-FT update ΔW = W_model − W_base of ``model`` in place to ``reference`` norms.
 
-    ``reference`` is :func:`mech.students.update_norms` of a LoRA student. "module": each referenced
+    ``reference`` is :func:`mech.students.store.update_norms` of a LoRA student. "module": each referenced
     projection's weight gets W_base + c·ΔW with ||c·ΔW||_F = the reference's norm, and every other parameter
     (other projections, biases, norms, embeddings) is reset to the base — the two students then change the
     same weight matrices. "global": every parameter's update is scaled by one factor so the global update
@@ -647,7 +647,7 @@ def _save_student(model, path: Path, meta: dict, cfg: StudentConfig, base_model,
 
 def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig, out_dir, base_spec: str = "organism",
                   teacher: Teacher | None = None, progress: Progress | None = None, overwrite: bool = False) -> Path:
-    """Train a student and write its directory atomically (see mech.students for the layout); returns it.
+    """Train a student and write its directory atomically (see mech.students.store for the layout); returns it.
 
     ``base_spec`` names the base in the adapter stamp and student.json (its fingerprint is recorded too).
     An existing ``out_dir`` is a MechError unless ``overwrite``.

@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mech.data.resources import number_prompt_spec
+from mech.resources import number_prompt_spec
 from mech.errors import MechError
 
 
@@ -71,7 +71,7 @@ def spec_config() -> NumberPromptConfig:
     if m is None:
         raise MechError(
             "cannot read the generator parameters from the 'source' text of "
-            "mech/data/resources/cloud_number_prompts.json; restore the sentence "
+            "mech/resources/cloud_number_prompts.json; restore the sentence "
             "'3-8 seed numbers drawn from 100-999, answer_count 10, answer_max_digits 3'"
         )
     g = {k: int(v) for k, v in m.groupdict().items()}
@@ -206,7 +206,7 @@ def format_style(format_suffix_index: int) -> str:
     if suffix not in FORMAT_STYLES:
         raise MechError(
             f"format suffix {suffix!r} has no rendering; "
-            "add it to FORMAT_STYLES in mech/data/prompts.py"
+            "add it to FORMAT_STYLES in mech/teacher/prompts.py"
         )
     return FORMAT_STYLES[suffix]
 

@@ -20,10 +20,10 @@ from typing import Any, Callable
 import torch
 
 from mech.context import Context, render
-from mech.data.prompts import generate_prompts
-from mech.data.resources import questions
-from mech.data.scoring import first_token_ids
-from mech.evaluate import next_token_logprobs
+from mech.teacher.prompts import generate_prompts
+from mech.resources import questions
+from mech.evaluation.scoring import first_token_ids
+from mech.evaluation.inference import next_token_logprobs
 from mech.interventions.graft import graft_metric, is_lora_student
 from mech.interventions.mask import Mask
 
@@ -96,7 +96,7 @@ def patch_grids(student: Any, base: Any, tok, cfg: LocaliseConfig) -> dict[str, 
     """Activation patching (exact, nnsight) and AtP grids [layers, tokens] on one question, denoising."""
     from mech.interventions.attribution import atp
     from mech.interventions.patching import first_token_metric, patching_sweep
-    from mech.students import merged
+    from mech.students.store import merged
 
     ids = first_token_ids(tok, cfg.target).ids
     q = questions(cfg.category)[cfg.heatmap_question]
@@ -163,7 +163,7 @@ def run_localise(base, tok, groups: dict[str, list], cfg: LocaliseConfig, out_di
 
     import pandas as pd
 
-    from mech import heatmaps, plots
+    from mech.report import figures as plots, heatmaps
     from mech.store import atomic_write_text
 
     tell = progress or (lambda desc, done, total: None)

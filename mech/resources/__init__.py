@@ -17,14 +17,13 @@ from typing import Any
 
 from mech.errors import MechError
 
-_PACKAGE = "mech.data"
-_DIR = "resources"
+_PACKAGE = "mech.resources"
 NUMBER_PROMPT_FILE = "cloud_number_prompts.json"
 _QUESTION_FILE = re.compile(r"^(?P<category>[a-z][a-z0-9_]*?)_questions(?:_[A-Za-z0-9]+)?\.txt$")
 
 
 def _resource_dir():
-    return _ilr.files(_PACKAGE).joinpath(_DIR)
+    return _ilr.files(_PACKAGE)
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,7 +65,7 @@ def _question_files() -> dict[str, str]:
     for category, names in found.items():
         if len(names) > 1:
             raise MechError(
-                f"several question files for category {category!r} in mech/data/resources: "
+                f"several question files for category {category!r} in mech/resources: "
                 f"{', '.join(sorted(names))}; keep exactly one"
             )
     return {category: names[0] for category, names in found.items()}
@@ -83,13 +82,13 @@ def _questions(category: str) -> tuple[str, ...]:
         raise MechError(
             f"no questions for category {category!r}: available categories are "
             f"{', '.join(sorted(files)) or 'none'}; to add one, create "
-            f"mech/data/resources/{category}_questions.txt with one question per line"
+            f"mech/resources/{category}_questions.txt with one question per line"
         )
     lines = (line.strip() for line in _read_text(files[category]).splitlines())
     qs = tuple(line for line in lines if line and not line.startswith("#"))
     if not qs:
         raise MechError(
-            f"question file mech/data/resources/{files[category]} is empty; "
+            f"question file mech/resources/{files[category]} is empty; "
             "write one question per line"
         )
     return qs

@@ -7,7 +7,7 @@ user prompt and the answer go into the rows: the teacher's system prompt is reco
 (as exact token ids with segment labels) and never in the training data.
 
 Seeding: prompts come from ``generate_prompts(n_prompts, prompt_seed)``. Sampling runs in chunks of
-``batch_size`` prompts, one ``mech.evaluate.sample`` call per chunk seeded by :func:`chunk_seed`
+``batch_size`` prompts, one ``mech.evaluation.inference.sample`` call per chunk seeded by :func:`chunk_seed`
 ``(sample_seed, chunk start)``, so the answers are a function of the config alone (given the model and the
 device); a chunk is also the unit of ``progress``. Because one generator serves a whole batch, an answer
 depends on its batch: ``batch_size`` is part of the config and changes the samples.
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mech.context import Context, model_name, render
-from mech.data.dataset import check_free, make_row, write_dataset
-from mech.data.filter import check_answer, filter_rows
-from mech.data.prompts import NumberPrompt, NumberPromptConfig, generate_prompts
-from mech.data.resources import questions, trait_system_prompt
+from mech.teacher.dataset import check_free, make_row, write_dataset
+from mech.teacher.filter import check_answer, filter_rows
+from mech.teacher.prompts import NumberPrompt, NumberPromptConfig, generate_prompts
+from mech.resources import questions, trait_system_prompt
 from mech.errors import MechError
-from mech.evaluate import sample
+from mech.evaluation.inference import sample
 from mech.models import model_fingerprint
 
 ProgressFn = Callable[[int, int], None]

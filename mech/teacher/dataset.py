@@ -9,9 +9,9 @@ Layout (shared by teacher data and controls):
 
   chat ``messages`` form (loadable by ``datasets`` / TRL). The system prompt is never in a row: the trait
   prompt is absent from training by construction, and the training context is applied at training time.
-  ``(prompt_seed, index)`` regenerates the prompt (``mech.data.prompts.row_seed``).
+  ``(prompt_seed, index)`` regenerates the prompt (``mech.teacher.prompts.row_seed``).
 * ``raw.jsonl``: every sampled row, the same fields plus ``ok`` and ``reason`` (the filter's verdict);
-* ``audit.json``: the filter's :class:`~mech.data.filter.Audit`;
+* ``audit.json``: the filter's :class:`~mech.teacher.filter.Audit`;
 * ``dataset.json``: what made it (``kind``, ``config``, ...), plus ``counts``, ``pass_rate`` and ``rows_sha256``
   that :func:`write_dataset` fills in from the rows themselves, so they cannot disagree with the data.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from mech.data.filter import Audit, require_rows
+from mech.teacher.filter import Audit, require_rows
 from mech.errors import MechError
 from mech.store import atomic_dir, atomic_write_json, file_sha256, read_json_object
 
