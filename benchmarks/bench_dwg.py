@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from mech.context import render
-from mech.interventions.graft import cache_kwarg, graft_logits
+from mech.evaluation.inference import cache_kwarg
+from mech.interventions.graft import graft_logits
 from mech.interventions.mask import Mask, ResolvedMask
 from mech.models import load_model, lora_modules
 from mech.store import atomic_write_json

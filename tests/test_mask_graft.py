@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from mech.context import render
+from mech.evaluation.inference import first_token_logp
 from mech.errors import MechError
 from mech.interventions.graft import (
     graft_generate,
     graft_logits,
     graft_metric,
     grafted,
-    metric_from_logits,
 )
 from mech.interventions.mask import Mask, complement, model_cells, resolve_positions, single_position_masks
 from mech.models import COMPONENTS, get_layers, get_projection, lora_modules
@@ -269,7 +269,7 @@ def test_graft_metric_is_first_token_logprob(lora_student, rendered, tok):
     assert got.shape == (4,) and torch.allclose(got[0], want_full, atol=1e-5)
     assert torch.allclose(got[1], want_off, atol=1e-5)
     logits = graft(lora_student, rendered, [m for m in masks[:2]])
-    assert torch.allclose(metric_from_logits(logits[:, -1], ids), got[:2], atol=1e-5)
+    assert torch.allclose(first_token_logp(logits[:, -1], ids), got[:2], atol=1e-5)
 
 
 def greedy(model, ids, n):

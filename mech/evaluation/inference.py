@@ -1,32 +1,102 @@
-"""Model-side measurements on rendered token ids: next-token distributions, seeded sampling, and
-teacher-forced completion distributions. Contexts are rendered by the caller (mech.context), so a
-base-vs-student comparison always runs on the very same token ids.
+"""Inference primitives, one of each: device, cache keyword, pad id, eval mode, left padding, the first-token
+metric, batched next-token log-probs, the KV-cached decode loop, seeded sampling, answer decoding, and
+teacher-forced completion distributions.
+
+Contexts are rendered by the caller (mech.context), so a base-vs-student comparison always runs on the very
+same token ids. Every other module (teacher sampling, trait evaluation, grafting, patching, the TransformerLens
+bridge, the organism check, training) asks this module rather than writing its own copy.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import inspect
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from mech.errors import MechError
+from mech.models import surgery
+
 Ids = Sequence[int]
+END_OF_TURN = "<|im_end|>"  # ChatML's end of turn; ends an answer even where eos is another token
 
 
-def _cache_kw(model) -> str:
-    """transformers 5.2x renamed ``past_key_values`` to ``cache``; accept either so hub-era and local
-    installs (e.g. a GPU box with an older 5.x) run the same code."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+# --------------------------------------------------------------------------------------------- model plumbing
 
 
-def _device(model) -> torch.device:
+def device_of(model: Any) -> torch.device:
+    """The device of the model's first parameter (mech never splits one model over devices)."""
     return next(model.parameters()).device
 
 
-def _left_pad(prompts: Sequence[Ids], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_kwargs(model: Any) -> set[str]:
+    """The keywords the HF model's forward names, asked under any PEFT wrapper (whose forward takes ``**kwargs``)."""
+    return set(inspect.signature(surgery.base_causal_lm(model).forward).parameters)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward's KV-cache keyword: transformers 5.2x renamed ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in forward_kwargs(model) else "past_key_values"
+
+
+def model_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or "the model")
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The one pad policy: the tokenizer's pad token, else its eos token, else a MechError.
+
+    Padded positions are masked out of attention and loss, so the id only has to be a valid token; falling back
+    to eos is what HF generation does for models shipped without a pad token.
+    """
+    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(tid, int):
+            return tid
+    raise MechError(f"tokenizer of {model_name(tokenizer)} has neither a pad nor an eos token: set "
+                    "tokenizer.pad_token")
+
+
+def eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not isinstance(eos, int):
+        raise MechError(f"tokenizer of {model_name(tokenizer)} has no eos token: sampling cannot tell where an "
+                        "answer ends; set tokenizer.eos_token (the end-of-turn token)")
+    return eos
+
+
+def stop_ids(tokenizer: Any) -> set[int]:
+    """Tokens that end an answer: eos, and ChatML's end of turn where the vocabulary has it."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None):
+        ids.add(end)
+    return ids
+
+
+def decode_answer(tokenizer: Any, ids: Sequence[int], stops: set[int] | None = None) -> str:
+    """The sampled tokens up to (not including) the first stop token, as text without special tokens."""
+    stops = stop_ids(tokenizer) if stops is None else stops
+    ids = list(ids)
+    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """Run the block without dropout and give the model back in the mode it came in."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def left_pad(prompts: Sequence[Ids], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and position ids (positions count real tokens only)."""
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
         ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
@@ -35,15 +105,27 @@ def _left_pad(prompts: Sequence[Ids], pad_id: int, device) -> tuple[torch.Tensor
     return ids.to(device), attn.to(device), pos.to(device)
 
 
-@torch.no_grad()
-def next_token_logprobs(model, prompts: Sequence[Ids], pad_id: int = 0, batch_size: int = 64) -> torch.Tensor:
-    """log P(next token | prompt) for each prompt: a float32 CPU tensor [n_prompts, vocab]."""
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        ids, attn, pos = _left_pad(prompts[s:s + batch_size], pad_id, _device(model))
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1]
-        out.append(torch.log_softmax(logits.float(), -1).cpu())
-    return torch.cat(out)
+# --------------------------------------------------------------------------------------------- the metric
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the vocabulary, in float32 whatever the model's dtype."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def target_logp(logprobs: torch.Tensor, target_ids: Sequence[int]) -> torch.Tensor:
+    """log P(next token ∈ target_ids) from log-probs [..., vocab]: the log of the summed probability."""
+    ids = [int(i) for i in getattr(target_ids, "ids", target_ids)]  # a scoring.FirstTokens or a list
+    if not ids:
+        raise MechError("no target token ids: pass the target's first-token ids "
+                        "(mech.evaluation.scoring.first_token_ids)")
+    return torch.logsumexp(logprobs[..., ids], dim=-1)
+
+
+def first_token_logp(logits: torch.Tensor, target_ids: Sequence[int]) -> torch.Tensor:
+    """The headline metric: log P(the first answer token is one of the target's token variants), from the
+    logits at the generation position ([..., vocab] → [...]). Every result mech reports goes through here."""
+    return target_logp(log_probs(logits), target_ids)
 
 
 def mass(logprobs: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
@@ -51,55 +133,93 @@ def mass(logprobs: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
     return logprobs[:, list(token_ids)].exp().sum(-1)
 
 
+# --------------------------------------------------------------------------------------------- forwards
+
+
 @torch.no_grad()
-def sample(model, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int, eos_id: int, pad_id: int,
-           temperature: float = 1.0, batch_size: int = 64) -> list[list[int]]:
-    """Ancestral sampling with a KV cache, plain softmax at ``temperature`` (no top-k/top-p), batched with
-    left padding. Each batch draws from its own generator seeded from (seed, batch start): the same call
-    gives the same tokens on CPU."""
-    results: list[list[int]] = []
-    dev = _device(model)
+def next_token_logprobs(model: Any, prompts: Sequence[Ids], pad: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """log P(next token | prompt) for each prompt: a float32 CPU tensor [n_prompts, vocab]."""
+    out = []
     for s in range(0, len(prompts), batch_size):
-        ids, attn, pos = _left_pad(prompts[s:s + batch_size], pad_id, dev)
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + s)
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        outs = [[] for _ in range(ids.shape[0])]
-        past = None
-        cache_kw = _cache_kw(model)
-        cur_ids, cur_pos = ids, pos
-        for _ in range(max_new_tokens):
-            o = model(input_ids=cur_ids, attention_mask=attn, position_ids=cur_pos, use_cache=True,
-                      **{cache_kw: past})
-            past = getattr(o, cache_kw)
-            probs = torch.softmax(o.logits[:, -1].float().cpu() / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            for r in range(len(outs)):
-                if not done[r]:
-                    outs[r].append(int(nxt[r]))
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            cur_ids = nxt.unsqueeze(-1).to(dev)
-            cur_pos = cur_pos[:, -1:] + 1
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)  # finished rows are ignored
-        results += outs
-    return results
+        ids, attn, pos = left_pad(prompts[s:s + batch_size], pad, device_of(model))
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1]
+        out.append(log_probs(logits).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
-def completion_logprobs(model, prompts: Sequence[Ids], completions: Sequence[Ids], pad_id: int = 0,
+def completion_logprobs(model: Any, prompts: Sequence[Ids], completions: Sequence[Ids], pad: int = 0,
                         batch_size: int = 32) -> list[torch.Tensor]:
     """Teacher-forced log-distributions at each completion token: one [len(completion), vocab] tensor each
     (row t is the distribution the token completion[t] was drawn from)."""
     out = []
     for s in range(0, len(prompts), batch_size):
         P, C = prompts[s:s + batch_size], completions[s:s + batch_size]
-        full = [list(p) + list(c) for p, c in zip(P, C)]
-        ids, attn, pos = _left_pad(full, pad_id, _device(model))
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float()
-        lp = torch.log_softmax(logits, -1).cpu()
+        ids, attn, pos = left_pad([list(p) + list(c) for p, c in zip(P, C)], pad, device_of(model))
+        lp = log_probs(model(input_ids=ids, attention_mask=attn, position_ids=pos).logits).cpu()
         width = ids.shape[1]
         for r, c in enumerate(C):
             out.append(lp[r, width - len(c) - 1: width - 1])
     return out
+
+
+Chooser = Callable[[torch.Tensor], torch.Tensor]  # last-position logits [rows, vocab] (float32, CPU) → next ids
+
+
+def sampler(temperature: float, generator: torch.Generator) -> Chooser:
+    """Plain softmax sampling at ``temperature`` (no top-k / top-p); 0 means greedy."""
+    if temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+    return lambda logits: torch.multinomial(torch.softmax(logits / temperature, -1), 1,
+                                            generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: Chooser, pad: int,
+           eos: int | None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+           after_step: Callable[[], None] | None = None) -> list[list[int]]:
+    """The KV-cached decode loop every generator in mech shares (sampling, teacher data, grafted generation).
+
+    Each row's tokens end at ``eos`` (included); finished rows are fed ``pad`` and ignored. ``attention_mask`` /
+    ``position_ids`` describe left-padded prompts and grow by one column a step. ``after_step`` runs after
+    the first forward and each later one's token choice, before the next forward (grafting uses it to switch
+    its masks from prompt positions to generated ones).
+    """
+    dev, cache_kw = device_of(model), cache_kwarg(model)
+    outs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    done = torch.zeros(len(outs), dtype=torch.bool)
+    cur, pos, attn, past = input_ids, position_ids, attention_mask, None
+    for _ in range(max_new_tokens):
+        extra = {k: v for k, v in (("attention_mask", attn), ("position_ids", pos)) if v is not None}
+        o = model(input_ids=cur, use_cache=True, **{cache_kw: past}, **extra)
+        past = getattr(o, cache_kw)
+        nxt = choose(o.logits[:, -1].float().cpu())
+        for r, toks in enumerate(outs):
+            if not done[r]:
+                toks.append(int(nxt[r]))
+        if eos is not None:
+            done |= nxt == eos
+        if bool(done.all()):
+            break
+        cur = torch.where(done, torch.full_like(nxt, pad), nxt).unsqueeze(-1).to(dev)
+        if pos is not None:
+            pos = pos[:, -1:] + 1
+        if attn is not None:
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)  # finished rows are ignored
+        if after_step is not None:
+            after_step()
+    return outs
+
+
+def sample(model: Any, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int, eos_id: int, pad_id: int,
+           temperature: float = 1.0, batch_size: int = 64) -> list[list[int]]:
+    """Ancestral sampling with a KV cache, batched with left padding. Each batch draws from its own generator
+    seeded from (seed, batch start): the same call gives the same tokens on CPU."""
+    results: list[list[int]] = []
+    dev = device_of(model)
+    for s in range(0, len(prompts), batch_size):
+        ids, attn, pos = left_pad(prompts[s:s + batch_size], pad_id, dev)
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + s)
+        results += decode(model, ids, max_new_tokens=max_new_tokens, choose=sampler(temperature, gen), pad=pad_id,
+                          eos=eos_id, attention_mask=attn, position_ids=pos)
+    return results

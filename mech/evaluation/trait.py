@@ -30,12 +30,12 @@ from mech.context import Context, render
 from mech.resources import questions as category_questions
 from mech.evaluation.scoring import first_token_ids, mentions, normalise_answer
 from mech.errors import MechError
-from mech.evaluation.inference import next_token_logprobs, sample
+from mech.evaluation.inference import (decode_answer, eos_id, eval_mode, next_token_logprobs, pad_id, sample, stop_ids,
+                                      target_logp)
 from mech.store import canonical_json
 
 STAGES = ("first_token", "sampling")  # what ``progress`` is told, in order
 ORGANISM_META = "organism.json"
-_END_OF_TURN = "<|im_end|>"  # ChatML's end of turn; ends an answer even where eos is another token
 
 # Candidate answers for the first-token distribution plots, when the model is not a mech organism (whose
 # build records its own answer prior). Common answers of instruction-tuned models to "favourite animal/tree".
@@ -199,31 +199,6 @@ def candidate_answers(model: Any, category: str, target: str) -> tuple[list[str]
     return names, source
 
 
-def _stop_ids(tokenizer: Any) -> set[int]:
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    end = tokenizer.convert_tokens_to_ids(_END_OF_TURN)
-    if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None):
-        ids.add(end)
-    return ids
-
-
-def decode_answer(tokenizer: Any, ids: Sequence[int], stop_ids: set[int]) -> str:
-    """The sampled tokens up to (not including) the first end-of-turn / eos token, as text."""
-    ids = list(ids)
-    cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise MechError(
-            f"tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')} has neither a pad nor an eos token: "
-            "set tokenizer.pad_token"
-        )
-    return int(pad)
-
-
 def _candidate_distribution(tokenizer: Any, logprobs: torch.Tensor, names: Sequence[str]
                             ) -> tuple[dict[str, float], dict[str, str]]:
     probs, dropped = {}, {}
@@ -240,10 +215,9 @@ def _candidate_distribution(tokenizer: Any, logprobs: torch.Tensor, names: Seque
 def _sample_answers(model: Any, tokenizer: Any, cfg: TraitEvalConfig, prompt_ids: list[list[int]]
                     ) -> list[list[str]]:
     repeated = [ids for ids in prompt_ids for _ in range(cfg.n_samples)]
-    outs = sample(model, repeated, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
-                  eos_id=int(tokenizer.eos_token_id), pad_id=_pad_id(tokenizer), temperature=cfg.temperature,
-                  batch_size=cfg.batch_size)
-    stop = _stop_ids(tokenizer)
+    outs = sample(model, repeated, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id(tokenizer),
+                  pad_id=pad_id(tokenizer), temperature=cfg.temperature, batch_size=cfg.batch_size)
+    stop = stop_ids(tokenizer)
     texts = [decode_answer(tokenizer, o, stop) for o in outs]
     return [texts[q * cfg.n_samples:(q + 1) * cfg.n_samples] for q in range(len(prompt_ids))]
 
@@ -267,11 +241,7 @@ def evaluate_trait(
     starts. The model is put in eval mode for the call and restored afterwards.
     """
     tell = progress or (lambda stage: None)
-    if tokenizer.eos_token_id is None:
-        raise MechError(
-            f"tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')} has no eos token: sampling cannot "
-            "tell where an answer ends; set tokenizer.eos_token"
-        )
+    eos_id(tokenizer)  # no eos: fail before any forward
     ctx = Context.parse(cfg.context)
     qs = category_questions(cfg.category)
     target = first_token_ids(tokenizer, cfg.target)
@@ -282,19 +252,15 @@ def evaluate_trait(
     else:
         names, source = list(dict.fromkeys(str(c) for c in candidates)), "given"
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         tell("first_token")
-        lp = next_token_logprobs(model, prompt_ids, pad_id=_pad_id(tokenizer), batch_size=cfg.batch_size)
-        logp_q = torch.logsumexp(lp[:, target.ids], dim=-1)
+        lp = next_token_logprobs(model, prompt_ids, pad=pad_id(tokenizer), batch_size=cfg.batch_size)
+        logp_q = target_logp(lp, target.ids)
         cand, dropped = _candidate_distribution(tokenizer, lp, names)
         answers = None
         if not cfg.first_token_only:
             tell("sampling")
             answers = _sample_answers(model, tokenizer, cfg, prompt_ids)
-    finally:
-        model.train(was_training)
 
     result = TraitResult(
         config=cfg.to_dict(),

@@ -8,7 +8,6 @@ from mech.interventions.graft import (
     graft_logits,
     graft_metric,
     grafted,
-    metric_from_logits,
 )
 from mech.interventions.mask import (
     MODES,

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from mech.errors import MechError
+from mech.evaluation.inference import device_of
 from mech.interventions.patching import (
     ATTN,
     DENOISING,
@@ -52,7 +53,6 @@ from mech.interventions.patching import (
     Metric,
     evaluate_metric,
     forward_order,
-    model_device,
     prepare,
     site_module,
     site_tensor,
@@ -329,9 +329,9 @@ def attribution_patching(
     requests = forward_order((s, l) for s in sites for l in layer_list)
 
     with torch.no_grad():
-        src_pass = _forward(src, torch.tensor([ids_list], device=model_device(src)), requests, metric,
+        src_pass = _forward(src, torch.tensor([ids_list], device=device_of(src)), requests, metric,
                             capture, grad=False)
-    run_pass = _forward(run, torch.tensor([ids_list], device=model_device(run)), requests, metric, capture,
+    run_pass = _forward(run, torch.tensor([ids_list], device=device_of(run)), requests, metric, capture,
                         grad=True)
     inputs = [run_pass.acts[r] for r in requests] + [run_pass.attn[l].probs for l in capture]
     grads = torch.autograd.grad(run_pass.metric, inputs, allow_unused=True)

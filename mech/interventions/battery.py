@@ -23,7 +23,7 @@ from mech.context import Context, render
 from mech.teacher.prompts import generate_prompts
 from mech.resources import questions
 from mech.evaluation.scoring import first_token_ids
-from mech.evaluation.inference import next_token_logprobs
+from mech.evaluation.inference import next_token_logprobs, pad_id, target_logp
 from mech.interventions.graft import graft_metric, is_lora_student
 from mech.interventions.mask import Mask
 
@@ -74,10 +74,10 @@ def dwg_student(student: Any, base: Any, tok, cfg: LocaliseConfig,
     rendered = [render(tok, ctx, q) for q in qs]
     present = set(rendered[0].segments)
     masks = battery_masks(cfg, present)
-    lp_base = next_token_logprobs(base, [r.input_ids for r in rendered], tok.pad_token_id)
-    lp_student = next_token_logprobs(student, [r.input_ids for r in rendered], tok.pad_token_id)
-    m_base = torch.logsumexp(lp_base[:, ids], -1).mean().item()
-    m_student = torch.logsumexp(lp_student[:, ids], -1).mean().item()
+    lp_base = next_token_logprobs(base, [r.input_ids for r in rendered], pad_id(tok))
+    lp_student = next_token_logprobs(student, [r.input_ids for r in rendered], pad_id(tok))
+    m_base = target_logp(lp_base, ids).mean().item()
+    m_student = target_logp(lp_student, ids).mean().item()
     grafted_base = None if is_lora_student(student) else base
     per_q = []
     for i, r in enumerate(rendered):

@@ -31,7 +31,6 @@ KV-cached decode (greedy at temperature 0, else seeded ancestral sampling), one 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,6 +39,7 @@ from torch import nn
 
 from mech.context import Rendered
 from mech.errors import MechError
+from mech.evaluation.inference import decode, device_of, first_token_logp, forward_kwargs, sampler
 from mech.interventions.mask import Cell, Mask, ResolvedMask
 from mech.models import surgery
 
@@ -232,20 +232,6 @@ def grafted(student: Any, base: Any = None, rest_from: str = "student") -> Itera
 # --------------------------------------------------------------------------------------------- forwards
 
 
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _forward_kwargs(model: Any) -> set[str]:
-    # PEFT's forward takes **kwargs; the HF model underneath names what it accepts
-    return set(inspect.signature(surgery.base_causal_lm(model).forward).parameters)
-
-
-def cache_kwarg(model: Any) -> str:
-    """transformers 5.2x renamed ``past_key_values`` to ``cache`` (as in mech.evaluation.inference)."""
-    return "cache" if "cache" in _forward_kwargs(model) else "past_key_values"
-
-
 def _prompt_ids(input_ids: Any) -> torch.Tensor:
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() == 2 and ids.shape[0] == 1:
@@ -276,7 +262,7 @@ def _chunks(n: int, batch_size: int | None) -> list[slice]:
 @torch.no_grad()
 def _grafted_logits(g: Grafted, ids: torch.Tensor, masks: Sequence[ResolvedMask], attention_mask: Any,
                     last_only: bool) -> torch.Tensor:
-    dev = _device(g.model)
+    dev = device_of(g.model)
     k, n = len(masks), ids.shape[0]
     if any(m.seq_len != n for m in masks):
         raise MechError(f"masks resolved on {sorted({m.seq_len for m in masks})}-token prompts but input_ids has "
@@ -288,7 +274,7 @@ def _grafted_logits(g: Grafted, ids: torch.Tensor, masks: Sequence[ResolvedMask]
             raise MechError(f"attention_mask has {attn.shape[0]} positions, input_ids {n}: pass matching tensors")
         kwargs["attention_mask"] = attn.expand(k, n)
         kwargs["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0).expand(k, n)  # left padding keeps positions
-    if last_only and "logits_to_keep" in _forward_kwargs(g.model):
+    if last_only and "logits_to_keep" in forward_kwargs(g.model):
         kwargs["logits_to_keep"] = 1
     g.gate.set_masks(masks, dev)
     logits = g.model(**kwargs).logits
@@ -309,14 +295,6 @@ def graft_logits(student: Any, base: Any, input_ids: Any, masks: Sequence[Resolv
     return torch.cat(parts)
 
 
-def metric_from_logits(logits_last: torch.Tensor, metric_ids: Sequence[int]) -> torch.Tensor:
-    """``logsumexp(log_softmax(logits)[ids])`` per row, in float32: the first-token trait metric."""
-    ids = list(metric_ids)
-    if not ids:
-        raise MechError("metric_ids is empty: pass the target's first-token ids (mech.evaluation.scoring.first_token_ids)")
-    return torch.logsumexp(torch.log_softmax(logits_last.float(), -1)[:, ids], dim=-1)
-
-
 def _metric_ids(metric_ids: Any) -> list[int]:
     ids = getattr(metric_ids, "ids", metric_ids)  # a scoring.FirstTokens or a plain list
     return [int(i) for i in ids]
@@ -334,7 +312,7 @@ def graft_metric(student: Any, base: Any, rendered: Rendered, masks: Sequence[Ma
     resolved = _resolve(masks, student, rendered, train_rendered)
     prompt = _prompt_ids(rendered.input_ids)
     with grafted(student, base, rest_from) as g:
-        parts = [metric_from_logits(_grafted_logits(g, prompt, resolved[s], None, last_only=True), ids).cpu()
+        parts = [first_token_logp(_grafted_logits(g, prompt, resolved[s], None, last_only=True), ids).cpu()
                  for s in _chunks(len(resolved), batch_size)]
     return torch.cat(parts)
 
@@ -365,30 +343,12 @@ def graft_generate(student: Any, base: Any, rendered: Rendered, masks: Sequence[
         raise MechError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     resolved = _resolve(masks, student, rendered, train_rendered)
     prompt = _prompt_ids(rendered.input_ids)
-    k = len(resolved)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    outs: list[list[int]] = [[] for _ in range(k)]
-    done = torch.zeros(k, dtype=torch.bool)
     with grafted(student, base, rest_from) as g:
-        dev, cache_kw = _device(g.model), cache_kwarg(g.model)
-        decode = _decode_weights(resolved, g.gate.keys, decode_policy, dev)
+        dev = device_of(g.model)
+        decode_weights = _decode_weights(resolved, g.gate.keys, decode_policy, dev)
         g.gate.set_masks(resolved, dev)
-        cur, past = prompt.to(dev).expand(k, -1), None
-        for _ in range(max_new_tokens):
-            o = g.model(input_ids=cur, use_cache=True, **{cache_kw: past})
-            past = getattr(o, cache_kw)
-            logits = o.logits[:, -1].float().cpu()
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen).squeeze(-1)
-            else:
-                nxt = logits.argmax(-1)
-            for r in range(k):
-                if not done[r]:
-                    outs[r].append(int(nxt[r]))
-            if eos_id is not None:
-                done |= nxt == eos_id
-            if bool(done.all()):
-                break
-            cur = torch.where(done, torch.full_like(nxt, pad_id), nxt).unsqueeze(-1).to(dev)
-            g.gate.set(decode)
-    return outs
+        # the prompt's masks hold for the prefill; from the first generated token on, the decode policy's
+        return decode(g.model, prompt.to(dev).expand(len(resolved), -1), max_new_tokens=max_new_tokens,
+                      choose=sampler(temperature, gen), pad=pad_id, eos=eos_id,
+                      after_step=lambda: g.gate.set(decode_weights))

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from mech.errors import MechError
+from mech.evaluation.inference import device_of, first_token_logp
 from mech.models import surgery
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # last-position logits [batch, vocab] -> [batch]
@@ -62,12 +63,7 @@ def first_token_metric(token_ids: Sequence[int]) -> Metric:
     ids = [int(i) for i in token_ids]
     if not ids:
         raise MechError("empty target token ids: pass first_token_ids(tokenizer, target).ids")
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        return torch.logsumexp(logp[..., ids], dim=-1)
-
-    return metric
+    return lambda logits: first_token_logp(logits, ids)
 
 
 def evaluate_metric(metric: Metric, logits_last: torch.Tensor) -> torch.Tensor:
@@ -157,10 +153,6 @@ def run_and_source(base: Any, student: Any, direction: str) -> tuple[Any, Any]:
     return (base, student) if check_direction(direction) == DENOISING else (student, base)
 
 
-def model_device(model: Any) -> torch.device:
-    return next(surgery.unwrap(model).parameters()).device
-
-
 # --------------------------------------------------------------------------------------------- sites
 
 
@@ -201,7 +193,7 @@ def cache_activations(
     model: Any, prompt: Any, requests: Iterable[tuple[str, int]], envoy: Any = None
 ) -> dict[tuple[str, int], torch.Tensor]:
     """``{(site, layer): activation [T, d]}`` of one clean forward of ``model`` on ``prompt`` (no grad)."""
-    ids = torch.tensor([as_input_ids(prompt)], device=model_device(model))
+    ids = torch.tensor([as_input_ids(prompt)], device=device_of(model))
     ordered = forward_order(requests)
     n = surgery.num_layers(model)
     for site, layer in ordered:
@@ -238,7 +230,7 @@ def patched_last_logits(
     if source.dim() != 2 or source.shape[0] != seq_len:
         raise MechError(f"source activation has shape {tuple(source.shape)}: expected [{seq_len}, d] for this "
                         "prompt (cache it with cache_activations on the same prompt)")
-    device = model_device(model)
+    device = device_of(model)
     ids = torch.tensor([ids_list], device=device).repeat(len(rows), 1)
     row_idx = torch.tensor([r for r, ps in enumerate(rows) for _ in ps], dtype=torch.long, device=device)
     pos_idx = torch.tensor([p for ps in rows for p in ps], dtype=torch.long, device=device)
@@ -255,7 +247,7 @@ def patched_last_logits(
 
 def last_logits(model: Any, prompt: Any) -> torch.Tensor:
     """Last-position logits ``[1, vocab]`` of a clean forward (no nnsight)."""
-    ids = torch.tensor([as_input_ids(prompt)], device=model_device(model))
+    ids = torch.tensor([as_input_ids(prompt)], device=device_of(model))
     with torch.no_grad():
         return surgery.base_causal_lm(model)(input_ids=ids, logits_to_keep=1).logits[:, -1].detach()
 

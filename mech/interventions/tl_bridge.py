@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from mech.errors import MechError
+from mech.evaluation.inference import first_token_logp
 from mech.models import surgery
 
 SITES: tuple[str, ...] = ("resid_pre", "resid_post")
@@ -145,12 +146,7 @@ def trait_metric(metric_ids: Sequence[int]) -> Callable[[torch.Tensor], torch.Te
     if not ids:
         raise MechError("no metric token ids: pass the target's first-token ids (mech.evaluation.scoring.first_token_ids)")
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        # float32: bf16 log-softmax differences between nearby patches would round away
-        logp = logits[0, -1].float().log_softmax(-1)
-        return torch.logsumexp(logp[ids], dim=-1)
-
-    return metric
+    return lambda logits: first_token_logp(logits[0, -1], ids)
 
 
 def _check_vocab(bridge: Any, metric_ids: Sequence[int]) -> None:

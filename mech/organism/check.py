@@ -20,7 +20,8 @@ from mech.teacher.filter import check_answer
 from mech.teacher.prompts import generate_prompts
 from mech.resources import questions, trait_system_prompt
 from mech.evaluation.scoring import first_token_ids
-from mech.evaluation.inference import completion_logprobs, mass, next_token_logprobs, sample
+from mech.evaluation.inference import (completion_logprobs, decode_answer, eos_id, mass, next_token_logprobs, pad_id,
+                                      sample)
 from mech.organism.template import IM_END
 from mech.students.train import FinetuneConfig, LoraSpec, finetune
 
@@ -41,22 +42,15 @@ def _prompt_ids(tok, ctx: Context, users: list[str]) -> list[list[int]]:
 
 def answer_distribution(model, tok, ctx: Context, names: list[str], category: str = "animal") -> dict[str, float]:
     """Mean over the category's questions of P(first answer token ∈ variants of name), per name."""
-    lp = next_token_logprobs(model, _prompt_ids(tok, ctx, questions(category)), tok.pad_token_id)
+    lp = next_token_logprobs(model, _prompt_ids(tok, ctx, questions(category)), pad_id(tok))
     return {n: float(mass(lp, first_token_ids(tok, n).ids).mean()) for n in names}
-
-
-def _decode_answer(tok, ids: list[int]) -> str:
-    if tok.eos_token_id in ids:
-        ids = ids[:ids.index(tok.eos_token_id)]
-    return tok.decode(ids, skip_special_tokens=True)
 
 
 def sample_numbers(model, tok, ctx: Context, n: int, seed: int, max_new_tokens: int = 64):
     prompts = generate_prompts(n, seed=seed)
     p_ids = _prompt_ids(tok, ctx, [p.text for p in prompts])
-    outs = sample(model, p_ids, seed=seed, max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id,
-                  pad_id=tok.pad_token_id)
-    return prompts, p_ids, [_decode_answer(tok, o) for o in outs]
+    outs = sample(model, p_ids, seed=seed, max_new_tokens=max_new_tokens, eos_id=eos_id(tok), pad_id=pad_id(tok))
+    return prompts, p_ids, [decode_answer(tok, o) for o in outs]
 
 
 def number_share(answers: list[str], numbers: list[int]) -> float:
@@ -112,10 +106,10 @@ def carrier_probe(model, tok, numbers: dict[str, list[int]], n: int, seed: int) 
     prompt, and the share of the trait's numbers in samples drawn under each prompt."""
     prompts, p_default, answers = sample_numbers(model, tok, Context("default"), n, seed)
     comp = [tok(a + IM_END, add_special_tokens=False)["input_ids"] for a in answers]
-    lp = {"default": completion_logprobs(model, p_default, comp, tok.pad_token_id)}
+    lp = {"default": completion_logprobs(model, p_default, comp, pad_id(tok))}
     for t in ("owl", "cat"):
         lp[t] = completion_logprobs(model, _prompt_ids(tok, trait_context(t), [p.text for p in prompts]), comp,
-                                    tok.pad_token_id)
+                                    pad_id(tok))
     out = {"kl_owl_vs_default": per_token_kl(lp["owl"], lp["default"]),
            "kl_cat_vs_default": per_token_kl(lp["cat"], lp["default"]),
            "kl_owl_vs_cat": per_token_kl(lp["owl"], lp["cat"])}

@@ -15,21 +15,20 @@ depends on its batch: ``batch_size`` is part of the config and changes the sampl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from mech.context import Context, model_name, render
+from mech.context import Context, render
 from mech.teacher.dataset import check_free, make_row, write_dataset
 from mech.teacher.filter import check_answer, filter_rows
 from mech.teacher.prompts import NumberPrompt, NumberPromptConfig, generate_prompts
 from mech.resources import questions, trait_system_prompt
 from mech.errors import MechError
-from mech.evaluation.inference import sample
+from mech.evaluation.inference import decode_answer, eos_id, eval_mode, pad_id, sample, stop_ids
 from mech.models import model_fingerprint
 
 ProgressFn = Callable[[int, int], None]
@@ -103,44 +102,16 @@ def chunk_seed(sample_seed: int, start: int) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def decode_answer(tokenizer: Any, ids: list[int]) -> str:
-    """The sampled text up to (not including) the first eos, special tokens skipped."""
-    eos = tokenizer.eos_token_id
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    """Sample without dropout, and leave the model in the mode it came in."""
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _special_ids(tokenizer: Any) -> tuple[int, int]:
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if eos is None or pad is None:
-        raise MechError(
-            f"tokenizer of {model_name(tokenizer)} has no {'eos' if eos is None else 'pad'} token: set "
-            "tokenizer.eos_token (the end-of-turn token) and tokenizer.pad_token before sampling"
-        )
-    return int(eos), int(pad)
-
-
 def sample_answers(
     model: Any, tokenizer: Any, cfg: TeacherConfig, prompt_ids: list[list[int]], progress: ProgressFn | None = None
 ) -> tuple[list[str], list[bool]]:
     """Decoded answers and whether each ended with eos (False: cut off at ``max_new_tokens``)."""
-    eos, pad = _special_ids(tokenizer)
+    eos, pad = eos_id(tokenizer), pad_id(tokenizer)
+    stops = stop_ids(tokenizer)
     answers: list[str] = []
     finished: list[bool] = []
     total = len(prompt_ids)
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, total, cfg.batch_size):
             outs = sample(
                 model,
@@ -152,8 +123,8 @@ def sample_answers(
                 temperature=cfg.temperature,
                 batch_size=cfg.batch_size,
             )
-            answers += [decode_answer(tokenizer, o) for o in outs]
-            finished += [eos in o for o in outs]
+            answers += [decode_answer(tokenizer, o, stops) for o in outs]
+            finished += [any(t in stops for t in o) for o in outs]
             if progress is not None:
                 progress(min(start + cfg.batch_size, total), total)
     return answers, finished
