@@ -377,17 +377,10 @@ def results_rows(runner: SweepRunner, done: list[Cell]) -> list[dict]:
 
 def summary_rows(rows: list[dict]) -> list[dict]:
     """Mean and 95 % CI over training seeds and teacher seeds, per trait × student × contexts × metric."""
-    from mech.analysis.stats import mean_ci
+    from mech.analysis.stats import grouped_ci
 
-    groups: dict[tuple, list[float]] = {}
     keys = ("trait", "category", "student", "method", "rank", "train_context", "eval_context", "metric")
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r["value"])
-    out = []
-    for g, vals in groups.items():
-        ci = mean_ci(vals)
-        out.append(dict(zip(keys, g)) | {"mean": ci.mean, "lo": ci.lo, "hi": ci.hi, "n": ci.n})
-    return out
+    return grouped_ci(rows, keys, "value")
 
 
 def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], cfg: SweepConfig) -> list[Path]:

@@ -7,7 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from mech.analysis.stats import CI, betainc, bootstrap_ci, mean_ci, paired_diff, summarise, t_cdf, t_ppf
+from scipy.stats import t as student_t
+
+from mech.analysis.stats import CI, bootstrap_ci, grouped_ci, mean_ci, paired_diff, summarise, t_ppf
 from mech.errors import MechError
 
 
@@ -31,14 +33,7 @@ def test_t_quantile_symmetry_and_inverse():
     assert t_ppf(0.5, 3) == 0.0
     assert t_ppf(0.025, 5) == pytest.approx(-t_ppf(0.975, 5), abs=1e-12)
     for p, df in [(0.9, 1), (0.975, 3.5), (0.999, 7), (0.6, 50)]:
-        assert t_cdf(t_ppf(p, df), df) == pytest.approx(p, abs=1e-10)
-
-
-def test_betainc_closed_forms():
-    assert betainc(1, 1, 0.3) == pytest.approx(0.3, abs=1e-12)  # uniform CDF
-    assert betainc(4.5, 4.5, 0.5) == pytest.approx(0.5, abs=1e-12)  # symmetric
-    assert betainc(2, 1, 0.6) == pytest.approx(0.36, abs=1e-12)  # x^a
-    assert betainc(2, 3, 0.0) == 0.0 and betainc(2, 3, 1.0) == 1.0
+        assert student_t.cdf(t_ppf(p, df), df) == pytest.approx(p, abs=1e-10)
 
 
 def test_t_bad_arguments_are_mech_errors():
@@ -128,3 +123,15 @@ def test_summarise_whole_table_and_bad_columns():
 def test_ci_to_dict():
     assert CI(1.0, 0.5, 1.5, 3, 0.2).to_dict() == {"mean": 1.0, "lo": 0.5, "hi": 1.5, "n": 3, "sd": 0.2,
                                                      "level": 0.95}
+
+
+def test_grouped_ci_groups_in_order_and_carries_columns():
+    rows = [{"g": "b", "x": 1, "v": 1.0}, {"g": "a", "x": 2, "v": 5.0}, {"g": "b", "x": 3, "v": 3.0},
+            {"g": "a", "x": 4, "v": 7.0}]
+    out = grouped_ci(rows, ["g"], "v", carry=["x"])
+    assert [r["g"] for r in out] == ["b", "a"]
+    assert [r["x"] for r in out] == [1, 2]  # the first row's carried value
+    assert out[0]["mean"] == 2.0 and out[1]["mean"] == 6.0 and out[0]["n"] == 2
+    assert out[1]["lo"] == pytest.approx(mean_ci([5.0, 7.0]).lo)
+    with pytest.raises(MechError):
+        grouped_ci([{"g": 1, "v": float("nan")}], ["g"], "v")

@@ -1,9 +1,7 @@
 """Confidence intervals over seeds: Student-t intervals of a mean, paired differences, a percentile bootstrap,
-and a per-group summary of a results table.
+and grouped intervals of a results table (the one implementation every table in mech uses).
 
-scipy is not a dependency, so the t quantile is computed here: bisection on the Student-t CDF, which is a
-regularised incomplete beta function evaluated by its continued fraction (Numerical Recipes, Lentz's method)
-with ``math.lgamma``. Accurate to ~1e-10 for any degrees of freedom and level.
+Quantiles and the bootstrap come from scipy.stats.
 
 Conventions:
 - ``sd`` is the sample standard deviation (ddof = 1); the interval is mean ± t(1 - α/2, n - 1) · sd / √n.
@@ -18,14 +16,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mech.errors import MechError
-
-_EPS = 1e-15
-_FPMIN = 1e-300
-_MAX_ITER = 10_000
-
 
 @dataclass(frozen=True)
 class CI:
@@ -49,74 +42,15 @@ class CI:
 # --------------------------------------------------------------------------------------------- t distribution
 
 
-def _beta_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > _FPMIN else _FPMIN)
-    h = d
-    for m in range(1, _MAX_ITER + 1):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > _FPMIN else _FPMIN)
-            c = 1.0 + aa / c
-            c = c if abs(c) > _FPMIN else _FPMIN
-            h *= d * c
-        if abs(d * c - 1.0) < _EPS:
-            return h
-    return h  # converged to float precision long before; unreachable for the (a, b) used here
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(log_front)
-    # the continued fraction converges fast only on this side of the mean; use the symmetry otherwise
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_cf(a, b, x) / a
-    return 1.0 - front * _beta_cf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
-    if df <= 0:
-        raise MechError(f"t distribution needs df > 0 (got {df}): a CI needs at least two values")
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return 1.0 - tail if t > 0 else tail
-
-
 def t_ppf(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on :func:`t_cdf`)."""
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy import stats
+
     if not 0.0 < p < 1.0:
-        raise MechError(f"t quantile needs 0 < p < 1 (got {p}): pass a probability such as 0.975")
-    if df <= 0:
-        raise MechError(f"t distribution needs df > 0 (got {df}): a CI needs at least two values")
-    if p < 0.5:
-        return -t_ppf(1.0 - p, df)
-    if p == 0.5:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-# --------------------------------------------------------------------------------------------- intervals
+        raise MechError(f"t quantile needs 0 < p < 1 (got {p})")
+    if not df > 0:
+        raise MechError(f"t quantile needs df > 0 (got {df}): a CI needs at least two values")
+    return float(stats.t.ppf(p, df))
 
 
 def _check_level(level: float) -> None:
@@ -179,27 +113,28 @@ def bootstrap_ci(
     seed: int = 0,
     statistic: Callable[[Any], Any] | None = None,
 ) -> CI:
-    """Percentile bootstrap interval of ``statistic`` (default: the mean) over ``values``, seeded.
+    """Percentile bootstrap interval (scipy.stats.bootstrap) of ``statistic`` (default: the mean), seeded.
 
-    ``statistic`` receives a 2-D numpy array [n_resamples, n] and must reduce along axis 1. ``sd`` is the
+    ``statistic`` receives a numpy array and an ``axis`` keyword and must reduce along that axis. ``sd`` is the
     sample sd of the values (as in :func:`mean_ci`); with one value, ``lo = hi = sd = nan``.
     """
     import numpy as np
+    from scipy import stats
 
     _check_level(level)
     if n_resamples < 1:
         raise MechError(f"bootstrap needs n_resamples >= 1 (got {n_resamples}): use e.g. 10000")
     vals = np.asarray(_finite_values(values, "values"), dtype=np.float64)
-    stat = statistic or (lambda a: a.mean(axis=1))
-    point = float(stat(vals[None, :])[0])
-    n = len(vals)
-    if n == 1:
+    stat = statistic or (lambda a, axis=-1: np.mean(a, axis=axis))
+    point = float(stat(vals, axis=-1))
+    if len(vals) == 1:
         return CI(point, math.nan, math.nan, 1, math.nan, level)
-    rng = np.random.default_rng(seed)
-    draws = stat(vals[rng.integers(0, n, size=(n_resamples, n))])
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
-    return CI(point, float(lo), float(hi), n, float(vals.std(ddof=1)), level)
+    res = stats.bootstrap((vals,), stat, n_resamples=n_resamples, confidence_level=level, method="percentile",
+                          vectorized=True, rng=np.random.default_rng(seed))
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # scipy gives nan for a degenerate (constant) sample
+        lo = hi = point
+    return CI(point, lo, hi, len(vals), float(vals.std(ddof=1)), level)
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -207,14 +142,28 @@ def bootstrap_ci(
 SUMMARY_COLUMNS = ("mean", "lo", "hi", "n", "sd")
 
 
-def summarise(df: Any, by: Sequence[str], value: str, level: float = 0.95) -> Any:
-    """Per group of ``by``: mean, lo, hi, n, sd of column ``value`` (Student-t interval at ``level``).
+def grouped_ci(rows: Iterable[Mapping[str, Any]], keys: Sequence[str], value: str, level: float = 0.95,
+               carry: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Per group of ``keys``: the group's keys, the first row's ``carry`` columns, and mean, lo, hi, n, sd of
+    ``value`` (:func:`mean_ci`). Groups appear in order of first appearance; every value must be finite."""
+    _check_level(level)
+    groups: dict[tuple, list[float]] = {}
+    first: dict[tuple, Mapping[str, Any]] = {}
+    for r in rows:
+        k = tuple(r[c] for c in keys)
+        groups.setdefault(k, []).append(r[value])
+        first.setdefault(k, r)
+    out = []
+    for k, vals in groups.items():
+        ci = mean_ci(vals, level)
+        out.append(dict(zip(keys, k)) | {c: first[k][c] for c in carry}
+                   | dict(zip(SUMMARY_COLUMNS, (ci.mean, ci.lo, ci.hi, ci.n, ci.sd))))
+    return out
 
-    ``df`` is a pandas DataFrame with one row per cell × metric (e.g. columns rank, context, metric, seed,
-    value). Groups keep missing keys (a full-finetune row with rank None is its own group) and appear in
-    order of first appearance. NaN values are dropped per group; ``n`` counts the values used (a group with
-    none left has n = 0 and NaN statistics).
-    """
+
+def summarise(df: Any, by: Sequence[str], value: str, level: float = 0.95) -> Any:
+    """:func:`grouped_ci` of a pandas DataFrame, NaN values dropped per group (pandas' convention for missing
+    values; a group with none left has n = 0 and NaN statistics); returns a DataFrame."""
     import pandas as pd
 
     _check_level(level)
@@ -225,24 +174,18 @@ def summarise(df: Any, by: Sequence[str], value: str, level: float = 0.95) -> An
             f"column(s) {', '.join(map(repr, missing))} not in the results table: available columns are "
             f"{', '.join(map(str, df.columns))}"
         )
-    if by:
-        groups = df.groupby(by, dropna=False, sort=False)[value]
-    else:
-        groups = [((), df[value])]
-    rows = []
-    for key, series in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        try:
-            vals = pd.to_numeric(series, errors="raise").dropna().tolist()
-        except (TypeError, ValueError):
-            raise MechError(
-                f"column {value!r} holds non-numeric entries in group {key}: summarise a numeric metric column"
-            ) from None
-        if vals:
-            ci = mean_ci(vals, level)
-            stats = (ci.mean, ci.lo, ci.hi, ci.n, ci.sd)
-        else:
-            stats = (math.nan, math.nan, math.nan, 0, math.nan)
-        rows.append(dict(zip(by, key)) | dict(zip(SUMMARY_COLUMNS, stats)))
-    out = pd.DataFrame(rows, columns=[*by, *SUMMARY_COLUMNS])
-    return out.astype({"n": "int64"})
+    try:
+        numeric = pd.to_numeric(df[value], errors="raise")
+    except (TypeError, ValueError):
+        raise MechError(f"column {value!r} holds non-numeric entries: summarise a numeric metric column") from None
+    keys = df[by].itertuples(index=False, name=None) if by else [()] * len(df)
+    rows = [dict(zip(by, (None if pd.isna(x) else x for x in key))) | {"_v": v} for key, v in zip(keys, numeric)]
+    kept = [r for r in rows if not math.isnan(r["_v"])]
+    out = grouped_ci(kept, by, "_v", level)
+    seen = {tuple(r[c] for c in by) for r in kept}
+    empty = [dict(zip(by, k)) | dict(zip(SUMMARY_COLUMNS, (math.nan, math.nan, math.nan, 0, math.nan)))
+             for k in dict.fromkeys(tuple(r[c] for c in by) for r in rows) if k not in seen]
+    order = list(dict.fromkeys(tuple(r[c] for c in by) for r in rows))
+    by_key = {tuple(r[c] for c in by): r for r in out + empty}
+    frame = pd.DataFrame([by_key[k] for k in order], columns=[*by, *SUMMARY_COLUMNS])
+    return frame.astype({"n": "int64"})

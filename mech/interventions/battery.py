@@ -120,19 +120,10 @@ def _shared(tok, cfg: LocaliseConfig, r) -> list[int]:
 
 def summarise_groups(rows: list[dict]) -> list[dict]:
     """Mean and 95 % CI of the fraction recovered over the students of each group, per mask."""
-    from mech.analysis.stats import mean_ci
+    from mech.analysis.stats import grouped_ci
 
-    groups: dict[tuple, list[float]] = {}
-    meta: dict[tuple, dict] = {}
-    for r in rows:
-        k = (r["group"], r["mask"])
-        groups.setdefault(k, []).append(r["fraction"])
-        meta[k] = {x: r[x] for x in ("group", "mask", "positions", "components", "layers", "mode")}
-    out = []
-    for k, vals in groups.items():
-        ci = mean_ci(vals)
-        out.append(meta[k] | {"fraction": ci.mean, "lo": ci.lo, "hi": ci.hi, "n": ci.n})
-    return out
+    out = grouped_ci(rows, ("group", "mask"), "fraction", carry=("positions", "components", "layers", "mode"))
+    return [r | {"fraction": r.pop("mean")} for r in out]
 
 
 def students_from_sweep(sweep_path: str, names: list[str], cache=None, progress=None):
