@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from mech.context import model_name
 from mech.errors import MechError
 from mech.models import surgery
 
@@ -38,10 +39,6 @@ def forward_kwargs(model: Any) -> set[str]:
 def cache_kwarg(model: Any) -> str:
     """The forward's KV-cache keyword: transformers 5.2x renamed ``past_key_values`` to ``cache``."""
     return "cache" if "cache" in forward_kwargs(model) else "past_key_values"
-
-
-def model_name(tokenizer: Any) -> str:
-    return str(getattr(tokenizer, "name_or_path", "") or "the model")
 
 
 def pad_id(tokenizer: Any) -> int:
