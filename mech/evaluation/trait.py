@@ -281,15 +281,20 @@ def evaluate_trait(
         candidates_dropped=dropped,
     )
     if answers is not None:
-        hits = [[mentions(a, cfg.target) for a in row] for row in answers]
-        flat = [a for row in answers for a in row]
-        counts = Counter(normalise_answer(a) for a in flat)
-        result.answers = answers
-        result.rate = sum(map(sum, hits)) / len(flat)
-        result.rate_per_question = [sum(h) / len(h) for h in hits]
-        result.answer_counts = [[a, n] for a, n in counts.most_common(cfg.top_answers)]
-        result.n_answers = len(flat)
+        _score_answers(result, answers, cfg)
     return result
+
+
+def _score_answers(result: TraitResult, answers: list[list[str]], cfg: TraitEvalConfig) -> None:
+    """Fill the sampled-rate fields: the share of answers mentioning the target, per question and overall."""
+    hits = [[mentions(a, cfg.target) for a in row] for row in answers]
+    flat = [a for row in answers for a in row]
+    counts = Counter(normalise_answer(a) for a in flat)
+    result.answers = answers
+    result.rate = sum(map(sum, hits)) / len(flat)
+    result.rate_per_question = [sum(h) / len(h) for h in hits]
+    result.answer_counts = [[a, n] for a, n in counts.most_common(cfg.top_answers)]
+    result.n_answers = len(flat)
 
 
 def delta(student: TraitResult, base: TraitResult) -> dict[str, Any]:

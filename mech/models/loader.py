@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 
 from mech.errors import MechError
+from mech.models.surgery import unwrap
 from mech.paths import ORGANISM_WEIGHTS
 from mech.store import atomic_write_json, canonical_json, read_json_object
 
@@ -317,12 +318,6 @@ def load_model(
 # --- fingerprints and adapters -----------------------------------------------------------------------
 
 
-def _unwrap(model: Any) -> Any:
-    from mech.models.surgery import unwrap
-
-    return unwrap(model)
-
-
 def _param_name(name: str) -> str:
     # PEFT moves a wrapped Linear's weight under base_layer and prefixes base_model.model.; strip both so a
     # wrapped and an unwrapped model fingerprint alike.
@@ -342,7 +337,7 @@ def model_fingerprint(model: Any, per_tensor: int = 256) -> str:
     and shape, and a strided sample of every weight tensor (``per_tensor`` values each, so a fine-tune that
     moved the weights changes it). LoRA parameters are excluded, so a PEFT-wrapped model has its base's
     fingerprint; the sample is rounded to bf16, so the same weights loaded in float32 or bf16 agree."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = inner.config.to_dict() if hasattr(inner.config, "to_dict") else dict(vars(inner.config))
     text = config.get("text_config") or {}
     arch = {k: config.get(k, text.get(k)) for k in _ARCH_FIELDS}
@@ -392,7 +387,7 @@ def check_adapter_base(adapter_dir: str | os.PathLike, base: Any) -> None:
         base_name = str(base)
     else:
         model = base
-        inner = _unwrap(base)
+        inner = unwrap(base)
         config = getattr(inner, "config", None)
         base_name = getattr(inner, "name_or_path", None) or getattr(config, "name_or_path", None) or ""
     saved_fp = cfg.get(ADAPTER_FINGERPRINT_KEY)
