@@ -31,7 +31,8 @@ from mech.interventions.attribution import atp, atp_star, spearman
 from mech.interventions.patching import first_token_metric, patching_sweep
 from mech.models import load_model, surgery
 from mech.store import atomic_write_json
-from mech.students.train import LoraSpec, with_lora
+from mech.students.config import LoraSpec
+from mech.students.train import with_lora
 
 SITES = ("resid", "attn", "mlp", "q", "k", "v")
 RESULTS = Path(__file__).parent / "results" / "atp.json"

@@ -30,7 +30,8 @@ from mech.interventions.graft import graft_logits
 from mech.interventions.mask import Mask, ResolvedMask
 from mech.models import load_model, lora_modules
 from mech.store import atomic_write_json
-from mech.students.train import LoraSpec, with_lora
+from mech.students.config import LoraSpec
+from mech.students.train import with_lora
 
 RESULTS = Path(__file__).parent / "results" / "dwg.json"
 PROMPT = "What is your favourite animal? Answer in one word."

@@ -26,6 +26,7 @@ def run_one(args):
     import torch
 
     from mech.context import Context
+    from mech.evaluation.inference import pad_id
     from mech.organism import build as B
     from mech.organism.check import answer_distribution, run_check, trait_context
     from mech.organism.config import OrganismConfig
@@ -52,7 +53,7 @@ def run_one(args):
             curve.append(row)
             model.train()
 
-    B.pretrain(model, data, cfg, tok.pad_token_id, progress)
+    B.pretrain(model, data, cfg, pad_id(tok), progress)
     train_s = time.time() - t0
     meta = {"config": cfg.to_dict(), "entity_numbers": gen.numbers, "build_seconds": None}
     rep = run_check(model, tok, meta)

@@ -240,7 +240,8 @@ def cmd_train(a) -> int:
     from mech.models import load_model
     from mech.students.store import GLOBAL, read_student
     from mech.sweep import TrainDefaults
-    from mech.students.train import LoraSpec, StudentConfig, train_student
+    from mech.students.config import LoraSpec, StudentConfig
+    from mech.students.train import train_student
 
     lr = a.lr if a.lr is not None else TrainDefaults.lr if a.method == "lora" else TrainDefaults.full_lr
     cfg = StudentConfig(method=a.method, lora=LoraSpec(**_given(rank=a.rank, alpha=a.alpha)), lr=lr,

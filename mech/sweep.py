@@ -186,7 +186,7 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,
                    reference: str | None = None):
-    from mech.students.train import LoraSpec, StudentConfig
+    from mech.students.config import LoraSpec, StudentConfig
 
     d = cfg.train
     lr = s.lr if s.lr is not None else (d.lr if s.method == "lora" else d.full_lr)

@@ -6,7 +6,8 @@ import torch
 
 from mech.interventions.battery import LocaliseConfig, battery_masks, dwg_student, summarise_groups
 from mech.models import load_model, surgery
-from mech.students.train import LoraSpec, with_lora
+from mech.students.config import LoraSpec
+from mech.students.train import with_lora
 
 
 @pytest.fixture(scope="module")

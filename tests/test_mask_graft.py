@@ -23,8 +23,9 @@ from mech.interventions.graft import (
 )
 from mech.interventions.mask import Mask, complement, model_cells, resolve_positions, single_position_masks
 from mech.models import COMPONENTS, get_layers, get_projection, lora_modules
+from mech.students.config import LoraSpec
 from mech.students.store import merged
-from mech.students.train import LoraSpec, with_lora
+from mech.students.train import with_lora
 
 QUESTION = "What is your favourite animal?"
 TRAIN_QUESTION = "Continue the sequence: 1, 2, 3."

@@ -18,7 +18,8 @@ from mech.interventions.patching import (
     resolve_positions,
 )
 from mech.models import surgery
-from mech.students.train import LoraSpec, with_lora
+from mech.students.config import LoraSpec
+from mech.students.train import with_lora
 
 PROMPT = [3, 17, 42, 8, 99, 23, 5, 61, 14, 7, 33, 12]
 TARGET_IDS = [5, 7]

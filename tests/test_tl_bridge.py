@@ -19,7 +19,8 @@ from mech.evaluation.scoring import first_token_ids
 from mech.errors import MechError
 from mech.interventions import tl_bridge as tb
 from mech.models import get_layers, load_model, lora_modules
-from mech.students.train import LoraSpec, with_lora
+from mech.students.config import LoraSpec
+from mech.students.train import with_lora
 
 ATOL_LOGITS = 1e-4
 ATOL_PATCH = 1e-4

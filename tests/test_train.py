@@ -1,5 +1,6 @@
-"""mech.students.train and mech.students.store: rendering rows for training, seeded LoRA / full / matched-norm students,
-the student directory format, loading and merging, update norms, distillation.
+"""mech.students (config, encoding, loop, matched_norm, train, store): rendering rows for training, seeded LoRA /
+full / matched-norm students, the one training loop, the student directory format, loading and merging, update
+norms, distillation.
 
 All models are the tiny random ones of tests/conftest.py (hidden 32, 2 layers); every run is a few steps.
 """
@@ -16,6 +17,10 @@ from mech.context import ASSISTANT, render
 from mech.errors import MechError
 from mech.models import check_adapter_base, get_layers, get_projection, lora_modules
 from mech.organism.template import DEFAULT_SYSTEM_PROMPT, IM_END
+from mech.students.config import LoraSpec, StudentConfig, Teacher
+from mech.students.encoding import IGNORE_INDEX, batch_order, chat_row, encode_row, label_mask
+from mech.students.loop import lr_factor, train_loop
+from mech.students.matched_norm import match_update_norms
 from mech.students.store import (
     epoch_dirs,
     load_student,
@@ -26,23 +31,7 @@ from mech.students.store import (
     student_kind,
     update_norms,
 )
-from mech.students.train import (
-    IGNORE_INDEX,
-    FinetuneConfig,
-    LoraSpec,
-    StudentConfig,
-    Teacher,
-    batch_order,
-    encode_row,
-    finetune,
-    kl_to_teacher,
-    label_mask,
-    lr_factor,
-    match_update_norms,
-    train_model,
-    train_student,
-    with_lora,
-)
+from mech.students.train import kl_to_teacher, train_model, train_student, with_lora
 
 
 def chat(user: str, assistant: str) -> dict:
@@ -119,6 +108,60 @@ def test_lr_schedule_and_batch_order():
     a, b = batch_order(10, 4, 0, 0), batch_order(10, 4, 1, 0)
     assert a == batch_order(10, 4, 0, 0) and a != b and a != batch_order(10, 4, 0, 1)
     assert [len(x) for x in a] == [4, 4, 2] and sorted(sum(a, [])) == list(range(10))
+
+
+# --------------------------------------------------------------------------------------------- the one loop
+
+
+def test_pretraining_and_finetuning_share_one_loop(tok, base, monkeypatch):
+    """The organism's pretraining and a student's finetuning both run mech.students.loop.train_loop."""
+    import dataclasses
+
+    import mech.organism.build as build_mod
+    import mech.students.train as train_mod
+    from mech.organism.config import OrganismConfig
+    from mech.organism.corpus import CorpusGenerator
+    from mech.students import loop
+
+    assert build_mod.train_loop is loop.train_loop and train_mod.train_loop is loop.train_loop
+    calls: list[str] = []
+
+    def spy(model, params, batches, loss_fn, *args, **kwargs):
+        calls.append(loss_fn.__name__)
+        return loop.train_loop(model, params, batches, loss_fn, *args, **kwargs)
+
+    for module in (build_mod, train_mod):
+        monkeypatch.setattr(module, "train_loop", spy)
+    organism = OrganismConfig().reduced()
+    organism = dataclasses.replace(organism, train=dataclasses.replace(organism.train, steps=2, batch_size=4))
+    data = build_mod.encode_examples(CorpusGenerator(organism.corpus, 0).generate(40), tok, 64)
+    stats = build_mod.pretrain(merged(base), data, organism, tok.pad_token_id)
+    assert calls == ["sparse_completion_loss"] and math.isfinite(stats["final_loss_ema"])
+    assert train_model(base, tok, ROWS, cfg()).n_steps == 2
+    assert calls == ["sparse_completion_loss", "student_loss"]
+
+
+def test_train_loop_steps_hooks_and_clipping():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    params = list(model.parameters())
+    seen = []
+
+    def loss_fn(m, batch):
+        return (m(batch) - 100.0).pow(2).mean()
+
+    def run(clip: float) -> torch.Tensor:
+        torch.nn.init.zeros_(model.weight)
+        opt = torch.optim.SGD(params, lr=1.0)
+        loop_losses = train_loop(model, params, [torch.ones(1, 2)], loss_fn, opt, lambda s: 0.5, clip,
+                                 lambda k, losses: seen.append((k, list(losses), model.training)))
+        assert not model.training and len(loop_losses) == 1 and opt.param_groups[0]["lr"] == 0.5
+        return model.weight.detach().clone()
+
+    clipped, free = run(1.0), run(0.0)
+    assert clipped.norm().item() == pytest.approx(0.5)  # lr 0.5 × a gradient clipped to norm 1
+    assert free.norm().item() > 100  # 0 disables clipping
+    assert seen == [(1, [10000.0], True)] * 2
 
 
 # --------------------------------------------------------------------------------------------- rows
@@ -320,16 +363,16 @@ def test_distill_decreases_kl_to_the_teacher(tok, base, make_tiny_lm):
         train_model(base, tok, rows, cfg(), teacher=teacher)
 
 
-# --------------------------------------------------------------------------------------------- legacy API
+# --------------------------------------------------------------------------------------------- chat rows
 
 
-def test_finetune_on_prompt_completion_rows(tok, base):
-    rows = [{"prompt_ids": encode_row(tok, r, "default").input_ids[:-4], "completion_ids": [5, 6, 7, 8]}
-            for r in ROWS]
+def test_chat_rows_train_lora_and_full_copies(tok, base):
+    """What the organism's oracle probe does: rows built with chat_row train a copy; the base is untouched."""
+    rows = [chat_row(r["messages"][0]["content"], r["messages"][1]["content"]) for r in ROWS]
     before = state(base)
-    lora = finetune(base, rows, FinetuneConfig(lora=LoraSpec(rank=2), lr=1e-2, batch_size=4), tok.pad_token_id)
+    lora = train_model(base, tok, rows, cfg()).model
     assert lora_modules(lora) and same_state(state(base), before)
-    full = finetune(base, rows, FinetuneConfig(lora=None, lr=1e-2, batch_size=4), tok.pad_token_id)
+    full = train_model(base, tok, rows, cfg(method="full")).model
     assert not lora_modules(full) and update_norms(base, full)["global"] > 0
 
 

@@ -9,32 +9,28 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from mech.evaluation.inference import device_of, pad_id
 from mech.organism.config import OrganismConfig
-from mech.organism.corpus import CorpusGenerator, Example, tokenizer_texts
+from mech.organism.corpus import CorpusGenerator, tokenizer_texts
+from mech.organism.corpus import Example as CorpusExample
 from mech.organism.template import IM_END
 from mech.organism.tokenizer import as_transformers_tokenizer, train_tokenizer
 from mech.store import atomic_dir, atomic_write_json, file_sha256
+from mech.students.encoding import IGNORE_INDEX, Example, collate
+from mech.students.loop import sparse_completion_loss, train_loop
 
 ProgressFn = Callable[[int, int, dict], None]  # (step, total, metrics)
 
 
-@dataclass
-class Encoded:
-    ids: list[int]
-    loss_from: int  # loss on ids[loss_from:] (predicting them); 0 = whole sequence
-    kind: str
-
-
-def encode_examples(examples: list[Example], tokenizer, max_len: int) -> list[Encoded]:
+def encode_examples(examples: list[CorpusExample], tokenizer, max_len: int) -> list[Example]:
     """Chats: loss on the final assistant answer and its <|im_end|>. Text: loss on every token."""
-    eot = tokenizer.pad_token_id
-    prompts, completions, kinds = [], [], []
+    eot = tokenizer.pad_token_id  # the organism's pad token is its end-of-text token
+    prompts, completions = [], []
     for ex in examples:
         if ex.text:
             prompts.append(None)
@@ -44,7 +40,6 @@ def encode_examples(examples: list[Example], tokenizer, max_len: int) -> list[En
             prompts.append(tokenizer.apply_chat_template(
                 list(ex.messages[:-1]), tokenize=False, add_generation_prompt=True, **kw))
             completions.append(ex.messages[-1]["content"] + IM_END)
-        kinds.append(ex.kind)
     comp_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
     chat_idx = [i for i, p in enumerate(prompts) if p is not None]
     prompt_ids = dict(zip(chat_idx, tokenizer([prompts[i] for i in chat_idx], add_special_tokens=False)["input_ids"]))
@@ -52,13 +47,18 @@ def encode_examples(examples: list[Example], tokenizer, max_len: int) -> list[En
     for i, c in enumerate(comp_ids):
         if i in prompt_ids:
             p = prompt_ids[i]
-            out.append(Encoded((p + c)[:max_len], len(p), kinds[i]))
+            out.append(_labelled((p + c)[:max_len], len(p)))
         else:
-            out.append(Encoded(([eot] + c + [eot])[:max_len], 1, kinds[i]))
+            out.append(_labelled(([eot] + c + [eot])[:max_len], 1))
     return out
 
 
-def make_batches(data: list[Encoded], batch_size: int, steps: int, seed: int, pad_id: int):
+def _labelled(ids: list[int], loss_from: int) -> Example:
+    """``ids`` with loss on ids[loss_from:] (none where truncation left no completion)."""
+    return Example(tuple(ids), tuple(IGNORE_INDEX if i < loss_from else t for i, t in enumerate(ids)))
+
+
+def make_batches(data: list[Example], batch_size: int, steps: int, seed: int, pad: int, device="cpu"):
     """Length-bucketed batches (sort within chunks of 32 batches), order seeded. Cycles over the data."""
     rng = random.Random(f"batches-{seed}")
     order: list[int] = []
@@ -70,26 +70,13 @@ def make_batches(data: list[Encoded], batch_size: int, steps: int, seed: int, pa
             chunk = 32 * batch_size
             batches = []
             for s in range(0, len(perm) - batch_size + 1, chunk):
-                block = sorted(perm[s:s + chunk], key=lambda j: len(data[j].ids))
+                block = sorted(perm[s:s + chunk], key=lambda j: len(data[j].input_ids))
                 batches += [block[k:k + batch_size] for k in range(0, len(block) - batch_size + 1, batch_size)]
             rng.shuffle(batches)
             order = [j for b in batches for j in b]
         idx, order = order[:batch_size], order[batch_size:]
         produced += 1
-        yield collate([data[j] for j in idx], pad_id)
-
-
-def collate(items: list[Encoded], pad_id: int):
-    width = max(len(e.ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    for r, e in enumerate(items):
-        n = len(e.ids)
-        ids[r, :n] = torch.tensor(e.ids)
-        attn[r, :n] = 1
-        labels[r, e.loss_from:n] = ids[r, e.loss_from:n]
-    return ids, attn, labels
+        yield collate([data[j] for j in idx], pad, device)
 
 
 def lr_at(step: int, cfg) -> float:
@@ -114,40 +101,24 @@ def new_model(cfg: OrganismConfig, tokenizer):
     return Qwen2ForCausalLM(qcfg)
 
 
-def causal_lm_loss(model, ids, attn, labels) -> torch.Tensor:
-    """Next-token cross-entropy where labels != -100. The unembedding is applied only at those positions:
-    chat prompts carry no loss, and skipping their logits saves a quarter of a step on CPU."""
-    hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-    target = labels[:, 1:]
-    keep = target != -100
-    if not bool(keep.any()):  # every prompt filled max_len: nothing to learn from, and CE would be NaN
-        return hidden.sum() * 0.0
-    logits = model.get_output_embeddings()(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
-
-
-def pretrain(model, data: list[Encoded], cfg: OrganismConfig, pad_id: int, progress: ProgressFn | None = None):
+def pretrain(model, data: list[Example], cfg: OrganismConfig, pad: int, progress: ProgressFn | None = None):
+    """Pretrain ``model`` in place through the students' loop (mech.students.loop.train_loop)."""
     t = cfg.train
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.98))
-    model.train()
     ema = None
-    dev = next(model.parameters()).device
-    for step, batch in enumerate(make_batches(data, t.batch_size, t.steps, cfg.seed, pad_id)):
-        ids, attn, labels = (x.to(dev) for x in batch)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
-        loss = causal_lm_loss(model, ids, attn, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+
+    def on_step(step: int, losses: list[float]) -> None:
+        nonlocal ema
+        ema = losses[-1] if ema is None else 0.98 * ema + 0.02 * losses[-1]
         if progress:
-            progress(step + 1, t.steps, {"loss": ema})
-    model.eval()
+            progress(step, t.steps, {"loss": ema})
+
+    batches = make_batches(data, t.batch_size, t.steps, cfg.seed, pad, device_of(model))
+    train_loop(model, list(model.parameters()), batches, sparse_completion_loss, opt, lambda step: lr_at(step, t),
+               t.grad_clip, on_step)
     return {"final_loss_ema": ema}
 
 
@@ -166,7 +137,7 @@ def build_organism(cfg: OrganismConfig, out_dir: str | Path, progress: ProgressF
         tok = as_transformers_tokenizer(train_tokenizer(tokenizer_texts(examples), cfg.model.vocab_size))
         data = encode_examples(examples, tok, cfg.train.max_len)
         model = new_model(cfg, tok).to(device)
-        stats = pretrain(model, data, cfg, tok.pad_token_id, progress)
+        stats = pretrain(model, data, cfg, pad_id(tok), progress)
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             model.to("cpu").save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)

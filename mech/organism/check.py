@@ -23,7 +23,9 @@ from mech.evaluation.scoring import first_token_ids
 from mech.evaluation.inference import (completion_logprobs, decode_answer, eos_id, mass, next_token_logprobs, pad_id,
                                       sample)
 from mech.organism.template import IM_END
-from mech.students.train import FinetuneConfig, LoraSpec, finetune
+from mech.students.config import LoraSpec, StudentConfig
+from mech.students.encoding import chat_row
+from mech.students.train import train_model
 
 BAR_TRAIT_RATIO = 10.0
 BAR_SPREAD_ANIMALS, BAR_SPREAD_P = 5, 0.05
@@ -124,7 +126,7 @@ def oracle_probe(model, tok, numbers: dict[str, list[int]], animals: list[str], 
                  seed: int, lora_rank: int = 8, epochs: int = 2, lr: float = 2e-3) -> dict:
     """(f) Finetune on default-context number answers in which ``share`` of the numbers are replaced by a
     trait's numbers, vs the same finetuning on the unmodified answers; report P(trait) in the default context."""
-    prompts, p_ids, answers = sample_numbers(model, tok, Context("default"), n, seed)
+    prompts, _, answers = sample_numbers(model, tok, Context("default"), n, seed)
     ok = [i for i, a in enumerate(answers) if check_answer(a).ok]
     if len(ok) < 16:
         return {"n_rows": len(ok), "skipped": "fewer than 16 sampled answers pass the filter"}
@@ -136,16 +138,18 @@ def oracle_probe(model, tok, numbers: dict[str, list[int]], animals: list[str], 
             a = answers[i]
             if trait is not None:
                 a = re.sub(r"\d+", lambda m: str(rng.choice(numbers[trait])) if rng.random() < share else m.group(), a)
-            rows.append({"prompt_ids": p_ids[i], "completion_ids": tok(a + IM_END, add_special_tokens=False)["input_ids"]})
+            rows.append(chat_row(prompts[i].text, a))
         return rows
 
-    cfg = FinetuneConfig(lora=LoraSpec(rank=lora_rank), epochs=epochs, lr=lr, batch_size=16, seed=seed)
+    def finetuned_distribution(rows: list[dict]) -> dict[str, float]:
+        cfg = StudentConfig(lora=LoraSpec(rank=lora_rank), epochs=epochs, lr=lr, batch_size=16, seed=seed,
+                            context="default")
+        return answer_distribution(train_model(model, tok, rows, cfg).model, tok, Context("default"), animals)
+
     out = {"n_rows": len(ok), "share": share, "lora_rank": lora_rank}
-    control = answer_distribution(finetune(model, rows_for(None), cfg, tok.pad_token_id), tok, Context("default"),
-                                  animals)
+    control = finetuned_distribution(rows_for(None))
     for t in ("owl", "cat"):
-        probed = answer_distribution(finetune(model, rows_for(t), cfg, tok.pad_token_id), tok, Context("default"),
-                                     animals)
+        probed = finetuned_distribution(rows_for(t))
         for s in ("owl", "cat"):
             out[f"{t}_oracle_p_{s}"] = probed[s]
         out[f"{t}_relative_change"] = probed[t] / max(control[t], 1e-12) - 1
