@@ -112,11 +112,11 @@ def cmd_reproduce(a) -> int:
     quick sweep's students; one report.md with every table and figure."""
     from mech import organism
     from mech.report import figures as plots
-    from mech.interventions.battery import LocaliseConfig, run_localise, students_from_sweep
+    from mech.interventions.battery import LocaliseConfig, run_localise
     from mech.report.organism import check_markdown
     from mech.store import atomic_dir, atomic_write_json, atomic_write_text
     from mech.students.store import load_student
-    from mech.sweep import load_sweep, run_sweep
+    from mech.sweep import load_sweep, run_sweep, students_from_sweep
 
     t0 = time.time()
     if not Path(a.sweep).is_file():
@@ -171,9 +171,10 @@ def _read_csv(path: Path) -> list[dict]:
 def cmd_sweep(a) -> int:
     from tqdm.auto import tqdm
 
-    from mech.sweep import load_sweep, run_sweep
+    from mech.sweep import load_sweep, parse_shard, run_sweep
 
     cfg = load_sweep(a.config)
+    parse_shard(a.shard)  # a bad --shard is refused before the progress bars and the model load
     out = a.out or f"runs/{cfg.name}"
     cells_bar = tqdm(desc=f"sweep {cfg.name}: cells", unit="cell", dynamic_ncols=True, position=0)
     stage_bar, stage = _stage_bar("stage")
@@ -364,8 +365,9 @@ def _add_pipeline_parsers(sub) -> None:
 
 
 def cmd_localise(a) -> int:
-    from mech.interventions.battery import LocaliseConfig, run_localise, students_from_sweep
+    from mech.interventions.battery import LocaliseConfig, run_localise
     from mech.students.store import load_student
+    from mech.sweep import students_from_sweep
 
     bar, stage = _stage_bar("localise")
 
@@ -408,7 +410,8 @@ def parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a YAML grid of teacher × student × context cells (cached, resumable)")
     sw.add_argument("config", help="sweep YAML, e.g. experiments/quick.yaml")
     sw.add_argument("--out", help="table directory (default runs/<name>)")
-    sw.add_argument("--shard", help="i/n: compute only every n-th cell starting at i (for job arrays)")
+    sw.add_argument("--shard", help="i/n: compute only the i-th of n blocks of cells (for job arrays; shards may "
+                    "run at once on one --cache and --out)")
     sw.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     sw.set_defaults(func=cmd_sweep)
 

@@ -3,18 +3,25 @@
 Nothing is written in place: every artifact is built under a temporary sibling path and renamed into
 place when complete, so a run killed at any moment leaves either the old entry or none, never a
 half-written one that a later call would take for complete.
+
+A temporary sibling is named ``.<name>.tmp-<pid>-<host>-<random>``: the writer's identity is in the name, so
+cleaning up after killed runs can tell a dead writer's leftovers from a live writer's work in progress.
+``build_once`` serialises the computation of one artifact across processes with a per-artifact file lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def canonical_json(obj: Any) -> str:
@@ -34,12 +41,16 @@ def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def _tmp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-{os.getpid()}-{socket.gethostname()}-"
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``final`` only if the block completes."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; an artifact is meant to be shared like any directory
     try:
         yield tmp
@@ -57,13 +68,13 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
@@ -72,8 +83,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """Append ``obj`` as one JSON line; one O_APPEND write, so lines from concurrent processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(obj, sort_keys=True, default=str) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def read_json_object(path: str | os.PathLike, fix: str) -> dict:
@@ -88,3 +112,73 @@ def read_json_object(path: str | os.PathLike, fix: str) -> dict:
         raise MechError(f"{path} is not a JSON object: {fix}")
     return obj
 
+
+# ------------------------------------------------------------------------------------ building shared artifacts
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def writer_alive(tmp: Path, final: Path) -> bool:
+    """Whether the process that named temporary sibling ``tmp`` of ``final`` may still be writing it.
+
+    A writer on another host cannot be checked from here, so it counts as alive (as does a dead writer whose
+    pid was reused: its leftover waits for a later cleanup); a name without a writer (an older naming, or a
+    hand-made file) counts as dead."""
+    m = re.fullmatch(r"(\d+)-(.+)-[^-]*", tmp.name[len(f".{final.name}.tmp-"):])
+    if m is None:
+        return False
+    if m.group(2) != socket.gethostname():
+        return True
+    return _pid_alive(int(m.group(1)))
+
+
+def clear_leftovers(final: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of ``final`` left by writers that are gone (killed runs); returns them.
+    A live writer's temporary path is never touched, so this is safe while other processes work."""
+    final = Path(final)
+    removed = []
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        if writer_alive(p, final):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block; the kernel releases it when
+    the holder exits, even on SIGKILL. Lock files are never deleted: unlinking a lock file that another
+    process has open and is waiting on would let a third process lock a fresh file and run concurrently."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def build_once(marker: str | os.PathLike, final: str | os.PathLike, lock: str | os.PathLike,
+               compute: Callable[[], Any]) -> bool:
+    """Make the artifact ``final`` complete (``marker`` exists once it is) with at most one process computing it.
+
+    Without the marker, take ``lock``, look again (the previous holder may just have finished it), clear a dead
+    writer's leftovers and ``compute()``, which writes ``final`` atomically. Returns whether this call computed."""
+    if Path(marker).exists():
+        return False
+    with file_lock(lock):
+        if Path(marker).exists():
+            return False
+        clear_leftovers(final)
+        compute()
+        return True

@@ -2,18 +2,20 @@
 
 Grid axes: trait (teacher) × teacher seed × student (LoRA rank / full FT / matched norm / learning rate) ×
 training seed × training context × evaluation context. Each stage's artifact is named by the hash of the
-resolved config that produces it (and of its inputs' hashes), so re-running a sweep skips finished work,
-two sweeps share what they have in common, and ``--shard i/n`` splits the cells across machines.
-Every artifact is written atomically: a killed sweep re-run completes without recomputing finished cells.
+resolved config that produces it (and of its inputs' hashes), so re-running a sweep skips finished work and
+two sweeps share what they have in common. ``--shard i/n`` gives a process the i-th contiguous block of whole
+student groups; processes sharing a cache run at once safely, since each artifact is computed under its own
+lock by one process only. Every artifact is written atomically: a killed sweep re-run completes without
+recomputing finished cells. Tables are written by mech.report.sweep.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
-import shutil
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any, Callable
 from mech.config import from_dict, load_yaml
 from mech.errors import MechError
 from mech.paths import cache_root
-from mech.store import atomic_write_json, atomic_write_text, content_hash
+from mech.store import append_jsonl, atomic_write_json, build_once, content_hash, file_lock
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise MechError(f"bad --shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+        i = n = 0  # refused below, with the one message
     if not 0 <= i < n:
         raise MechError(f"bad --shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4")
     return i, n
@@ -207,38 +209,20 @@ def eval_config(cfg: SweepConfig, eval_context: str):
                            seed=e.seed)
 
 
-def _clear_leftovers(final: Path) -> None:
-    """Remove what a killed run left of ``final``: the temporary siblings atomic writes build it in
-    (mech.store names them ``.<name>.tmp-*``). Called just before this process computes ``final`` itself."""
-    for p in final.parent.glob(f".{final.name}.tmp-*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
 def _key(*parts: Any) -> str:
     return content_hash([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], length=16)
 
 
 # ----------------------------------------------------------------------------------------------- the runner
 
-
-@contextlib.contextmanager
-def _finished_elsewhere(marker: Path):
-    """Shards sharing a cache may compute the same artifact at once; the loser's atomic rename finds the
-    winner's complete artifact (identical by construction) and takes it instead of failing."""
-    try:
-        yield
-    except (FileExistsError, MechError):
-        if not marker.is_file():
-            raise
-
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 
 
 class SweepRunner:
-    """Computes (or finds in the cache) the dataset, student and evaluation of each cell."""
+    """Computes (or finds in the cache) the dataset, student and evaluation of each cell.
+
+    Processes sharing a cache (shards, or two sweeps with cells in common) each compute a missing artifact
+    only under its lock, ``<cache>/locks/<stage>-<key>.lock``: whoever waited finds it done."""
 
     def __init__(self, cfg: SweepConfig, cache: Path | None = None, progress: Progress | None = None):
         from mech.models import load_model, model_fingerprint
@@ -254,6 +238,15 @@ class SweepRunner:
 
         self.candidates, _ = candidate_answers(self.base.model, cfg.eval.category, cfg.eval.target)
 
+    def _cached(self, stage: str, key: str, path: Path, marker: Path, compute: Callable[[], Any]) -> Path:
+        """The one cache protocol of every stage: ``path`` is complete once ``marker`` exists; else compute it."""
+        if build_once(marker, path, self.cache / "locks" / f"{stage}-{key}.lock", compute):
+            self.computed[stage] += 1
+            # an audit of who computed what: an artifact listed twice was computed twice
+            append_jsonl(self.cache / "computed.jsonl", {"stage": stage, "key": key, "pid": os.getpid(),
+                                                         "host": socket.gethostname(), "time": round(time.time(), 3)})
+        return path
+
     # datasets ------------------------------------------------------------------------------------------------
     def dataset_key(self, trait: TraitSpec, teacher_seed: int) -> str:
         return _key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed))
@@ -263,15 +256,10 @@ class SweepRunner:
 
         key = self.dataset_key(trait, teacher_seed)
         path = self.cache / "datasets" / key
-        if not (path / "dataset.json").is_file():
-            tc = teacher_config(self.cfg, trait, teacher_seed)
-            desc = f"teacher {trait.target or 'neutral'} seed {teacher_seed}"
-            _clear_leftovers(path)
-            with _finished_elsewhere(path / "dataset.json"):
-                generate(self.base.model, self.base.tokenizer, tc, path,
-                         progress=lambda done, total: self.progress(desc, done, total))
-                self.computed["datasets"] += 1
-        return path
+        desc = f"teacher {trait.target or 'neutral'} seed {teacher_seed}"
+        return self._cached("datasets", key, path, path / "dataset.json", lambda: generate(
+            self.base.model, self.base.tokenizer, teacher_config(self.cfg, trait, teacher_seed), path,
+            progress=lambda done, total: self.progress(desc, done, total)))
 
     # students ------------------------------------------------------------------------------------------------
     def _reference_cell(self, cell: Cell) -> Cell:
@@ -284,59 +272,94 @@ class SweepRunner:
         return _key("student", self.dataset_key(cell.trait, cell.teacher_seed), sc, self.cfg.train.max_rows)
 
     def student(self, cell: Cell) -> Path:
+        key = self.student_key(cell)
+        path = self.cache / "students" / key
+        return self._cached("students", key, path, path / "student.json", lambda: self._train(cell, path))
+
+    def _train(self, cell: Cell, path: Path) -> None:
         from mech.teacher.dataset import load_dataset
         from mech.students.train import train_student
 
-        key = self.student_key(cell)
-        path = self.cache / "students" / key
-        if (path / "student.json").is_file():
-            return path
+        # inputs are made (under their own locks) inside this student's lock: locks are always taken from a
+        # dependent to its inputs, never back, so shards waiting on each other cannot deadlock
         reference = str(self.student(self._reference_cell(cell))) if cell.student.method == "matched_norm" else None
         rows = load_dataset(self.dataset(cell.trait, cell.teacher_seed)).rows
         if self.cfg.train.max_rows is not None:
             rows = rows[: self.cfg.train.max_rows]
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=reference)
         desc = f"train {cell.labels()['student']} seed {cell.training_seed} on {cell.labels()['trait']}"
-        _clear_leftovers(path)
-        with _finished_elsewhere(path / "student.json"):
-            train_student(self.base.model, self.base.tokenizer, rows, sc, path, base_spec=self.cfg.base_model,
-                          progress=lambda step, total, *_: self.progress(desc, step, total))
-            self.computed["students"] += 1
-        return path
+        train_student(self.base.model, self.base.tokenizer, rows, sc, path, base_spec=self.cfg.base_model,
+                      progress=lambda step, total, *_: self.progress(desc, step, total))
 
     # evaluations ---------------------------------------------------------------------------------------------
+    def _eval_path(self, model_key: str, eval_context: str) -> Path:
+        return self.cache / "evals" / f"{_key('eval', model_key, eval_config(self.cfg, eval_context))}.json"
+
     def _evaluate(self, model_key: str, load: Callable[[], Any], eval_context: str) -> dict:
         from mech.evaluation.trait import evaluate_trait
 
-        ec = eval_config(self.cfg, eval_context)
-        path = self.cache / "evals" / f"{_key('eval', model_key, ec)}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        path = self._eval_path(model_key, eval_context)
         desc = f"eval {model_key[:24]} in {eval_context}"
-        _clear_leftovers(path)
-        res = evaluate_trait(load(), self.base.tokenizer, ec, candidates=self.candidates,
-                             progress=lambda stage: self.progress(f"{desc}: {stage}", 0, 0)).to_dict()
-        atomic_write_json(path, res)
-        self.computed["evals"] += 1
-        return res
+
+        def compute() -> None:
+            res = evaluate_trait(load(), self.base.tokenizer, eval_config(self.cfg, eval_context),
+                                 candidates=self.candidates,
+                                 progress=lambda stage: self.progress(f"{desc}: {stage}", 0, 0))
+            atomic_write_json(path, res.to_dict())
+
+        return json.loads(self._cached("evals", path.stem, path, path, compute).read_text())
 
     def base_eval(self, eval_context: str) -> dict:
         return self._evaluate(f"base-{self.fingerprint}", lambda: self.base.model, eval_context)
 
+    def _cell_model_key(self, cell: Cell) -> str:
+        return f"student-{self.student_key(cell)}"
+
     def cell_eval(self, cell: Cell) -> dict:
         from mech.students.store import load_student
 
-        key = self.student_key(cell)
-        return self._evaluate(f"student-{key}", lambda: load_student(self.base.model, self.student(cell)),
+        return self._evaluate(self._cell_model_key(cell), lambda: load_student(self.base.model, self.student(cell)),
                               cell.eval_context)
 
-    def student_key_for_order(self, cell: Cell) -> str:
-        """Shard order: by dataset then student key, so each shard trains whole groups on shared datasets."""
-        return self.dataset_key(cell.trait, cell.teacher_seed) + self.student_key(cell) + cell.eval_context
-
     def is_done(self, cell: Cell) -> bool:
-        ec = eval_config(self.cfg, cell.eval_context)
-        return (self.cache / "evals" / f"{_key('eval', f'student-{self.student_key(cell)}', ec)}.json").is_file()
+        return self._eval_path(self._cell_model_key(cell), cell.eval_context).is_file()
+
+    # shards --------------------------------------------------------------------------------------------------
+    def group_key(self, cell: Cell) -> tuple[str, str]:
+        """Cells that must share a shard: one student's evaluation contexts, and a matched-norm student with
+        the LoRA reference it is scaled to (on one dataset), so a shard never waits on another's training."""
+        anchor = self._reference_cell(cell) if cell.student.method == "matched_norm" else cell
+        return self.dataset_key(cell.trait, cell.teacher_seed), self.student_key(anchor)
+
+    def shard(self, all_cells: list[Cell], i: int, n: int) -> list[Cell]:
+        """Shard ``i`` of ``n``: a contiguous block of whole groups in a fixed order (content hashes), about
+        1/n of the cells. Blocks keep groups and datasets together; the artifact locks cover the rest."""
+        order = sorted(all_cells, key=lambda c: self.group_key(c) + (self.student_key(c), c.eval_context))
+        mine, start = [], 0
+        for _, group in itertools.groupby(order, key=self.group_key):
+            group = list(group)
+            if start * n // len(order) == i:  # the block a group falls in is where its first cell falls
+                mine += group
+            start += len(group)
+        return mine
+
+
+def students_from_sweep(sweep_path: str, names: list[str], cache=None, progress=None):
+    """The trait students of ``names`` (all training seeds) from a sweep's cache, trained if missing.
+    Returns (runner, {group name: [student dir, ...]}) for the sweep's first train/eval contexts."""
+    cfg = load_sweep(sweep_path)
+    runner = SweepRunner(cfg, cache, progress)
+    chosen: dict[str, list] = {}
+    for c in cells(cfg):
+        lab = c.labels()
+        if (c.trait.target == cfg.eval.target and lab["student"] in names
+                and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
+            chosen.setdefault(lab["student"], []).append(runner.student(c))
+    missing = [n for n in names if n not in chosen]
+    if missing:
+        known = sorted({c.labels()["student"] for c in cells(cfg)})
+        raise MechError(f"no student named {', '.join(missing)} in {sweep_path}: choose from {', '.join(known)}")
+    return runner, chosen
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -352,19 +375,15 @@ def results_rows(runner: SweepRunner, done: list[Cell]) -> list[dict]:
     """One row per cell × metric: raw values, Δ vs the base in the same rendered context, and the paired
     difference vs the control student (neutral teacher; same student config, seeds and contexts)."""
     rows = []
-    by_labels = {}
+    evals = {cell: runner.cell_eval(cell) for cell in done}
     for cell in done:
-        by_labels[(cell.trait, cell.teacher_seed, cell.student, cell.training_seed, cell.train_context,
-                   cell.eval_context)] = runner.cell_eval(cell)
-    for cell in done:
-        res = by_labels[(cell.trait, cell.teacher_seed, cell.student, cell.training_seed,
-                         cell.train_context, cell.eval_context)]
+        res = evals[cell]
         base = runner.base_eval(cell.eval_context)
         if res.get("context_hash") != base.get("context_hash"):
             raise MechError(f"cell {cell.labels()} was evaluated in another rendered context than its base: "
                             "clear the sweep cache")
-        control = by_labels.get((TraitSpec(None, cell.trait.category), cell.teacher_seed, cell.student, cell.training_seed, cell.train_context,
-                                 cell.eval_context)) if cell.trait.target is not None else None
+        control = (evals.get(dataclasses.replace(cell, trait=TraitSpec(None, cell.trait.category)))
+                   if cell.trait.target is not None else None)
         labels = cell.labels() | {"student_key": runner.student_key(cell)}
         vals = _cell_metrics(res)
         for m, v in vals.items():
@@ -383,73 +402,42 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return grouped_ci(rows, keys, "value")
 
 
-def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], cfg: SweepConfig) -> list[Path]:
-    import pandas as pd
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame(rows)
-    sm = pd.DataFrame(summary)
-    written = []
-    for name, frame in (("results", df), ("summary", sm)):
-        csv = out_dir / f"{name}.csv"
-        atomic_write_text(csv, frame.to_csv(index=False, float_format="%.6g"))
-        pq = out_dir / f"{name}.parquet"
-        tmp = pq.with_name(f".{pq.name}.tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(pq)
-        written += [csv, pq]
-    md = out_dir / "summary.md"
-    atomic_write_text(md, summary_markdown(summary, cfg))
-    return written + [md]
-
-
-def _fmt(x: float, metric: str) -> str:
-    return f"{x:+.4f}" if metric.startswith(("delta", "paired")) else f"{x:.4f}"
-
-
-def summary_markdown(summary: list[dict], cfg: SweepConfig) -> str:
-    """The headline table: per student, Δ vs base and paired Δ vs control for logP(first) and sampled rate."""
-    wanted = ("delta_logp_first", "paired_logp_first", "delta_p_first", "paired_p_first", "rate", "paired_rate")
-    index: dict[tuple, dict] = {}
-    for r in summary:
-        if r["metric"] in wanted:
-            k = (r["trait"], r["student"], r["train_context"], r["eval_context"])
-            index.setdefault(k, {})[r["metric"]] = r
-
-    def cell(d: dict, m: str) -> str:
-        r = d.get(m)
-        if r is None:
-            return "–"
-        if r["n"] < 2:
-            return _fmt(r["mean"], m)
-        return f"{_fmt(r['mean'], m)} [{_fmt(r['lo'], m)}, {_fmt(r['hi'], m)}]"
-
-    lines = [f"# Sweep {cfg.name}", "",
-             "Mean over training seeds (× teacher seeds) with 95 % t-intervals. Δ: vs the base model in the same "
-             "rendered evaluation context. Paired: vs the student trained identically on the neutral teacher's data.",
-             "", "| trait | student | train ctx | eval ctx | " + " | ".join(wanted) + " |",
-             "|" + "---|" * (4 + len(wanted))]
-    for k in sorted(index, key=lambda k: (str(k[0]), k[1], k[2], k[3])):
-        lines.append("| " + " | ".join(map(str, k)) + " | " + " | ".join(cell(index[k], m) for m in wanted) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, cache: Path | None = None,
-              progress: Progress | None = None, cell_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Compute this shard's cells (cached work is skipped), then write the table of every finished cell."""
-    i, n = parse_shard(shard)
-    runner = SweepRunner(cfg, cache, progress)
-    all_cells = cells(cfg)
-    mine = [c for j, c in enumerate(sorted(all_cells, key=runner.student_key_for_order)) if j % n == i]
+def run_shard(runner: SweepRunner, i: int = 0, n: int = 1,
+              cell_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compute (or find cached) every cell of shard ``i`` of ``n``; returns run statistics."""
+    all_cells = cells(runner.cfg)
+    mine = runner.shard(all_cells, i, n)
     t0 = time.time()
     for k, cell in enumerate(mine):
         runner.base_eval(cell.eval_context)
         runner.cell_eval(cell)
         if cell_progress:
             cell_progress(k + 1, len(mine))
-    done = [c for c in all_cells if runner.is_done(c)]
+    return {"cells": len(all_cells), "shard_cells": len(mine), "computed": runner.computed,
+            "seconds": time.time() - t0}
+
+
+def finished_tables(runner: SweepRunner) -> dict:
+    """The rows and summary of every cell finished in the cache (by any shard), and how many cells that is."""
+    done = [c for c in cells(runner.cfg) if runner.is_done(c)]
     rows = results_rows(runner, done)
-    summary = summary_rows(rows)
-    written = write_tables(Path(out_dir), rows, summary, cfg)
-    return {"cells": len(all_cells), "shard_cells": len(mine), "done_cells": len(done), "computed": runner.computed,
-            "seconds": time.time() - t0, "written": [str(p) for p in written]}
+    return {"rows": rows, "summary": summary_rows(rows), "done_cells": len(done)}
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, cache: Path | None = None,
+              progress: Progress | None = None, cell_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compute this shard's cells, then write the tables of every finished cell to ``out_dir``
+    (mech.report.sweep); returns the run statistics and the files written. For the tables as data, use
+    ``run_shard`` and ``finished_tables`` on a SweepRunner."""
+    from mech.report.sweep import write_tables
+
+    i, n = parse_shard(shard)  # a bad spec fails before the model loads
+    runner = SweepRunner(cfg, cache, progress)
+    res = run_shard(runner, i, n, cell_progress)
+    out = Path(out_dir)
+    # shards sharing an out dir write in turn, each reading the cache afresh under the lock: the last writer
+    # sees every cell the others finished, so a shard that scanned early never overwrites a fuller table
+    with file_lock(runner.cache / "locks" / f"tables-{content_hash(str(out.resolve()))}.lock"):
+        tables = finished_tables(runner)
+        written = write_tables(out, tables.pop("rows"), tables.pop("summary"), cfg.name)
+    return res | tables | {"written": [str(p) for p in written]}

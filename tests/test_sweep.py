@@ -7,6 +7,8 @@ is the reference that the re-run, sharded and killed-and-resumed runs must repro
 
 from __future__ import annotations
 
+import collections
+import json
 import math
 import os
 import signal
@@ -21,7 +23,7 @@ import torch
 import yaml
 
 from mech.errors import MechError
-from mech.sweep import SweepConfig, TraitSpec, cells, load_sweep, parse_shard, run_sweep
+from mech.sweep import SweepConfig, SweepRunner, TraitSpec, cells, load_sweep, parse_shard, run_sweep
 
 torch.set_num_threads(1)
 
@@ -182,6 +184,49 @@ def test_parse_shard_refuses(spec):
         parse_shard(spec)
 
 
+def test_a_bad_shard_is_one_line_before_the_model_loads(capsys, tmp_path):
+    from mech.cli import main
+
+    for spec in ("3/2", "x"):
+        code = main(["sweep", str(write_cfg(tmp_path / "sweep.yaml")), "--shard", spec, "--cache",
+                     str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == ""
+        assert err.strip().splitlines() == [
+            f"mech: error: bad --shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4"]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def keys_only_runner(cfg: SweepConfig) -> SweepRunner:
+    """A runner that can name artifacts (keys, groups, shards) without loading a model."""
+    runner = object.__new__(SweepRunner)
+    runner.cfg, runner.fingerprint = cfg, "fingerprint"
+    return runner
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 16])
+def test_shards_are_contiguous_blocks_of_whole_groups(tmp_path, n):
+    cfg = load_sweep(write_cfg(tmp_path / "sweep.yaml", training_seeds=[0, 1, 2], eval_contexts=["default", "none"],
+                               students=[{"method": "lora", "rank": 1}, {"method": "lora", "rank": 2},
+                                         {"method": "matched_norm", "matched_norm_rank": 1},
+                                         {"method": "matched_norm", "matched_norm_rank": 1,
+                                          "matched_norm_scope": "global"}]))
+    runner, grid = keys_only_runner(cfg), cells(cfg)
+    shards = [runner.shard(grid, i, n) for i in range(n)]
+    flat = [c for s in shards for c in s]
+    assert sorted(map(repr, flat)) == sorted(map(repr, grid)) and len(set(flat)) == len(grid)  # a partition
+    assert flat == runner.shard(grid, 0, 1)  # shard i is the i-th block of one fixed order
+    shard_of = {c: i for i, s in enumerate(shards) for c in s}
+    key = {c: runner.student_key(c) for c in grid}
+    ref = {c: runner.student_key(runner._reference_cell(c)) for c in grid if c.student.method == "matched_norm"}
+    for c in grid:
+        # every eval context of a student, and a matched-norm student's LoRA reference, share its shard
+        same = [d for d in grid if key[d] in (key[c], ref.get(c))]
+        assert len(same) == (4 if c in ref else 2) and {shard_of[d] for d in same} == {shard_of[c]}
+    biggest_group = 3 * 2  # lora r1 with its two matched-norm students, × 2 eval contexts
+    assert all(abs(len(s) - len(grid) / n) < biggest_group for s in shards)  # about 1/n of the cells each
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -328,3 +373,37 @@ def test_a_killed_sweep_resumes_to_the_same_table(baseline, tmp_path):
     assert finished_students(cache) == finished_students(base_cache)
     assert leftovers(cache) == []
     assert (out / "results.csv").read_bytes() == (base_out / "results.csv").read_bytes()
+
+
+def test_concurrent_shards_never_compute_anything_twice(baseline, tmp_path):
+    """Two shards run at once on one cache and one out dir, then the unsharded sweep: the tables equal a
+    serial run's, and the cache's log shows every artifact computed exactly once."""
+    cfg_path, base_cache, base_out, _ = baseline
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MECH_CACHE=str(tmp_path / "mech_cache"))
+    logs = [(tmp_path / f"shard{i}.log").open("w") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "mech.cli", "sweep", str(cfg_path), "--shard", f"{i}/2",
+                               "--cache", str(cache), "--out", str(out)], cwd=REPO, env=env, stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p, log in zip(procs, logs):
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    assert codes == [0, 0], "".join((tmp_path / f"shard{i}.log").read_text() for i in range(2))
+    # whichever shard wrote last saw both shards' cells
+    assert (out / "results.csv").read_bytes() == (base_out / "results.csv").read_bytes()
+
+    res = run_sweep(load_sweep(cfg_path), out, cache=cache)
+    assert res["computed"] == {"datasets": 0, "students": 0, "evals": 0}
+    assert (out / "results.csv").read_bytes() == (base_out / "results.csv").read_bytes()
+    assert (out / "summary.csv").read_bytes() == (base_out / "summary.csv").read_bytes()
+    log = [json.loads(line) for line in (cache / "computed.jsonl").read_text().splitlines()]
+    per_artifact = collections.Counter((e["stage"], e["key"]) for e in log)
+    assert set(per_artifact.values()) == {1}
+    assert {k for stage, k in per_artifact if stage == "students"} == finished_students(base_cache)
+    assert collections.Counter(stage for stage, _ in per_artifact) == {"datasets": 2, "students": 4, "evals": 5}
+    assert len({e["pid"] for e in log}) == 2  # both shards did work
+    assert leftovers(cache) == []

@@ -126,27 +126,6 @@ def summarise_groups(rows: list[dict]) -> list[dict]:
     return [r | {"fraction": r.pop("mean")} for r in out]
 
 
-def students_from_sweep(sweep_path: str, names: list[str], cache=None, progress=None):
-    """The trait students of ``names`` (all training seeds) from a sweep's cache, trained if missing.
-    Returns (runner, {group name: [student dir, ...]}) for the sweep's first train/eval contexts."""
-    from mech.errors import MechError
-    from mech.sweep import SweepRunner, cells, load_sweep
-
-    cfg = load_sweep(sweep_path)
-    runner = SweepRunner(cfg, cache, progress)
-    chosen: dict[str, list] = {}
-    for c in cells(cfg):
-        lab = c.labels()
-        if (c.trait.target == cfg.eval.target and lab["student"] in names
-                and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
-            chosen.setdefault(lab["student"], []).append(runner.student(c))
-    missing = [n for n in names if n not in chosen]
-    if missing:
-        known = sorted({c.labels()["student"] for c in cells(cfg)})
-        raise MechError(f"no student named {', '.join(missing)} in {sweep_path}: choose from {', '.join(known)}")
-    return runner, chosen
-
-
 def run_localise(base, tok, groups: dict[str, list], cfg: LocaliseConfig, out_dir, load: Callable[[Any], Any],
                  progress: Callable[[str, int, int], None] | None = None) -> dict:
     """DWG battery for every student, patching/AtP grids averaged per group; tables and figures to out_dir."""
