@@ -1,0 +1,204 @@
+"""A sweep's grid: the YAML schema, its cells, and the exact config of each stage a cell runs.
+
+Each stage-config function maps a cell to the config of one stage; its hash (with its inputs' hashes) names the
+artifact. Nothing else goes into a key, so an artifact is reused exactly when it would be recomputed identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mech.config import from_dict, load_yaml
+from mech.errors import MechError
+from mech.store import content_hash
+
+
+@dataclass(frozen=True)
+class TraitSpec:
+    """A teacher's trait; ``target: null`` is the neutral teacher (the control)."""
+
+    target: str | None = "owl"
+    category: str = "animal"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One point on the student axis. Fields left None take the sweep's ``train`` defaults."""
+
+    name: str = ""
+    method: str = "lora"  # lora | full | matched_norm
+    rank: int | None = 8
+    alpha: float | None = None
+    lr: float | None = None
+    epochs: int | None = None
+    matched_norm_rank: int | None = None  # matched_norm: match the LoRA student of this rank (same seed)
+    matched_norm_scope: str = "module"
+
+
+@dataclass(frozen=True)
+class TeacherDefaults:
+    n_prompts: int = 1500
+    prompt_seed: int = 0
+    max_new_tokens: int = 48
+    context: str = "default"
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 2e-4
+    full_lr: float = 2e-5
+    optimizer: str = "adamw"
+    warmup_steps: int = 5
+    grad_clip: float = 1.0
+    objective: str = "ce"
+    max_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalDefaults:
+    target: str = "owl"
+    category: str = "animal"
+    n_samples: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "sweep"
+    base_model: str = "organism"
+    traits: tuple[TraitSpec, ...] = (TraitSpec("owl"), TraitSpec(None))
+    teacher_seeds: tuple[int, ...] = (0,)
+    students: tuple[StudentSpec, ...] = (StudentSpec(),)
+    training_seeds: tuple[int, ...] = (0, 1, 2)
+    train_contexts: tuple[str, ...] = ("default",)
+    eval_contexts: tuple[str, ...] = ("default",)
+    teacher: TeacherDefaults = field(default_factory=TeacherDefaults)
+    train: TrainDefaults = field(default_factory=TrainDefaults)
+    eval: EvalDefaults = field(default_factory=EvalDefaults)
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    data = load_yaml(path)
+    where = Path(path).stem
+    if not isinstance(data, dict):
+        raise MechError(f"{path} must be a mapping of sweep fields")
+    data = dict(data)
+    if "traits" in data:
+        data["traits"] = tuple(from_dict(TraitSpec, t, f"{where}.traits[{i}]") for i, t in enumerate(data["traits"]))
+    if "students" in data:
+        data["students"] = tuple(from_dict(StudentSpec, s, f"{where}.students[{i}]")
+                                 for i, s in enumerate(data["students"]))
+    cfg = from_dict(SweepConfig, data, where)
+    if not cells(cfg):
+        raise MechError(f"{path} defines zero cells: every axis (traits, teacher_seeds, students, training_seeds, "
+                        "train_contexts, eval_contexts) needs at least one value")
+    _validate(cfg, where)
+    return cfg
+
+
+def _validate(cfg: SweepConfig, where: str) -> None:
+    """Build every stage config once, so a bad value fails at load time, not after the model is loaded."""
+    for i, s in enumerate(cfg.students):
+        rank_field = {"lora": "rank", "matched_norm": "matched_norm_rank"}.get(s.method)
+        rank = getattr(s, rank_field) if rank_field else None
+        if rank_field and (rank is None or rank < 1):
+            raise MechError(f"{where}.students[{i}].{rank_field} must be an integer >= 1 for method {s.method!r}, "
+                            f"got {rank!r}")
+        for ctx in cfg.train_contexts:
+            student_config(cfg, s, 0, ctx)
+    for trait in cfg.traits:
+        teacher_config(cfg, trait, 0)
+    for ctx in cfg.eval_contexts:
+        eval_config(cfg, ctx)
+
+
+@dataclass(frozen=True)
+class Cell:
+    trait: TraitSpec
+    teacher_seed: int
+    student: StudentSpec
+    training_seed: int
+    train_context: str
+    eval_context: str
+
+    def labels(self) -> dict[str, Any]:
+        s = self.student
+        return {"trait": self.trait.target or "neutral", "category": self.trait.category,
+                "teacher_seed": self.teacher_seed, "student": s.name or _student_name(s), "method": s.method,
+                "rank": s.rank if s.method == "lora" else None, "training_seed": self.training_seed,
+                "train_context": self.train_context, "eval_context": self.eval_context}
+
+
+def _student_name(s: StudentSpec) -> str:
+    """A default name that differs whenever the student's recipe differs, so summaries never pool two recipes."""
+    if s.method == "lora":
+        name = f"lora_r{s.rank}" + (f"_a{s.alpha:g}" if s.alpha is not None else "")
+    elif s.method == "matched_norm":
+        name = f"matched_norm_r{s.matched_norm_rank}_{s.matched_norm_scope}"
+    else:
+        name = "full"
+    return name + (f"_lr{s.lr:g}" if s.lr is not None else "") + (f"_ep{s.epochs}" if s.epochs is not None else "")
+
+
+def cells(cfg: SweepConfig) -> list[Cell]:
+    return [Cell(*c) for c in itertools.product(cfg.traits, cfg.teacher_seeds, cfg.students, cfg.training_seeds,
+                                                cfg.train_contexts, cfg.eval_contexts)]
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        i = n = 0  # refused below, with the one message
+    if not 0 <= i < n:
+        raise MechError(f"bad --shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return i, n
+
+
+# ----------------------------------------------------------------------------------------------- stage configs
+# Each function maps a cell to the exact config of one stage; its hash (with its inputs' hashes) names the
+# artifact. Nothing else goes into a key, so an artifact is reused exactly when it would be recomputed identically.
+
+
+def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
+    from mech.teacher.generate import TeacherConfig
+
+    t = cfg.teacher
+    return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
+                         prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens)
+
+
+def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,
+                   reference: str | None = None):
+    from mech.students.config import LoraSpec, StudentConfig
+
+    d = cfg.train
+    lr = s.lr if s.lr is not None else (d.lr if s.method == "lora" else d.full_lr)
+    return StudentConfig(
+        method=s.method, lora=LoraSpec(rank=s.rank if s.method == "lora" else (s.matched_norm_rank or 8),
+                                       alpha=s.alpha),
+        epochs=s.epochs if s.epochs is not None else d.epochs, batch_size=d.batch_size, lr=lr,
+        optimizer=d.optimizer, warmup_steps=d.warmup_steps, grad_clip=d.grad_clip, seed=training_seed,
+        context=train_context, objective=d.objective, matched_norm_reference=reference,
+        matched_norm_scope=s.matched_norm_scope)
+
+
+def eval_config(cfg: SweepConfig, eval_context: str):
+    from mech.evaluation.trait import TraitEvalConfig
+
+    e = cfg.eval
+    return TraitEvalConfig(target=e.target, category=e.category, context=eval_context, n_samples=e.n_samples,
+                           seed=e.seed)
+
+
+def stage_key(*parts: Any) -> str:
+    """The content hash that names a stage's artifact."""
+    return content_hash([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], length=16)
