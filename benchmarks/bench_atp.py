@@ -91,18 +91,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     per_site = {}
     for site in SITES:
-        effect = exact[site].metric - exact[site].clean
+        effect = exact[site].change
         row = {
-            "spearman_atp": spearman(est[site].scores, effect),
-            "spearman_atp_abs": spearman(est[site].scores.abs(), effect.abs()),
+            "spearman_atp": spearman(est[site].change, effect),
+            "spearman_atp_abs": spearman(est[site].change.abs(), effect.abs()),
             "max_abs_effect": float(effect.abs().max()),
-            "max_abs_error_atp": float((est[site].scores - effect).abs().max()),
+            "max_abs_error_atp": float((est[site].change - effect).abs().max()),
         }
         if site in ("q", "k"):
             row.update({
-                "spearman_atp_star": spearman(star[site].scores, effect),
-                "spearman_atp_star_abs": spearman(star[site].scores.abs(), effect.abs()),
-                "max_abs_error_atp_star": float((star[site].scores - effect).abs().max()),
+                "spearman_atp_star": spearman(star[site].change, effect),
+                "spearman_atp_star_abs": spearman(star[site].change.abs(), effect.abs()),
+                "max_abs_error_atp_star": float((star[site].change - effect).abs().max()),
             })
         per_site[site] = row
 
@@ -114,10 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
         "student": {"kind": "lora", "rank": args.rank, "targets": "all", "lora_B_std": args.lora_std,
                     "seed": args.seed},
         "prompt": {"context": "default", "question": questions("animal")[0], "n_tokens": len(rendered)},
-        "metric": {"clean_base": exact["resid"].clean, "student": exact["resid"].source,
+        "metric": {"clean_base": exact["resid"].base, "student": exact["resid"].student,
                    "effect": exact["resid"].effect},
         "n_layers": surgery.num_layers(base),
-        "cells_per_site": int(exact["resid"].metric.numel()),
+        "cells_per_site": int(exact["resid"].values.numel()),
         "per_site": per_site,
         "seconds": {"exact_all_sites": t_exact, "atp_all_sites": t_atp, "atp_star_all_sites": t_star,
                     "exact_resid": t_exact_resid, "atp_resid": t_atp_resid},

@@ -112,7 +112,8 @@ def cmd_reproduce(a) -> int:
     quick sweep's students; one report.md with every table and figure."""
     from mech import organism
     from mech.report import figures as plots
-    from mech.interventions.battery import LocaliseConfig, run_localise
+    from mech.interventions.battery import LocaliseConfig
+    from mech.report.localise import run_localise
     from mech.report.organism import check_markdown
     from mech.store import atomic_dir, atomic_write_json, atomic_write_text
     from mech.students.store import load_student
@@ -365,7 +366,8 @@ def _add_pipeline_parsers(sub) -> None:
 
 
 def cmd_localise(a) -> int:
-    from mech.interventions.battery import LocaliseConfig, run_localise
+    from mech.interventions.battery import LocaliseConfig
+    from mech.report.localise import run_localise
     from mech.students.store import load_student
     from mech.sweep import students_from_sweep
 

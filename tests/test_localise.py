@@ -32,8 +32,8 @@ CFG = LocaliseConfig(positions=("all", "shared", "user"), components=("all", "at
                      layers=("all", "first_half", "second_half"), n_questions=4)
 
 
-def by_name(rows):
-    return {r["mask"]: r["fraction"] for r in rows}
+def by_name(effects):
+    return {e.name: float(e.fraction[0, 0]) for e in effects}
 
 
 def test_battery_skips_segments_the_prompt_lacks():
@@ -64,7 +64,7 @@ def test_planted_attention_first_layer(organism):
 
 
 def test_summarise_groups_ci():
-    rows = [{"group": "g", "mask": "m", "positions": "all", "components": "all", "layers": "all",
+    rows = [{"group": "g", "name": "m", "position": "all", "site": "all", "layer": "all",
              "mode": "sufficiency", "fraction": v} for v in (0.9, 1.0, 1.1)]
     (s,) = summarise_groups(rows)
     assert s["fraction"] == pytest.approx(1.0) and s["n"] == 3 and s["lo"] < 1.0 < s["hi"]
@@ -80,3 +80,37 @@ def test_cli_unknown_student_is_a_one_line_error(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars share stderr; the error is one line
     assert code == 2 and last.startswith("mech: error:") and "lora_r3" in last and "lora_r2" in last
     assert not (tmp_path / "o").exists()
+
+
+def test_report_writes_what_the_battery_computed(tmp_path, monkeypatch, organism_tokenizer):
+    """The report layer alone turns a computed Localisation (here planted, no model) into tables and figures."""
+    from mech.context import render
+    from mech.interventions.battery import GroupGrids, Localisation, student_rows
+    from mech.interventions.result import Effect
+    from mech.report import figures
+    from mech.report.localise import write_localise
+
+    monkeypatch.setattr(figures, "png_available", lambda: False)  # HTML only: no browser needed
+    cfg = LocaliseConfig(patch_sites=("resid", "mlp"))
+    loc = Localisation(cfg)
+    for k, value in enumerate((-2.2, -1.8)):  # base −3, student −1: fractions 0.4 and 0.6
+        effects = [Effect(method="dwg", site="all", layers=["all"], positions=["user"], mode=mode, base=-3.0,
+                          student=-1.0, values=torch.tensor([[value]]), name=f"user|all|all|{mode}")
+                   for mode in ("sufficiency", "necessity")]
+        loc.rows += student_rows(effects, "g", f"s{k}")
+    loc.summary = summarise_groups(loc.rows)
+    r = render(organism_tokenizer, "default", "What is your favourite animal?")
+    grid = {site: torch.linspace(-1, 1, 2 * len(r)).reshape(2, len(r)) for site in cfg.patch_sites}
+    loc.grids["g"] = GroupGrids(rendered=r, shared=[False] * len(r), change={"exact": grid, "atp": grid},
+                                n_students=2)
+
+    res = write_localise(loc, tmp_path)
+    assert res["rows"] == 4 and {p.name for p in tmp_path.iterdir()} >= {"localise.csv", "localise_students.csv",
+                                                                         "localise.md", "figures"}
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "atp_mlp_g.html", "atp_resid_g.html", "dwg_g.html", "exact_mlp_g.html", "exact_resid_g.html"]
+    md = (tmp_path / "localise.md").read_text()
+    assert "| g | user | all | all | +0.50 [" in md
+    students = (tmp_path / "localise_students.csv").read_text().splitlines()
+    assert students[0].startswith("method,name,site,layer,position,mode,value,base,student,effect,fraction")
+    assert len(students) == 5 and ",0.4," in students[1]

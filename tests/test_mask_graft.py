@@ -21,7 +21,8 @@ from mech.interventions.graft import (
     graft_metric,
     grafted,
 )
-from mech.interventions.mask import Mask, complement, model_cells, resolve_positions, single_position_masks
+from mech.interventions.mask import Mask, complement, model_cells, single_position_masks
+from mech.interventions.positions import resolve_positions
 from mech.models import COMPONENTS, get_layers, get_projection, lora_modules
 from mech.students.config import LoraSpec
 from mech.students.store import merged

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from mech.context import render, shared_positions
 from mech.errors import MechError
 from mech.interventions.attribution import atp, atp_star, attribution_patching, average_ranks, spearman
 from mech.interventions.patching import (
@@ -15,8 +16,9 @@ from mech.interventions.patching import (
     last_logits,
     patched_last_logits,
     patching_sweep,
-    resolve_positions,
 )
+from mech.interventions.mask import Mask
+from mech.interventions.positions import resolve_positions
 from mech.models import surgery
 from mech.students.config import LoraSpec
 from mech.students.train import with_lora
@@ -113,13 +115,13 @@ def test_batched_positions_equal_one_position_at_a_time(base):
     single = patching_sweep(base, student, PROMPT, METRIC, sites=sites, batch_size=1)
     acts = cache_activations(student, PROMPT, [("attn", 1)])
     for site in sites:
-        torch.testing.assert_close(batched[site].metric, single[site].metric, atol=1e-5, rtol=0)
-        torch.testing.assert_close(batched[site].metric_all, single[site].metric_all, atol=1e-5, rtol=0)
-        assert batched[site].metric.shape == (3, len(PROMPT))
+        torch.testing.assert_close(batched[site].values, single[site].values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched[site].values_all, single[site].values_all, atol=1e-5, rtol=0)
+        assert batched[site].values.shape == (3, len(PROMPT))
     one = [float(METRIC(patched_last_logits(base, PROMPT, "attn", 1, acts[("attn", 1)], [[p]]))[0])
            for p in range(len(PROMPT))]
-    torch.testing.assert_close(batched["attn"].metric[1], torch.tensor(one), atol=1e-5, rtol=0)
-    assert batched["attn"].metric[1].std() > 1e-4  # positions really differ
+    torch.testing.assert_close(batched["attn"].values[1], torch.tensor(one), atol=1e-5, rtol=0)
+    assert batched["attn"].values[1].std() > 1e-4  # positions really differ
 
 
 def test_planted_mlp_effect_is_found_at_its_layer(base, planted):
@@ -128,16 +130,16 @@ def test_planted_mlp_effect_is_found_at_its_layer(base, planted):
     assert abs(mlp.effect) > 1e-2
     assert mlp.fraction_all[1].item() == pytest.approx(1.0, abs=1e-3)  # the planted site carries it all
     # before it the models agree: patching changes nothing (up to batched-matmul rounding)
-    assert (mlp.metric[0] - mlp.clean).abs().max().item() < 1e-5
-    assert abs(mlp.metric_all[0].item() - mlp.clean) < 1e-5
-    assert abs(res["resid"].metric_all[0].item() - mlp.clean) < 1e-5
+    assert (mlp.values[0] - mlp.clean).abs().max().item() < 1e-5
+    assert abs(mlp.values_all[0].item() - mlp.clean) < 1e-5
+    assert abs(res["resid"].values_all[0].item() - mlp.clean) < 1e-5
     assert res["resid"].fraction_all[-1].item() == pytest.approx(1.0, abs=1e-3)
     assert 0.05 < abs(mlp.fraction_all[2].item() - 1.0)  # after it: only a knock-on share, not the effect
 
     noised = patching_sweep(base, planted, PROMPT, METRIC, sites="mlp", direction="noising")["mlp"]
     assert noised.clean == pytest.approx(mlp.source) and noised.source == pytest.approx(mlp.clean)
-    assert noised.fraction_all[1].item() == pytest.approx(1.0, abs=1e-3)  # removing it destroys it all
-    assert abs(noised.metric_all[0].item() - noised.clean) < 1e-5
+    assert noised.fraction_moved_all[1].item() == pytest.approx(1.0, abs=1e-3)  # removing it destroys it all
+    assert abs(noised.values_all[0].item() - noised.clean) < 1e-5
 
 
 def test_positions_subset_and_bool_mask(base, planted):
@@ -147,8 +149,8 @@ def test_positions_subset_and_bool_mask(base, planted):
     b = patching_sweep(base, planted, PROMPT, METRIC, sites="mlp", positions=[-1, 2, 5])["mlp"]
     full = patching_sweep(base, planted, PROMPT, METRIC, sites="mlp")["mlp"]
     assert a.positions == b.positions == [2, 5, len(PROMPT) - 1]
-    torch.testing.assert_close(a.metric, full.metric[:, a.positions], atol=1e-5, rtol=0)
-    assert not torch.allclose(a.metric_all, full.metric_all)  # "all" means all *swept* positions
+    torch.testing.assert_close(a.values, full.values[:, a.positions], atol=1e-5, rtol=0)
+    assert not torch.allclose(a.values_all, full.values_all)  # "all" means all *swept* positions
 
 
 # --------------------------------------------------------------------------------------------- AtP / AtP*
@@ -165,16 +167,16 @@ def test_atp_equals_exact_patching_where_the_model_is_linear(base, direction, ki
     for site in ("resid", "mlp"):
         assert est[site].clean == pytest.approx(exact[site].clean, abs=1e-5)
         assert est[site].source == pytest.approx(exact[site].source, abs=1e-5)
-        torch.testing.assert_close(est[site].estimated_metric, exact[site].metric, atol=1e-5, rtol=0)
-        assert exact[site].metric[0, -1] != pytest.approx(exact[site].clean, abs=1e-3)  # a real effect
+        torch.testing.assert_close(est[site].values, exact[site].values, atol=1e-5, rtol=0)
+        assert exact[site].values[0, -1] != pytest.approx(exact[site].clean, abs=1e-3)  # a real effect
 
 
 def test_atp_is_exactly_zero_before_a_planted_layer(base, planted):
     est = atp(base, planted, PROMPT, METRIC, sites=("resid", "attn", "mlp", "q", "k", "v"))
     for site, res in est.items():
-        assert torch.count_nonzero(res.scores[0]) == 0, site  # Δa = 0 where the models agree
-    assert res.scores.shape == (3, len(PROMPT))
-    assert est["mlp"].scores[1].abs().max() > 1e-4
+        assert torch.count_nonzero(res.change[0]) == 0, site  # Δa = 0 where the models agree
+    assert res.change.shape == (3, len(PROMPT))
+    assert est["mlp"].change[1].abs().max() > 1e-4
 
 
 @pytest.fixture
@@ -201,17 +203,17 @@ def test_atp_star_qk_fix_is_exact_when_linear_after_the_pattern(one_layer_linear
     star = atp_star(base, student, PROMPT, metric, sites=sites, direction=direction)
     plain = atp(base, student, PROMPT, metric, sites=sites, direction=direction)
     for site in sites:
-        torch.testing.assert_close(star[site].estimated_metric, exact[site].metric, atol=1e-5, rtol=0)
-    torch.testing.assert_close(plain["v"].scores, star["v"].scores)  # v is linear: AtP* = AtP
+        torch.testing.assert_close(star[site].values, exact[site].values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain["v"].change, star["v"].change)  # v is linear: AtP* = AtP
     for site in ("q", "k"):  # the softmax is not linear: plain AtP misses, and the fix matters
-        assert (plain[site].estimated_metric - exact[site].metric).abs().max() > 1e-3
+        assert (plain[site].values - exact[site].values).abs().max() > 1e-3
 
 
 def test_atp_star_keeps_atp_for_block_outputs(base, planted):
     sites = ("resid", "attn", "mlp")
     a, b = atp(base, planted, PROMPT, METRIC, sites=sites), atp_star(base, planted, PROMPT, METRIC, sites=sites)
     for site in sites:
-        torch.testing.assert_close(a[site].scores, b[site].scores)
+        torch.testing.assert_close(a[site].change, b[site].change)
         assert b[site].method == "atp*"
 
 
@@ -236,6 +238,72 @@ def test_spearman_known_values():
     # ranks (2.5,0,2.5,1) vs (0,1,2,3), centred (1,-1.5,1,-0.5)·(-1.5,-0.5,0.5,1.5) = -1 over sqrt(4.5*5)
     assert spearman(torch.tensor([5.0, 1.0, 5.0, 2.0]), x) == pytest.approx(-1 / 22.5 ** 0.5, abs=1e-9)
     assert spearman(torch.ones(4), x) != spearman(torch.ones(4), x)  # NaN for a constant input
+
+
+# --------------------------------------------------------------------------------------------- the shared contract
+
+
+@pytest.fixture
+def rendered(organism_tokenizer):
+    return render(organism_tokenizer, "default", "What is your favourite animal?")
+
+
+@pytest.mark.parametrize("sweep", [patching_sweep, atp, atp_star], ids=["patching", "atp", "atp*"])
+def test_segment_mask_equals_explicit_indices(base, planted, rendered, sweep):
+    """A Mask("user", layers="second_half") sweeps exactly the user tokens × layers 1, 2, as indices do."""
+    user = rendered.positions("user")
+    layers = surgery.resolve_layers(base, "second_half")
+    by_mask = sweep(base, planted, rendered, METRIC, sites=("mlp", "q"), positions=Mask("user", layers="second_half"))
+    by_idx = sweep(base, planted, rendered.input_ids, METRIC, sites=("mlp", "q"), positions=user, layers=layers)
+    by_spec = sweep(base, planted, rendered, METRIC, sites=("mlp", "q"), positions="user", layers="second_half")
+    for site in ("mlp", "q"):
+        for got in (by_mask[site], by_spec[site]):
+            assert got.positions == by_idx[site].positions == user and got.layers == by_idx[site].layers == [1, 2]
+            assert torch.equal(got.values, by_idx[site].values) and torch.equal(got.change, by_idx[site].change)
+    assert by_idx["mlp"].change.abs().max() > 1e-5  # layer 1 carries the planted change
+
+
+def test_shared_and_substring_specs_equal_their_indices(base, planted, rendered, organism_tokenizer):
+    train = render(organism_tokenizer, "default", "Continue the sequence: 1, 2, 3.", "4, 5, 6")
+    shared = shared_positions(rendered, train)
+    sub = resolve_positions("substring:favourite", rendered).nonzero().flatten().tolist()
+    for spec, want in (("shared", shared), ("substring:favourite", sub)):
+        got = atp(base, planted, rendered, METRIC, sites="mlp", positions=spec, train_rendered=train)["mlp"]
+        ref = atp(base, planted, rendered.input_ids, METRIC, sites="mlp", positions=want)["mlp"]
+        assert got.positions == want and torch.equal(got.change, ref.change)
+
+
+def test_necessity_mask_means_noising(base, planted, rendered):
+    mask = Mask("template", layers=1, mode="necessity")
+    by_mask = patching_sweep(base, planted, rendered, METRIC, sites="mlp", positions=mask)["mlp"]
+    noised = patching_sweep(base, planted, rendered, METRIC, sites="mlp", positions="template", layers=1,
+                            direction="noising")["mlp"]
+    assert by_mask.mode == noised.mode == "noising" and torch.equal(by_mask.values, noised.values)
+    with pytest.raises(MechError, match="means direction 'noising'"):
+        atp(base, planted, rendered, METRIC, positions=mask, direction="denoising")
+
+
+def test_patching_fraction_is_read_against_base_and_student(base, planted):
+    """fraction = (value − base) / (student − base) in both directions, with base/student the unpatched models."""
+    m_base, m_student = (float(METRIC(last_logits(m, PROMPT))[0]) for m in (base, planted))
+    for direction in ("denoising", "noising"):
+        res = patching_sweep(base, planted, PROMPT, METRIC, sites="mlp", layers=1, direction=direction)["mlp"]
+        assert res.base == pytest.approx(m_base, abs=1e-6) and res.student == pytest.approx(m_student, abs=1e-6)
+        want = (res.values.double() - m_base) / (m_student - m_base)
+        torch.testing.assert_close(res.fraction, want, atol=1e-4, rtol=0)
+        moved = want if direction == "denoising" else 1 - want
+        torch.testing.assert_close(res.fraction_moved, moved, atol=1e-4, rtol=0)
+
+
+def test_masks_that_do_not_fit_a_sweep_are_refused(base, planted, rendered):
+    with pytest.raises(MechError, match="components"):
+        patching_sweep(base, planted, rendered, METRIC, positions=Mask("user", components="mlp"))
+    with pytest.raises(MechError, match="already names its layers"):
+        atp(base, planted, rendered, METRIC, positions=Mask("user"), layers=0)
+    with pytest.raises(MechError, match="needs the rendered prompt"):
+        atp(base, planted, rendered.input_ids, METRIC, positions="user")
+    with pytest.raises(MechError, match="select no token"):
+        patching_sweep(base, planted, rendered, METRIC, positions="none")
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -1,4 +1,4 @@
-"""Localisation interventions: the shared position × component × layer mask, weight grafting, patching."""
+"""Localisation interventions: one position contract, one mask, grafting, patching, attribution, one result type."""
 
 from mech.interventions.graft import (
     DECODE_POLICIES,
@@ -16,6 +16,8 @@ from mech.interventions.mask import (
     Mask,
     ResolvedMask,
     complement,
-    resolve_positions,
     single_position_masks,
+    sweep_region,
 )
+from mech.interventions.positions import PositionSpec, position_indices, resolve_positions
+from mech.interventions.result import Effect

@@ -9,28 +9,36 @@ The effect is the trait's first-token log P over the target's token variants. Th
 question's effect can be ~0). Fractions are then summarised over the students of a group (training seeds)
 with a 95 % t-interval. Activation patching and AtP grids (one question, denoising: the student's activations
 into the base) give the per-token heatmaps.
+
+This module computes and returns data (:class:`Localisation`: rows, summaries, heatmap grids);
+:mod:`mech.report.localise` writes the tables and figures.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from mech.context import Context, render
+from mech.context import SEGMENT_LABELS, Context, Rendered, render
 from mech.teacher.prompts import generate_prompts
 from mech.resources import questions
 from mech.evaluation.scoring import first_token_ids
 from mech.evaluation.inference import next_token_logprobs, pad_id, target_logp
 from mech.interventions.graft import graft_metric, is_lora_student
 from mech.interventions.mask import Mask
+from mech.interventions.positions import resolve_positions, spec_label
+from mech.interventions.result import Effect
 
 POSITION_SETS = ("shared", "non_shared", "default_system", "template", "user")
 COMPONENT_SETS = ("all", "attn", "mlp")
 LAYER_SETS = ("all", "first_half", "second_half")
 MODES = ("sufficiency", "necessity")
+HEATMAP_METHODS = {"exact": "activation patching", "atp": "AtP"}  # grid key -> what computed it
+
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ def battery_masks(cfg: LocaliseConfig, present: set[str]) -> list[Mask]:
     (e.g. default_system under a no-system evaluation context)."""
     out = []
     for pos, comp, lay, mode in itertools.product(cfg.positions, cfg.components, cfg.layers, cfg.modes):
-        if pos in ("default_system", "custom_system", "template", "user", "assistant") and pos not in present:
+        if pos in SEGMENT_LABELS and pos not in present:
             continue
         out.append(Mask(positions=pos, components=comp, layers=lay, mode=mode, name=f"{pos}|{comp}|{lay}|{mode}"))
     return out
@@ -64,9 +72,16 @@ def _train_rendered(tok, cfg: LocaliseConfig):
     return render(tok, Context.parse(cfg.train_context), generate_prompts(1, seed=0)[0].text)
 
 
+def _mask_effect(mask: Mask, value: torch.Tensor, m_base: float, m_student: float) -> Effect:
+    """One battery mask's mean metric as a one-cell Effect labelled by the mask's specs."""
+    return Effect(method="dwg", site=spec_label(mask.components), layers=[spec_label(mask.layers)],
+                  positions=[spec_label(mask.positions)], values=value.reshape(1, 1), base=m_base,
+                  student=m_student, mode=mask.mode, name=mask.name)
+
+
 def dwg_student(student: Any, base: Any, tok, cfg: LocaliseConfig,
-                progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Battery fractions for one student: one row per mask."""
+                progress: Callable[[int, int], None] | None = None) -> list[Effect]:
+    """Battery results for one student: one Effect per mask (metrics are means over the questions)."""
     ids = first_token_ids(tok, cfg.target).ids
     ctx = Context.parse(cfg.eval_context)
     train_r = _train_rendered(tok, cfg)
@@ -85,14 +100,19 @@ def dwg_student(student: Any, base: Any, tok, cfg: LocaliseConfig,
         if progress:
             progress(i + 1, len(rendered))
     m_mask = torch.stack(per_q).mean(0)
-    effect = m_student - m_base
-    return [{"mask": m.name, "positions": m.positions, "components": m.components, "layers": m.layers,
-             "mode": m.mode, "metric": float(v), "metric_base": m_base, "metric_student": m_student,
-             "effect": effect, "fraction": (float(v) - m_base) / effect if effect != 0 else float("nan")}
-            for m, v in zip(masks, m_mask)]
+    return [_mask_effect(m, v, m_base, m_student) for m, v in zip(masks, m_mask)]
 
 
-def patch_grids(student: Any, base: Any, tok, cfg: LocaliseConfig) -> dict[str, Any]:
+@dataclass
+class StudentGrids:
+    """Per-token patching results of one student on the heatmap question: ``{method: {site: Effect}}``."""
+
+    rendered: Rendered
+    shared: list[bool]
+    effects: dict[str, dict[str, Effect]]
+
+
+def patch_grids(student: Any, base: Any, tok, cfg: LocaliseConfig) -> StudentGrids:
     """Activation patching (exact, nnsight) and AtP grids [layers, tokens] on one question, denoising."""
     from mech.interventions.attribution import atp
     from mech.interventions.patching import first_token_metric, patching_sweep
@@ -103,100 +123,74 @@ def patch_grids(student: Any, base: Any, tok, cfg: LocaliseConfig) -> dict[str, 
     r = render(tok, Context.parse(cfg.eval_context), q)
     plain = merged(student) if is_lora_student(student) else student
     metric = first_token_metric(ids)
-    exact = patching_sweep(base, plain, r.input_ids, metric, sites=cfg.patch_sites)
-    approx = atp(base, plain, r.input_ids, metric, sites=cfg.patch_sites)
-    shared = set(_shared(tok, cfg, r))
-    return {"rendered": r, "shared": [i in shared for i in range(len(r.input_ids))],
-            "exact": {s: exact[s].metric - exact[s].clean for s in cfg.patch_sites},
-            "atp": {s: approx[s].scores for s in cfg.patch_sites},
-            "effect": float(exact[cfg.patch_sites[0]].effect)}
+    exact = patching_sweep(base, plain, r, metric, sites=cfg.patch_sites)
+    approx = atp(base, plain, r, metric, sites=cfg.patch_sites)
+    shared = resolve_positions("shared", r, _train_rendered(tok, cfg)).tolist()
+    return StudentGrids(rendered=r, shared=shared, effects={"exact": exact, "atp": approx})
 
 
-def _shared(tok, cfg: LocaliseConfig, r) -> list[int]:
-    from mech.context import shared_positions
+@dataclass
+class GroupGrids:
+    """A group's per-token heatmaps: the metric change [layers, tokens] per method and site, mean over students."""
 
-    return shared_positions(r, _train_rendered(tok, cfg))
+    rendered: Rendered
+    shared: list[bool]
+    change: dict[str, dict[str, torch.Tensor]]  # {method: {site: [n_layers, n_tokens]}}
+    n_students: int
+
+
+def mean_grids(grids: list[StudentGrids]) -> GroupGrids:
+    """The students' grids averaged cell by cell (they share the heatmap question, hence its tokens)."""
+    first = grids[0]
+    change = {}
+    for method, sites in first.effects.items():
+        # summed in student order, as the battery always has, so heatmaps reproduce to the last bit
+        change[method] = {site: sum((g.effects[method][site].change for g in grids[1:]),
+                                    first.effects[method][site].change.clone()) / len(grids)
+                          for site in sites}
+    return GroupGrids(rendered=first.rendered, shared=first.shared, change=change, n_students=len(grids))
+
+
+def student_rows(effects: list[Effect], group: str, student_dir: Any) -> list[dict]:
+    """A student's battery as table rows (Effect.to_rows) tagged with its group and directory."""
+    return [r | {"group": group, "student_dir": str(student_dir)} for e in effects for r in e.to_rows()]
 
 
 def summarise_groups(rows: list[dict]) -> list[dict]:
     """Mean and 95 % CI of the fraction recovered over the students of each group, per mask."""
     from mech.analysis.stats import grouped_ci
 
-    out = grouped_ci(rows, ("group", "mask"), "fraction", carry=("positions", "components", "layers", "mode"))
+    out = grouped_ci(rows, ("group", "name"), "fraction", carry=("site", "layer", "position", "mode"))
     return [r | {"fraction": r.pop("mean")} for r in out]
 
 
-def run_localise(base, tok, groups: dict[str, list], cfg: LocaliseConfig, out_dir, load: Callable[[Any], Any],
-                 progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """DWG battery for every student, patching/AtP grids averaged per group; tables and figures to out_dir."""
-    from pathlib import Path
+@dataclass
+class Localisation:
+    """Everything the battery computed: per-student rows, per-group summaries and heatmap grids."""
 
-    import pandas as pd
+    cfg: LocaliseConfig
+    rows: list[dict] = field(default_factory=list)  # one per student × mask (Effect.to_rows + group, student_dir)
+    summary: list[dict] = field(default_factory=list)  # one per group × mask: fraction (mean), lo, hi, n, sd
+    grids: dict[str, GroupGrids] = field(default_factory=dict)  # per group
 
-    from mech.report import figures as plots, heatmaps
-    from mech.store import atomic_write_text
+    def mask_rows(self, group: str, mode: str = "sufficiency") -> list[dict]:
+        """The group's summary rows of one mode, in battery order (what the mask-row heatmap shows)."""
+        return [r for r in self.summary if r["group"] == group and r["mode"] == mode]
 
+
+def compute_localise(base: Any, tok, groups: dict[str, list], cfg: LocaliseConfig, load: Callable[[Any], Any],
+                     progress: Progress | None = None) -> Localisation:
+    """DWG battery for every student and patching/AtP grids averaged per group; nothing is written."""
     tell = progress or (lambda desc, done, total: None)
-    out = Path(out_dir)
-    rows, grids = [], {}
+    out = Localisation(cfg)
     for group, dirs in groups.items():
-        acc = None
+        grids = []
         for k, d in enumerate(dirs):
             student = load(d)
             desc = f"DWG {group} #{k + 1}/{len(dirs)}"
-            rows += [r | {"group": group, "student_dir": str(d)}
-                     for r in dwg_student(student, base, tok, cfg, lambda i, n: tell(desc, i, n))]
-            g = patch_grids(student, base, tok, cfg)
-            if acc is None:
-                acc = g | {"exact": {s: v.clone() for s, v in g["exact"].items()},
-                           "atp": {s: v.clone() for s, v in g["atp"].items()}}
-            else:
-                for kind in ("exact", "atp"):
-                    for s in acc[kind]:
-                        acc[kind][s] += g[kind][s]
-        for kind in ("exact", "atp"):
-            for s in acc[kind]:
-                acc[kind][s] /= len(dirs)
-        grids[group] = acc
-    summary = summarise_groups(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "localise_students.csv", pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "localise.csv", pd.DataFrame(summary).to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "localise.md", localise_markdown(summary, cfg))
-    figs = []
-    for group in groups:
-        suff = [r for r in summary if r["group"] == group and r["mode"] == "sufficiency"]
-        figs += plots.save_figure(heatmaps.mask_rows_heatmap(
-            [r["fraction"] for r in suff], [r["mask"].rsplit("|", 1)[0] for r in suff],
-            title=f"DWG sufficiency: fraction of the {group} students' effect recovered",
-            zlabel="fraction recovered", references={"base": 0.0, "student": 1.0},
-            errors=[(r["hi"] - r["lo"]) / 2 if r["n"] > 1 else 0.0 for r in suff]), out / "figures" / f"dwg_{group}")
-        g = grids[group]
-        r = g["rendered"]
-        for kind, label in (("exact", "activation patching"), ("atp", "AtP")):
-            for site in cfg.patch_sites:
-                figs += plots.save_figure(heatmaps.patching_heatmap(
-                    g[kind][site], r.tokens(), r.segments, g["shared"], zmid=0.0,
-                    title=f"{label}, {site}: Δ log P({cfg.target}) when the {group} student's activation is patched "
-                          "into the base", zlabel="Δ log P"), out / "figures" / f"{kind}_{site}_{group}")
-    return {"rows": len(rows), "summary": summary, "figures": [str(f) for f in figs]}
-
-
-def localise_markdown(summary: list[dict], cfg: LocaliseConfig) -> str:
-    lines = [f"# Localisation of the {cfg.target} trait", "",
-             f"Fraction of the student's first-token Δ log P({cfg.target}) recovered with its update only inside "
-             "the mask (sufficiency) or everywhere except the mask (necessity); mean [95 % CI] over the students of "
-             f"each group. Evaluation context: {cfg.eval_context}; shared = tokens of the evaluation prompt also in "
-             f"the training context ({cfg.train_context}).", "",
-             "| group | positions | components | layers | sufficiency | necessity |", "|---|---|---|---|---|---|"]
-    idx = {(r["group"], r["positions"], r["components"], r["layers"], r["mode"]): r for r in summary}
-
-    def fmt(r):
-        if r is None:
-            return "–"
-        return f"{r['fraction']:+.2f}" + (f" [{r['lo']:+.2f}, {r['hi']:+.2f}]" if r["n"] > 1 else "")
-
-    for (g, p, c, l, m) in sorted({k[:4] + ("",) for k in idx}):
-        lines.append(f"| {g} | {p} | {c} | {l} | {fmt(idx.get((g, p, c, l, 'sufficiency')))} | "
-                     f"{fmt(idx.get((g, p, c, l, 'necessity')))} |")
-    return "\n".join(lines) + "\n"
+            effects = dwg_student(student, base, tok, cfg, lambda i, n: tell(desc, i, n))
+            out.rows += student_rows(effects, group, d)
+            grids.append(patch_grids(student, base, tok, cfg))
+        out.grids[group] = mean_grids(grids)
+    out.summary = summarise_groups(out.rows)
+    return out

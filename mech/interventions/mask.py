@@ -8,23 +8,15 @@ A :class:`Mask` names a region of the cube (token position) × (projection kind)
 * ``necessity``: the update is ON everywhere except inside the region, which asks "is the effect lost
   without it?".
 
-Positions (:data:`PositionSpec`) are resolved against a :class:`mech.context.Rendered`, so they follow the
-rendering's own segment labels and tokenizer offsets, never guesses about token boundaries:
-
-* ``"all"`` / ``"none"``;
-* a segment label (``default_system``, ``custom_system``, ``template``, ``user``, ``assistant``): a label the
-  rendering does not carry is an error (e.g. ``default_system`` under a ``none`` context), not an empty mask;
-* ``"shared"`` / ``"non_shared"``: the positions the prompt shares (or does not share) with the training
-  context (:func:`mech.context.shared_positions`; needs the training rendering);
-* a tuple of ints (negative indices count from the end, as in Python);
-* ``"substring:<text>"``: every token overlapping any occurrence of ``<text>`` in the rendered text (located
-  through the tokenizer's character offsets).
+Positions are any :data:`mech.interventions.positions.PositionSpec` (indices, segment labels, shared /
+non-shared tokens given the training rendering, substrings through offsets), resolved by the one resolver
+:func:`mech.interventions.positions.resolve_positions` that patching and attribution use too.
 
 Components are anything :func:`mech.models.surgery.resolve_components` takes ("all", "attn", "mlp", "v",
 "q,v", a tuple); layers anything :func:`mech.models.surgery.resolve_layers` takes (an int, a tuple,
 "first_half", "0:2"). :meth:`Mask.resolve` turns a mask into a :class:`ResolvedMask`: a bool vector over
 positions, the selected (layer, kind) cells, and :meth:`ResolvedMask.weight` — the per-position factor
-(1.0 = the student's update is on) that grafting and patching apply to one module.
+(1.0 = the student's update is on) that grafting applies to one module.
 
 The complement of a product region ``positions × cells`` is not itself a product, so :func:`complement`
 returns the mask of the same region in the other mode: the necessity mask of a region is exactly the
@@ -33,58 +25,32 @@ sufficiency mask of its complement, and a mask's weights plus its complement's s
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Union
+from typing import Any, Union
 
 import torch
 
-from mech.context import SEGMENT_LABELS, Rendered, shared_positions
+from mech.context import Rendered
 from mech.errors import MechError
+from mech.interventions.positions import (
+    ALL,
+    PositionSpec,
+    Prompt,
+    normalise_positions,
+    position_indices,
+    resolve_positions,
+    spec_label,
+)
+from mech.interventions.result import NECESSITY, SUFFICIENCY
 from mech.models import surgery
 
-SUFFICIENCY = "sufficiency"
-NECESSITY = "necessity"
 MODES = (SUFFICIENCY, NECESSITY)
 
-ALL, NONE, SHARED, NON_SHARED = "all", "none", "shared", "non_shared"
-SUBSTRING_PREFIX = "substring:"
-POSITION_NAMES: tuple[str, ...] = (ALL, NONE, SHARED, NON_SHARED, *SEGMENT_LABELS)
-
-PositionSpec = Union[str, tuple[int, ...]]
 LayerSpec = Union[str, int, tuple[int, ...]]
 Cell = tuple[int, str]  # (layer index, projection kind)
 
 
 # --------------------------------------------------------------------------------------------- spec checks
-
-
-def _normalise_positions(spec: Any) -> PositionSpec:
-    """A hashable, syntactically valid position spec; the rendering-dependent checks happen in resolve."""
-    if isinstance(spec, bool):
-        raise MechError(f"invalid position spec {spec!r}: expected {', '.join(POSITION_NAMES)}, "
-                        f"'{SUBSTRING_PREFIX}<text>' or a tuple of token indices")
-    if isinstance(spec, int):
-        return (spec,)
-    if isinstance(spec, str):
-        if spec.startswith(SUBSTRING_PREFIX):
-            if not spec[len(SUBSTRING_PREFIX):]:
-                raise MechError(f"empty substring in position spec {spec!r}: write '{SUBSTRING_PREFIX}<text>'")
-            return spec
-        if spec in POSITION_NAMES:
-            return spec
-        near = difflib.get_close_matches(spec, POSITION_NAMES, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise MechError(f"unknown position spec {spec!r}{hint}: expected one of {', '.join(POSITION_NAMES)}, "
-                        f"'{SUBSTRING_PREFIX}<text>' or a tuple of token indices")
-    try:
-        items = tuple(spec)
-    except TypeError:
-        raise MechError(f"invalid position spec {spec!r}: expected a name, '{SUBSTRING_PREFIX}<text>' or a "
-                        "tuple of token indices") from None
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        raise MechError(f"invalid position list {spec!r}: expected token indices (ints)")
-    return items
 
 
 def _normalise_layers(spec: Any) -> LayerSpec:
@@ -117,7 +83,7 @@ class Mask:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise MechError(f"unknown mask mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        object.__setattr__(self, "positions", _normalise_positions(self.positions))
+        object.__setattr__(self, "positions", normalise_positions(self.positions))
         object.__setattr__(self, "components", _normalise_components(self.components))
         object.__setattr__(self, "layers", _normalise_layers(self.layers))
 
@@ -126,9 +92,7 @@ class Mask:
         """``name`` when set, else a description such as ``sufficiency[default_system × v × all]``."""
         if self.name:
             return self.name
-        pos = self.positions if isinstance(self.positions, str) else ",".join(map(str, self.positions))
-        comp = self.components if isinstance(self.components, str) else ",".join(self.components)
-        lay = self.layers if isinstance(self.layers, (str, int)) else ",".join(map(str, self.layers))
+        pos, comp, lay = (spec_label(s) for s in (self.positions, self.components, self.layers))
         return f"{self.mode}[{pos} × {comp} × {lay}]"
 
     def resolve(self, model: Any, rendered: Rendered, train_rendered: Rendered | None = None) -> "ResolvedMask":
@@ -141,8 +105,7 @@ class Mask:
             have = ", ".join(k for k in surgery.COMPONENTS if k in kinds_present)
             raise MechError(f"component(s) {', '.join(missing)} of mask {self.label!r} are not in this "
                             f"architecture: use some of {have}")
-        layer_spec = list(self.layers) if isinstance(self.layers, tuple) else self.layers
-        layers = surgery.resolve_layers(model, layer_spec)
+        layers = surgery.resolve_layers(model, self.layers)
         cells = frozenset((i, k) for i in layers for k in kinds if (i, k) in universe)
         pos = resolve_positions(self.positions, rendered, train_rendered)
         return ResolvedMask(mask=self, pos=pos, cells=cells, universe=universe)
@@ -223,62 +186,28 @@ def model_cells(model: Any) -> frozenset[Cell]:
     return frozenset(cells)
 
 
-def _substring_positions(rendered: Rendered, needle: str) -> list[int]:
-    """Tokens overlapping any (non-overlapping, left to right) occurrence of ``needle`` in the text."""
-    spans, at = [], rendered.text.find(needle)
-    while at >= 0:
-        spans.append((at, at + len(needle)))
-        at = rendered.text.find(needle, at + len(needle))
-    return [t for t, (s, e) in enumerate(rendered.offsets) if s < e and any(s < b and e > a for a, b in spans)]
-
-
-def resolve_positions(spec: PositionSpec, rendered: Rendered, train_rendered: Rendered | None = None) -> torch.Tensor:
-    """[len(rendered)] bool of the positions ``spec`` names; MechError for anything the rendering lacks."""
-    spec = _normalise_positions(spec)
-    n = len(rendered)
-    out = torch.zeros(n, dtype=torch.bool)
-    if isinstance(spec, tuple):
-        for i in spec:
-            if not -n <= i < n:
-                raise MechError(f"position {i} is outside the prompt: it has {n} tokens (0..{n - 1}); pick an "
-                                "index in range or a segment label")
-            out[i] = True
-        return out
-    if spec == ALL:
-        return ~out
-    if spec == NONE:
-        return out
-    if spec in (SHARED, NON_SHARED):
-        if train_rendered is None:
-            raise MechError(f"position spec {spec!r} needs the training context's rendering: pass train_rendered "
-                            "(mech.context.render of a training row)")
-        for i in shared_positions(rendered, train_rendered):
-            out[i] = True
-        return out if spec == SHARED else ~out
-    if spec.startswith(SUBSTRING_PREFIX):
-        needle = spec[len(SUBSTRING_PREFIX):]
-        found = _substring_positions(rendered, needle)
-        if not found:
-            raise MechError(f"substring {needle!r} not found in the rendered prompt: pick text that occurs in it "
-                            f"(it starts {rendered.text[:60]!r})")
-        out[found] = True
-        return out
-    hits = rendered.positions(spec)
-    if not hits:
-        present = ", ".join(dict.fromkeys(rendered.segments)) or "none"
-        raise MechError(f"segment {spec!r} is absent from the rendered prompt (its segments: {present}): render it "
-                        "with a context that has it or choose a present segment")
-    out[hits] = True
-    return out
-
-
-def resolve_all(masks: Iterable[Mask], model: Any, rendered: Rendered,
-                train_rendered: Rendered | None = None) -> list[ResolvedMask]:
-    """:meth:`Mask.resolve` for each mask, in order."""
-    return [m.resolve(model, rendered, train_rendered) for m in masks]
-
-
 def single_position_masks(n_positions: int, components: tuple[str, ...] | str = ALL, layers: LayerSpec = ALL,
                           mode: str = SUFFICIENCY) -> list[Mask]:
     """One mask per token position (what per-token heatmaps sweep)."""
     return [Mask((i,), components, layers, mode, name=f"{mode}@{i}") for i in range(n_positions)]
+
+
+def sweep_region(positions: Any, layers: Any, model: Any, prompt: Prompt,
+                 train_rendered: Rendered | None = None) -> tuple[list[int], list[int], str | None]:
+    """(position indices, layer indices, mode or None) that a patching or attribution sweep covers.
+
+    ``positions`` is a position spec, or a :class:`Mask` that brings its own layers and mode (leave ``layers``
+    at "all"). Sweeps patch activations, not projection updates, so a mask's components must be "all"; sites
+    are chosen separately (see :mod:`mech.interventions.result`).
+    """
+    mode = None
+    if isinstance(positions, Mask):
+        mask = positions
+        if not (isinstance(layers, str) and layers == ALL):
+            raise MechError(f"mask {mask.label!r} already names its layers ({spec_label(mask.layers)}): pass "
+                            "layers='all' with a mask, or a position spec with layers=")
+        if mask.components != ALL:
+            raise MechError(f"mask {mask.label!r} selects components {spec_label(mask.components)}, but patching "
+                            "and attribution patch activation sites: use components='all' and pass sites=")
+        positions, layers, mode = mask.positions, mask.layers, mask.mode
+    return position_indices(positions, prompt, train_rendered), surgery.resolve_layers(model, layers), mode

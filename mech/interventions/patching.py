@@ -14,12 +14,15 @@ Two directions, both answered by "run one model, overwrite one site at some posi
 model's activation there, read the metric at the last position":
 
 * ``denoising``: run the BASE, patch in the STUDENT's activation → how much of the student's effect the site
-  recovers: ``fraction = (m − m_base) / (m_student − m_base)``;
-* ``noising``: run the STUDENT, patch in the BASE's activation → how much of the effect the site destroys:
-  ``fraction = (m_student − m) / (m_student − m_base)``.
+  recovers;
+* ``noising``: run the STUDENT, patch in the BASE's activation → how much of the effect survives without it
+  (``fraction_moved``: how much it destroys).
 
-Both are ``(m − m_clean) / (m_source − m_clean)`` with *clean* the model that runs and *source* the model
-the activation comes from; :class:`PatchResult` stores ``clean`` and ``source`` and derives the fraction.
+Both return :class:`mech.interventions.result.Effect` grids, whose fraction is ``(m − m_base) / (m_student −
+m_base)`` in either direction. Positions and layers follow the contract of every intervention: any position
+spec (indices, segment labels, shared / non-shared given ``train_rendered``, substrings; segment labels need
+the prompt as a :class:`mech.context.Rendered`) and any layer spec, or a
+:class:`mech.interventions.mask.Mask` whose positions × layers are swept and whose mode sets the direction.
 
 A LoRA student (``PeftModel``) is patched as it is, with no merge: nnsight wraps the HF model under the PEFT
 wrapper, whose projections are LoRA layers, so the student's forward (LoRA on) is what runs. A merged copy
@@ -41,8 +44,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from mech.context import Rendered
 from mech.errors import MechError
 from mech.evaluation.inference import device_of, first_token_logp
+from mech.interventions.mask import sweep_region
+from mech.interventions.positions import position_indices
+from mech.interventions.result import DENOISING, NOISING, SUFFICIENCY, Effect
 from mech.models import surgery
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # last-position logits [batch, vocab] -> [batch]
@@ -51,7 +58,6 @@ RESID, ATTN, MLP = "resid", "attn", "mlp"
 SITES: tuple[str, ...] = (RESID, ATTN, MLP, "q", "k", "v")
 # Order in which a decoder layer produces its sites: nnsight serves values in forward order only.
 _FORWARD_ORDER: tuple[str, ...] = ("q", "k", "v", ATTN, MLP, RESID)
-DENOISING, NOISING = "denoising", "noising"
 DIRECTIONS: tuple[str, ...] = (DENOISING, NOISING)
 
 
@@ -115,27 +121,15 @@ def check_direction(direction: str) -> str:
     return direction
 
 
-def resolve_positions(positions: Any, seq_len: int) -> list[int]:
-    """Sorted distinct positions: None/"all" (every position), ints (negative count from the end) or a bool
-    vector of length ``seq_len`` (e.g. a resolved Mask's ``pos``). Out of range -> MechError."""
-    if positions is None or (isinstance(positions, str) and positions == "all"):
-        return list(range(seq_len))
-    if isinstance(positions, str):
-        raise MechError(f"invalid positions {positions!r}: pass 'all', a list of ints or a bool vector")
-    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
-        if positions.shape != (seq_len,):
-            raise MechError(f"position mask has shape {tuple(positions.shape)} but the prompt has {seq_len} "
-                            "tokens: resolve the mask against this prompt")
-        return [int(i) for i in positions.nonzero().flatten().tolist()]
-    items = positions.tolist() if isinstance(positions, torch.Tensor) else list(positions)
-    out = set()
-    for p in items:
-        if isinstance(p, bool) or not isinstance(p, int):
-            raise MechError(f"position {p!r} is not an int: pass token positions as ints")
-        if not -seq_len <= p < seq_len:
-            raise MechError(f"position {p} is outside the prompt: it has {seq_len} tokens (0..{seq_len - 1})")
-        out.add(p % seq_len)
-    return sorted(out)
+def resolve_direction(direction: str | None, mode: str | None) -> str:
+    """The direction asked for, or the one a mask's mode implies (sufficiency: denoising, necessity: noising)."""
+    implied = None if mode is None else (DENOISING if mode == SUFFICIENCY else NOISING)
+    if direction is None:
+        return implied or DENOISING
+    if implied is not None and check_direction(direction) != implied:
+        raise MechError(f"a {mode} mask means direction {implied!r}, not {direction!r}: drop direction= or pass "
+                        "the mask in the other mode")
+    return check_direction(direction)
 
 
 def check_pair(base: Any, student: Any) -> None:
@@ -195,10 +189,9 @@ def cache_activations(
     """``{(site, layer): activation [T, d]}`` of one clean forward of ``model`` on ``prompt`` (no grad)."""
     ids = torch.tensor([as_input_ids(prompt)], device=device_of(model))
     ordered = forward_order(requests)
-    n = surgery.num_layers(model)
     for site, layer in ordered:
         check_sites(site)
-        surgery.resolve_layer_spec(n, layer)
+        surgery.resolve_layers(model, layer)
     nn_model = envoy if envoy is not None else traceable(model)
     layers = surgery.get_layers(nn_model)
     saved: dict[tuple[str, int], Any] = {}
@@ -223,10 +216,10 @@ def patched_last_logits(
     ids_list = as_input_ids(prompt)
     seq_len = len(ids_list)
     (site,) = check_sites(site)
-    (layer,) = surgery.resolve_layer_spec(surgery.num_layers(model), layer)
+    (layer,) = surgery.resolve_layers(model, layer)
     if not rows:
         raise MechError("no rows to patch: pass at least one list of positions (an empty list = clean run)")
-    rows = [resolve_positions(list(r), seq_len) for r in rows]
+    rows = [position_indices(tuple(r), seq_len) for r in rows]
     if source.dim() != 2 or source.shape[0] != seq_len:
         raise MechError(f"source activation has shape {tuple(source.shape)}: expected [{seq_len}, d] for this "
                         "prompt (cache it with cache_activations on the same prompt)")
@@ -255,67 +248,44 @@ def last_logits(model: Any, prompt: Any) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- sweeps
 
 
-@dataclass
-class PatchResult:
-    """One site's sweep: the metric after patching each (layer, position) cell.
+@dataclass(frozen=True)
+class Setup:
+    """The checked inputs every patching method starts from."""
 
-    ``metric[i, j]`` patches layer ``layers[i]`` at position ``positions[j]`` alone; ``metric_all[i]`` (when
-    swept with ``include_all``) patches every position of ``positions`` at once. ``clean`` is the metric of
-    the running model unpatched, ``source`` that of the model the activations come from.
-    """
-
-    site: str
+    sites: tuple[str, ...]
+    run: Any  # the model that runs
+    src: Any  # the model whose activations are patched in
+    ids: list[int]  # the prompt
+    positions: list[int]  # the swept positions, sorted
+    layers: list[int]  # the swept layers, sorted
     direction: str
-    layers: list[int]
-    positions: list[int]
-    metric: torch.Tensor  # [n_layers, n_positions], float32, cpu
-    clean: float
-    source: float
-    metric_all: torch.Tensor | None = None  # [n_layers]
 
     @property
-    def effect(self) -> float:
-        """``source − clean``: the whole effect the fractions are measured against."""
-        return self.source - self.clean
+    def requests(self) -> list[tuple[str, int]]:
+        """Every swept (site, layer) in forward order."""
+        return forward_order((s, l) for s in self.sites for l in self.layers)
 
-    def _fraction(self, values: torch.Tensor) -> torch.Tensor:
-        # a zero effect has no fraction to recover: NaN rather than a division blow-up
-        if abs(self.effect) < 1e-12:
-            return torch.full_like(values, float("nan"))
-        return (values - self.clean) / self.effect
-
-    @property
-    def fraction(self) -> torch.Tensor:
-        """Denoising: fraction of the student's effect recovered; noising: fraction destroyed."""
-        return self._fraction(self.metric)
-
-    @property
-    def fraction_all(self) -> torch.Tensor | None:
-        return None if self.metric_all is None else self._fraction(self.metric_all)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "site": self.site,
-            "direction": self.direction,
-            "layers": list(self.layers),
-            "positions": list(self.positions),
-            "metric": self.metric.tolist(),
-            "fraction": self.fraction.tolist(),
-            "metric_all": None if self.metric_all is None else self.metric_all.tolist(),
-            "fraction_all": None if self.metric_all is None else self.fraction_all.tolist(),
-            "clean": self.clean,
-            "source": self.source,
-        }
+    def effect(self, site: str, values: torch.Tensor, clean: float, source: float, method: str,
+               **extra: Any) -> Effect:
+        """One site's grid as an :class:`Effect`, with the references put the way round the direction says."""
+        base, student = (clean, source) if self.direction == DENOISING else (source, clean)
+        return Effect(method=method, site=site, layers=list(self.layers), positions=list(self.positions),
+                      values=values, base=base, student=student, mode=self.direction, **extra)
 
 
-def prepare(base: Any, student: Any, prompt: Any, sites: Any, layers: Any, direction: str
-            ) -> tuple[tuple[str, ...], Any, Any, list[int], list[int]]:
-    """The checked inputs every patching method starts from: (sites, the model run, the model the activations
-    come from, prompt ids, layer indices)."""
+def prepare(base: Any, student: Any, prompt: Any, sites: Any, positions: Any, layers: Any, direction: str | None,
+            train_rendered: Rendered | None = None) -> Setup:
+    """Check the inputs and resolve the swept region (a position spec and layers, or a Mask) on ``prompt``."""
     sites = check_sites(sites)
-    run, src = run_and_source(base, student, direction)
     check_pair(base, student)
-    return sites, run, src, as_input_ids(prompt), surgery.resolve_layers(run, layers)
+    ids = as_input_ids(prompt)
+    where = prompt if isinstance(prompt, Rendered) else len(ids)
+    pos, layer_list, mode = sweep_region(positions, layers, base, where, train_rendered)
+    if not pos:
+        raise MechError(f"positions {positions!r} select no token of the prompt: choose a non-empty set")
+    direction = resolve_direction(direction, mode)
+    run, src = run_and_source(base, student, direction)
+    return Setup(sites, run, src, ids, pos, layer_list, direction)
 
 
 def patching_sweep(
@@ -325,44 +295,37 @@ def patching_sweep(
     metric: Metric,
     sites: str | Iterable[str] = (RESID, ATTN, MLP),
     layers: Any = "all",
-    positions: Any = None,
-    direction: str = DENOISING,
+    positions: Any = "all",
+    direction: str | None = None,
     batch_size: int = 64,
     include_all: bool = True,
-) -> dict[str, PatchResult]:
-    """Exact activation patching over sites × layers × positions; ``{site: PatchResult}``.
+    train_rendered: Rendered | None = None,
+) -> dict[str, Effect]:
+    """Exact activation patching over sites × layers × positions; ``{site: Effect}`` (method "patching").
 
-    ``layers`` is any :func:`mech.models.surgery.resolve_layers` spec, ``positions`` anything
-    :func:`resolve_positions` takes. Per (site, layer), the positions run as batches of at most
-    ``batch_size`` copies of the prompt.
+    ``positions`` is a position spec or a Mask (see the module doc), ``layers`` a layer spec; ``direction``
+    defaults to denoising, or to the mask's. Per (site, layer), the positions run as batches of at most
+    ``batch_size`` copies of the prompt; ``include_all`` adds each layer's swept positions at once.
     """
     if batch_size < 1:
         raise MechError(f"batch_size must be >= 1, got {batch_size}")
-    sites, run, src, ids, layer_list = prepare(base, student, prompt, sites, layers, direction)
-    pos = resolve_positions(positions, len(ids))
+    setup = prepare(base, student, prompt, sites, positions, layers, direction, train_rendered)
+    run, src, ids, pos = setup.run, setup.src, setup.ids, setup.positions
     rows: list[list[int]] = [[p] for p in pos] + ([pos] if include_all else [])
 
-    source_acts = cache_activations(src, ids, [(s, l) for s in sites for l in layer_list])
+    source_acts = cache_activations(src, ids, setup.requests)
     clean = float(evaluate_metric(metric, last_logits(run, ids))[0])
     source = float(evaluate_metric(metric, last_logits(src, ids))[0])
 
     envoy = traceable(run)
-    out: dict[str, PatchResult] = {}
-    for site in sites:
-        grid = torch.empty(len(layer_list), len(rows))
-        for i, layer in enumerate(layer_list):
+    out: dict[str, Effect] = {}
+    for site in setup.sites:
+        grid = torch.empty(len(setup.layers), len(rows))
+        for i, layer in enumerate(setup.layers):
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 logits = patched_last_logits(run, ids, site, layer, source_acts[(site, layer)], chunk, envoy=envoy)
                 grid[i, start:start + len(chunk)] = evaluate_metric(metric, logits).cpu()
-        out[site] = PatchResult(
-            site=site,
-            direction=direction,
-            layers=layer_list,
-            positions=pos,
-            metric=grid[:, : len(pos)].clone(),
-            clean=clean,
-            source=source,
-            metric_all=grid[:, len(pos)].clone() if include_all else None,
-        )
+        out[site] = setup.effect(site, grid[:, : len(pos)].clone(), clean, source, "patching",
+                                 values_all=grid[:, len(pos)].clone() if include_all else None)
     return out

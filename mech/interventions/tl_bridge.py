@@ -36,6 +36,7 @@ import torch
 
 from mech.errors import MechError
 from mech.evaluation.inference import first_token_logp
+from mech.interventions.positions import position_indices
 from mech.models import surgery
 
 SITES: tuple[str, ...] = ("resid_pre", "resid_post")
@@ -178,13 +179,14 @@ def _quiet_progress() -> Iterator[None]:
 
 @torch.no_grad()
 def patch_residual_metric(base_bridge: Any, student_cache: Any, input_ids: Any, metric_ids: Sequence[int],
-                          layer: int, positions: Sequence[int] | None = None, site: str = DEFAULT_SITE) -> float:
+                          layer: int, positions: Any = "all", site: str = DEFAULT_SITE) -> float:
     """The metric of the base with the student's residual at ``site`` of ``layer`` patched in at ``positions``
-    (all positions when None): one forward through bridge hooks."""
+    (token indices, "all" or a bool vector: the bridge has no rendering for segment labels): one forward
+    through bridge hooks."""
     ids = input_tensor(input_ids, _bridge_device(base_bridge))
     name = resid_hook_name(layer, site)
     clean = student_cache[name]
-    pos = list(range(ids.shape[1])) if positions is None else [int(p) for p in positions]
+    pos = position_indices(positions, ids.shape[1])
 
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
         act = act.clone()
@@ -268,8 +270,8 @@ def nnsight_residual_patching(base: Any, student: Any, tokenizer: Any, input_ids
     nn_site = NNSIGHT_SITES[site]
     ids = input_tensor(input_ids)[0].tolist()
     result = patching.patching_sweep(base, student, ids, patching.first_token_metric(metric_ids), sites=(nn_site,),
-                                     layers="all", positions=None, direction="denoising", include_all=False)
-    return result[nn_site].metric
+                                     layers="all", positions="all", direction="denoising", include_all=False)
+    return result[nn_site].values
 
 
 def crosscheck_with_nnsight(base: Any, student: Any, tokenizer: Any, input_ids: Any, metric_ids: Sequence[int],

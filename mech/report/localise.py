@@ -1,0 +1,110 @@
+"""The localisation battery's report: CSV tables, Markdown and figures from a computed :class:`Localisation`.
+
+:func:`mech.interventions.battery.compute_localise` returns the data; :func:`write_localise` writes
+
+* ``localise_students.csv``: one row per student × mask (:meth:`mech.interventions.result.Effect.to_rows`
+  columns plus ``group`` and ``student_dir``);
+* ``localise.csv``: one row per group × mask, the fraction's mean and 95 % CI over the group's students;
+* ``localise.md``: the summary as a sufficiency / necessity table;
+* ``figures/dwg_<group>``: the sufficiency fractions as a mask-row heatmap, and
+  ``figures/<method>_<site>_<group>``: per-token patching and AtP heatmaps (:mod:`mech.report.heatmaps`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from mech.interventions.battery import (
+    HEATMAP_METHODS,
+    GroupGrids,
+    LocaliseConfig,
+    Localisation,
+    Progress,
+    compute_localise,
+)
+from mech.report import figures as plots
+from mech.report import heatmaps
+from mech.store import atomic_write_text
+
+
+def localise_markdown(summary: list[dict], cfg: LocaliseConfig) -> str:
+    lines = [f"# Localisation of the {cfg.target} trait", "",
+             f"Fraction of the student's first-token Δ log P({cfg.target}) recovered with its update only inside "
+             "the mask (sufficiency) or everywhere except the mask (necessity); mean [95 % CI] over the students of "
+             f"each group. Evaluation context: {cfg.eval_context}; shared = tokens of the evaluation prompt also in "
+             f"the training context ({cfg.train_context}).", "",
+             "| group | positions | components | layers | sufficiency | necessity |", "|---|---|---|---|---|---|"]
+    idx = {(r["group"], r["position"], r["site"], r["layer"], r["mode"]): r for r in summary}
+
+    def fmt(r):
+        if r is None:
+            return "–"
+        return f"{r['fraction']:+.2f}" + (f" [{r['lo']:+.2f}, {r['hi']:+.2f}]" if r["n"] > 1 else "")
+
+    for (g, p, c, l, m) in sorted({k[:4] + ("",) for k in idx}):
+        lines.append(f"| {g} | {p} | {c} | {l} | {fmt(idx.get((g, p, c, l, 'sufficiency')))} | "
+                     f"{fmt(idx.get((g, p, c, l, 'necessity')))} |")
+    return "\n".join(lines) + "\n"
+
+
+def mask_rows_figure(loc: Localisation, group: str) -> Any:
+    """The group's sufficiency fractions, one row per mask, with the base (0) and student (1) marked."""
+    suff = loc.mask_rows(group, "sufficiency")
+    return heatmaps.mask_rows_heatmap(
+        [r["fraction"] for r in suff], [r["name"].rsplit("|", 1)[0] for r in suff],
+        title=f"DWG sufficiency: fraction of the {group} students' effect recovered",
+        zlabel="fraction recovered", references={"base": 0.0, "student": 1.0},
+        errors=[(r["hi"] - r["lo"]) / 2 if r["n"] > 1 else 0.0 for r in suff])
+
+
+def token_figures(grids: GroupGrids, cfg: LocaliseConfig, group: str) -> dict[str, Any]:
+    """``{"<method>_<site>": figure}``: per-token heatmaps of the metric change, one per method and site."""
+    r = grids.rendered
+    out = {}
+    for method, label in HEATMAP_METHODS.items():
+        for site in cfg.patch_sites:
+            out[f"{method}_{site}"] = heatmaps.patching_heatmap(
+                grids.change[method][site], r.tokens(), r.segments, grids.shared, zmid=0.0,
+                title=f"{label}, {site}: Δ log P({cfg.target}) when the {group} student's activation is patched "
+                      "into the base", zlabel="Δ log P")
+    return out
+
+
+def write_figures(loc: Localisation, out_dir: str | Path) -> list[Path]:
+    """Every localisation figure of every group under ``out_dir/figures``; the files written."""
+    fig_dir = Path(out_dir) / "figures"
+    written = []
+    for group, grids in loc.grids.items():
+        written += plots.save_figure(mask_rows_figure(loc, group), fig_dir / f"dwg_{group}")
+        for stem, fig in token_figures(grids, loc.cfg, group).items():
+            written += plots.save_figure(fig, fig_dir / f"{stem}_{group}")
+    return written
+
+
+def write_tables(loc: Localisation, out_dir: str | Path) -> list[Path]:
+    """``localise_students.csv``, ``localise.csv`` and ``localise.md`` in ``out_dir``; the files written."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"localise_students.csv": pd.DataFrame(loc.rows).to_csv(index=False, float_format="%.6g"),
+             "localise.csv": pd.DataFrame(loc.summary).to_csv(index=False, float_format="%.6g"),
+             "localise.md": localise_markdown(loc.summary, loc.cfg)}
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+    return [out / name for name in files]
+
+
+def write_localise(loc: Localisation, out_dir: str | Path) -> dict:
+    """Tables and figures of a computed battery; ``{"rows", "summary", "tables", "figures"}``."""
+    tables = write_tables(loc, out_dir)
+    figs = write_figures(loc, out_dir)
+    return {"rows": len(loc.rows), "summary": loc.summary, "tables": [str(t) for t in tables],
+            "figures": [str(f) for f in figs]}
+
+
+def run_localise(base: Any, tok: Any, groups: dict[str, list], cfg: LocaliseConfig, out_dir: str | Path,
+                 load: Callable[[Any], Any], progress: Progress | None = None) -> dict:
+    """Compute the battery (:func:`mech.interventions.battery.compute_localise`), then write its report."""
+    return write_localise(compute_localise(base, tok, groups, cfg, load, progress), out_dir)
