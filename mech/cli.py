@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from mech.errors import MechError
@@ -110,63 +109,24 @@ def cmd_organism_info(a) -> int:
 def cmd_reproduce(a) -> int:
     """The main job on the organism: its behaviour check, the quick sweep, and the localisation battery on the
     quick sweep's students; one report.md with every table and figure."""
-    from mech import organism
-    from mech.report import figures as plots
-    from mech.interventions.battery import LocaliseConfig
-    from mech.report.localise import run_localise
-    from mech.report.organism import check_markdown
-    from mech.store import atomic_dir, atomic_write_json, atomic_write_text
-    from mech.students.store import load_student
-    from mech.sweep import load_sweep, run_sweep, students_from_sweep
+    from mech.report.reproduce import write_reproduce
+    from mech.reproduce import run_reproduce
 
-    t0 = time.time()
-    if not Path(a.sweep).is_file():
-        raise MechError(f"sweep file {a.sweep} not found: run from the repository root or pass --sweep PATH")
-    sweep_cfg = load_sweep(a.sweep)
+    if Path(a.out).exists() and not Path(a.out).is_dir():  # before minutes of work, not after
+        raise MechError(f"--out {a.out} is a file: pass a directory for the report")
     if a.rebuild:
         cmd_organism_build(argparse.Namespace(config=None, seed=None, out=None, ship=True, force=False))
-    rep = _check(a)
-    out = Path(a.out)
-    with atomic_dir(out, overwrite=True) as tmp:
-        atomic_write_json(tmp / "check.json", rep.to_dict() | {"model": a.model, "info": organism.organism_info(a.model)})
-        figs = {"organism_trait": plots.trait_figure(rep.trait_rows),
-                "organism_spread": plots.spread_figure(rep.spread),
-                "organism_carrier": plots.carrier_figure(rep.carrier)}
-        written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
-        md = check_markdown(rep, title=f"mech reproduce: {a.model}")
-
-        sweep_bar, stage = _stage_bar("quick sweep")
-
-        try:
-            res = run_sweep(sweep_cfg, tmp / "sweep", cache=a.cache, progress=stage)
-            summary = [r for r in _read_csv(tmp / "sweep" / "summary.csv")]
-            written += plots.save_figure(plots.rank_figure(summary, trait=sweep_cfg.eval.target),
-                                         tmp / "figures" / "quick_rank")
-            runner, groups = students_from_sweep(a.sweep, a.students, cache=a.cache, progress=stage)
-            lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
-                                  eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0])
-            base = runner.base.model
-            loc = run_localise(base, runner.base.tokenizer, groups, lcfg, tmp / "localise",
-                               lambda d: load_student(base, d), stage)
-        finally:
-            sweep_bar.close()
-        md += "\n" + (tmp / "sweep" / "summary.md").read_text().replace("# Sweep", "## Sweep") + "\n"
-        md += (tmp / "localise" / "localise.md").read_text().replace("# Localisation", "## Localisation") + "\n"
-        rel = [str(p.relative_to(tmp)) for p in written] + [str(Path(f).relative_to(tmp)) for f in loc["figures"]]
-        md += "## Figures\n\n" + "\n".join(f"- [{r}]({r})" for r in rel) + "\n"
-        md += f"\nSweep cells: {res['done_cells']}/{res['cells']} (computed this run: {res['computed']}). "
-        md += f"Wall time: {(time.time() - t0) / 60:.1f} min.\n"
-        atomic_write_text(tmp / "report.md", md)
+    bar, stage = _stage_bar("reproduce")
+    try:  # close the bar before main() prints an error, so the error stays the last stderr line
+        rep = run_reproduce(a.model, a.sweep, a.students, cache=a.cache, n_samples=a.n_samples,
+                            oracle_rows=a.oracle_rows, check_progress=lambda s: stage(f"organism check: {s}", 0, 0),
+                            stage=stage)
+    finally:
+        bar.close()
+    md = write_reproduce(rep, a.out)
     print(md)
-    print(f"report: {out / 'report.md'}")
-    return 0 if rep.passed else EXIT_BAR_FAILED
-
-
-def _read_csv(path: Path) -> list[dict]:
-    import csv
-
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    print(f"report: {Path(a.out) / 'report.md'}")
+    return 0 if rep.check.passed else EXIT_BAR_FAILED
 
 
 def cmd_sweep(a) -> int:

@@ -43,9 +43,15 @@ def test_cli_check_exit_codes(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_reproduce_end_to_end_on_a_tiny_sweep(tmp_path):
-    """The main job's whole chain (check → sweep → localise → report) on a seconds-sized sweep."""
+def test_reproduce_end_to_end_on_a_tiny_sweep(tmp_path, monkeypatch):
+    """The main job's whole chain (check → sweep → localise → report) on a seconds-sized sweep, with the base model
+    loaded once."""
+    import mech.models
     from mech.cli import main
+
+    loads = []
+    real_load = mech.models.load_model
+    monkeypatch.setattr(mech.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
 
     sweep = tmp_path / "tiny.yaml"
     sweep.write_text(
@@ -60,3 +66,4 @@ def test_reproduce_end_to_end_on_a_tiny_sweep(tmp_path):
         assert heading in md
     assert (out / "sweep" / "results.parquet").is_file() and (out / "localise" / "localise.csv").is_file()
     assert (out / "localise" / "figures" / "dwg_lora_r1.html").is_file()
+    assert len(loads) == 1, f"the base model was loaded {len(loads)} times"

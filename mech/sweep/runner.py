@@ -30,13 +30,16 @@ class SweepRunner:
     Processes sharing a cache (shards, or two sweeps with cells in common) each compute a missing artifact
     only under its lock, ``<cache>/locks/<stage>-<key>.lock``: whoever waited finds it done."""
 
-    def __init__(self, cfg: SweepConfig, cache: Path | None = None, progress: Progress | None = None):
+    def __init__(self, cfg: SweepConfig, cache: Path | None = None, progress: Progress | None = None,
+                 base: Any = None):
+        """``base``: the already loaded ``cfg.base_model`` (a mech.models.LoadedModel), so a caller that holds it
+        (``mech reproduce``) does not load it twice."""
         from mech.models import load_model, model_fingerprint
 
         self.cfg = cfg
         self.cache = Path(cache) if cache is not None else cache_root() / "sweeps"
         self.progress = progress or (lambda desc, done, total: None)
-        self.base = load_model(cfg.base_model)
+        self.base = base if base is not None else load_model(cfg.base_model)
         self.fingerprint = model_fingerprint(self.base.model)
         self.computed = {"datasets": 0, "students": 0, "evals": 0}
         # one candidate-answer list for the base and every student, so answer distributions line up
@@ -153,8 +156,14 @@ class SweepRunner:
 def students_from_sweep(sweep_path: str, names: list[str], cache=None, progress=None):
     """The trait students of ``names`` (all training seeds) from a sweep's cache, trained if missing.
     Returns (runner, {group name: [student dir, ...]}) for the sweep's first train/eval contexts."""
-    cfg = load_sweep(sweep_path)
-    runner = SweepRunner(cfg, cache, progress)
+    runner = SweepRunner(load_sweep(sweep_path), cache, progress)
+    return runner, select_students(runner, names, sweep_path)
+
+
+def select_students(runner: SweepRunner, names: list[str], source: str = "the sweep") -> dict[str, list[Path]]:
+    """{name: [student dir per training seed]} of the target-trait students called ``names`` in the runner's
+    first train/eval contexts, trained if missing; ``source`` names the sweep in errors."""
+    cfg = runner.cfg
     chosen: dict[str, list] = {}
     for c in cells(cfg):
         lab = c.labels()
@@ -164,8 +173,8 @@ def students_from_sweep(sweep_path: str, names: list[str], cache=None, progress=
     missing = [n for n in names if n not in chosen]
     if missing:
         known = sorted({c.labels()["student"] for c in cells(cfg)})
-        raise MechError(f"no student named {', '.join(missing)} in {sweep_path}: choose from {', '.join(known)}")
-    return runner, chosen
+        raise MechError(f"no student named {', '.join(missing)} in {source}: choose from {', '.join(known)}")
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------- results

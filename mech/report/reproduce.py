@@ -1,0 +1,51 @@
+"""The ``mech reproduce`` report: one directory, written atomically, with report.md, every table and figure.
+
+Layout of ``out_dir``: ``report.md``; ``check.json`` (the organism check and the build's provenance);
+``sweep/`` (mech.report.sweep's tables); ``localise/`` (mech.report.localise's tables and figures);
+``figures/`` (the organism's and the rank figure).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mech.report import figures as plots
+from mech.report.localise import localise_markdown, write_localise
+from mech.report.organism import check_markdown
+from mech.report.sweep import summary_markdown, write_tables
+from mech.reproduce import Reproduction
+from mech.store import atomic_dir, atomic_write_json, atomic_write_text
+
+
+def _demote(markdown: str) -> str:
+    """A section's own '# Title' becomes '## Title' inside the report."""
+    return "\n".join("#" + line if line.startswith("# ") else line for line in markdown.splitlines()) + "\n"
+
+
+def report_markdown(rep: Reproduction, figure_paths: list[str]) -> str:
+    """report.md from the computed parts: the organism check, the sweep summary, the localisation battery."""
+    c = rep.sweep
+    parts = [check_markdown(rep.check, title=f"mech reproduce: {rep.model}"),
+             _demote(summary_markdown(c["summary"], rep.sweep_cfg.name)),
+             _demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg)),
+             "## Figures\n\n" + "\n".join(f"- [{p}]({p})" for p in figure_paths) + "\n",
+             f"Sweep cells: {c['done_cells']}/{c['cells']} (computed this run: {c['computed']}). "
+             f"Wall time: {rep.seconds / 60:.1f} min.\n"]
+    return "\n".join(parts)
+
+
+def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
+    """Write the whole report into ``out_dir`` (replaced atomically: a failure leaves the old one); returns
+    report.md's text."""
+    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
+        atomic_write_json(tmp / "check.json", rep.check.to_dict() | {"model": rep.model, "info": rep.info})
+        figs = {"organism_trait": plots.trait_figure(rep.check.trait_rows),
+                "organism_spread": plots.spread_figure(rep.check.spread),
+                "organism_carrier": plots.carrier_figure(rep.check.carrier),
+                "quick_rank": plots.rank_figure(rep.sweep["summary"], trait=rep.sweep_cfg.eval.target)}
+        written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
+        write_tables(tmp / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name)
+        written += [Path(f) for f in write_localise(rep.localisation, tmp / "localise")["figures"]]
+        md = report_markdown(rep, [str(p.relative_to(tmp)) for p in written])
+        atomic_write_text(tmp / "report.md", md)
+    return md

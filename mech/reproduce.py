@@ -1,0 +1,60 @@
+"""The main job as computation: the organism check, a sweep and the localisation battery on its students, on one
+loaded base model. Returns data; mech.report.reproduce writes the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mech.errors import MechError
+
+Stage = Callable[[str, int, int], None]  # (stage description, done, total)
+
+
+@dataclass
+class Reproduction:
+    """Everything ``mech reproduce`` measured, ready for mech.report.reproduce."""
+
+    model: str
+    info: dict[str, Any]  # the organism build's provenance (mech.organism.organism_info)
+    check: Any  # mech.organism.check.CheckReport
+    sweep_cfg: Any  # the mech.sweep.SweepConfig that ran
+    sweep: dict[str, Any]  # rows, summary, cells, done_cells, computed (mech.sweep.run_shard + finished_tables)
+    localisation: Any  # mech.interventions.battery.Localisation
+    seconds: float
+
+
+def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache: Path | None = None,
+                  n_samples: int = 200, oracle_rows: int = 300, check_progress: Callable[[str], None] | None = None,
+                  stage: Stage | None = None) -> Reproduction:
+    """Check the organism at ``model``, run the sweep at ``sweep_path`` on it (cached), and localise the trait in
+    ``students`` (names from the sweep's summary). The base model is loaded once and shared by all three."""
+    from mech import organism
+    from mech.interventions.battery import LocaliseConfig, compute_localise
+    from mech.models import load_model
+    from mech.organism.check import run_check
+    from mech.students.store import load_student
+    from mech.sweep import SweepRunner, finished_tables, load_sweep, run_shard, select_students
+
+    t0 = time.time()
+    if not Path(sweep_path).is_file():
+        raise MechError(f"sweep file {sweep_path} not found: run from the repository root or pass --sweep PATH")
+    # the sweep runs on the model being reproduced, whatever base its YAML names
+    sweep_cfg = dataclasses.replace(load_sweep(sweep_path), base_model=model)
+    base = load_model(model)
+    if base.path is None:
+        raise MechError(f"{model} is not a local organism build: pass an organism directory")
+    check = run_check(base.model, base.tokenizer, organism.read_meta(base.path), n_samples=n_samples,
+                      oracle_rows=oracle_rows, progress=check_progress)
+    runner = SweepRunner(sweep_cfg, cache, stage, base=base)
+    stats = run_shard(runner)
+    groups = select_students(runner, students, str(sweep_path))
+    lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
+                          eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0])
+    loc = compute_localise(base.model, base.tokenizer, groups, lcfg, lambda d: load_student(base.model, d), stage)
+    return Reproduction(model=model, info=organism.organism_info(model), check=check, sweep_cfg=sweep_cfg,
+                        sweep=stats | finished_tables(runner), localisation=loc, seconds=time.time() - t0)
