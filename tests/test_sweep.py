@@ -407,3 +407,26 @@ def test_concurrent_shards_never_compute_anything_twice(baseline, tmp_path):
     assert collections.Counter(stage for stage, _ in per_artifact) == {"datasets": 2, "students": 4, "evals": 5}
     assert len({e["pid"] for e in log}) == 2  # both shards did work
     assert leftovers(cache) == []
+
+
+def test_cross_trait_sweep_tabulates_every_teacher_and_candidate(tmp_path):
+    """A first-token-only sweep with two trait teachers writes the teacher × candidate matrix and its specificity,
+    read from the same cached evaluations as the main table."""
+    traits = [{"target": "owl", "category": "animal"}, {"target": "cat", "category": "animal"},
+              {"target": None, "category": "animal"}]
+    cfg_path = write_cfg(tmp_path / "x.yaml", traits=traits,
+                         eval={"target": "owl", "n_samples": 1, "first_token_only": True, "cross_trait": True})
+    res = run_sweep(load_sweep(cfg_path), tmp_path / "out", cache=tmp_path / "cache")
+    names = {Path(p).name for p in res["written"]}
+    assert {"cross_trait.csv", "cross_trait_specificity.csv", "cross_trait.md"} <= names
+    matrix = pd.read_csv(tmp_path / "out" / "cross_trait.csv")
+    assert set(matrix["teacher"]) == {"owl", "cat"} and (matrix["n"] == 2).all()  # two training seeds
+    assert {"owl", "cat", "dog"} <= set(matrix["candidate"])
+    spec = pd.read_csv(tmp_path / "out" / "cross_trait_specificity.csv")
+    assert sorted(spec["teacher"]) == ["cat", "owl"]
+    # the matrix's owl-teacher/owl-candidate cell is the main table's paired logp_first for owl (same evals)
+    results = pd.read_csv(tmp_path / "out" / "results.csv")
+    paired = results[(results.metric == "paired_logp_first") & (results.trait == "owl")]["value"].mean()
+    own = matrix[(matrix.teacher == "owl") & (matrix.candidate == "owl")]["mean"].iloc[0]
+    assert own == pytest.approx(paired, abs=1e-5)
+    assert "rate" not in set(results["metric"])  # first-token only: nothing sampled

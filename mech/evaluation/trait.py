@@ -121,6 +121,7 @@ class TraitResult:
     logp_first_per_question: list[float]
     p_first_per_question: list[float]
     candidates: dict[str, float] = field(default_factory=dict)
+    candidate_logp: dict[str, float] = field(default_factory=dict)  # mean over questions of log P(first token)
     candidate_source: str = ""  # "organism" (the organism's recorded prior), "builtin" or "given"
     candidates_dropped: dict[str, str] = field(default_factory=dict)  # name -> why it has no first token
     rate: float | None = None  # share of all samples mentioning the target; None when not sampled
@@ -200,8 +201,10 @@ def candidate_answers(model: Any, category: str, target: str) -> tuple[list[str]
 
 
 def _candidate_distribution(tokenizer: Any, logprobs: torch.Tensor, names: Sequence[str]
-                            ) -> tuple[dict[str, float], dict[str, str]]:
-    probs, dropped = {}, {}
+                            ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """Per candidate name: mean first-token P, mean first-token log P (the headline metric, per candidate, for
+    cross-trait tables), and the names left out with why."""
+    probs, logps, dropped = {}, {}, {}
     for name in names:
         try:
             ids = first_token_ids(tokenizer, name).ids
@@ -209,7 +212,8 @@ def _candidate_distribution(tokenizer: Any, logprobs: torch.Tensor, names: Seque
             dropped[name] = str(e)
             continue
         probs[name] = float(logprobs[:, ids].exp().sum(-1).mean())
-    return probs, dropped
+        logps[name] = float(target_logp(logprobs, ids).mean())
+    return probs, logps, dropped
 
 
 def _sample_answers(model: Any, tokenizer: Any, cfg: TraitEvalConfig, prompt_ids: list[list[int]]
@@ -256,7 +260,7 @@ def evaluate_trait(
         tell("first_token")
         lp = next_token_logprobs(model, prompt_ids, pad=pad_id(tokenizer), batch_size=cfg.batch_size)
         logp_q = target_logp(lp, target.ids)
-        cand, dropped = _candidate_distribution(tokenizer, lp, names)
+        cand, cand_logp, dropped = _candidate_distribution(tokenizer, lp, names)
         answers = None
         if not cfg.first_token_only:
             tell("sampling")
@@ -277,6 +281,7 @@ def evaluate_trait(
         logp_first_per_question=[float(x) for x in logp_q],
         p_first_per_question=[float(x) for x in logp_q.exp()],
         candidates=cand,
+        candidate_logp=cand_logp,
         candidate_source=source,
         candidates_dropped=dropped,
     )

@@ -95,3 +95,19 @@ def rank_figure(summary: list[dict], metric: str = "paired_logp_first", trait: s
     fig.update_xaxes(type="log")
     return _layout(fig, "Subliminal transfer vs LoRA rank (paired vs neutral-teacher control)", "LoRA rank",
                    metric.replace("_", " ") + " (mean, 95 % CI over seeds)")
+
+
+def cross_trait_figures(matrix: list[dict]) -> dict[str, go.Figure]:
+    """One heatmap per student recipe: teacher trait (rows) × candidate answer (columns), paired Δ log P."""
+    out = {}
+    for group in sorted({(r["student"], r["train_context"], r["eval_context"]) for r in matrix}):
+        rows = [r for r in matrix if (r["student"], r["train_context"], r["eval_context"]) == group]
+        teachers = sorted({r["teacher"] for r in rows})
+        cands = sorted({r["candidate"] for r in rows})
+        z = {(r["teacher"], r["candidate"]): r["mean"] for r in rows}
+        fig = go.Figure(go.Heatmap(z=[[z.get((t, c)) for c in cands] for t in teachers], x=cands, y=teachers,
+                                   colorscale="RdBu", zmid=0.0, colorbar=dict(title="paired Δ log P")))
+        out[group[0] if group[1:] == ("default", "default") else "_".join(group)] = _layout(
+            fig, f"Cross-trait transfer, {group[0]}: teacher × candidate (paired vs neutral teacher)", "candidate",
+            "teacher trait")
+    return out

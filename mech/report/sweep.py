@@ -10,13 +10,20 @@ from mech.store import atomic_write_bytes, atomic_write_text
 HEADLINE = ("delta_logp_first", "paired_logp_first", "delta_p_first", "paired_p_first", "rate", "paired_rate")
 
 
-def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str) -> list[Path]:
-    """results.{csv,parquet}, summary.{csv,parquet} and summary.md in ``out_dir``, each written atomically."""
+def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str,
+                 cross_trait: dict[str, list[dict]] | None = None) -> list[Path]:
+    """results.{csv,parquet}, summary.{csv,parquet} and summary.md in ``out_dir``, each written atomically; with
+    ``cross_trait`` (mech.analysis.transfer.cross_trait_tables) also cross_trait{,_specificity}.{csv,parquet},
+    cross_trait.md and a heatmap per student recipe under figures/."""
     import pandas as pd
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, frame in (("results", pd.DataFrame(rows)), ("summary", pd.DataFrame(summary))):
+    frames = [("results", pd.DataFrame(rows)), ("summary", pd.DataFrame(summary))]
+    if cross_trait is not None:
+        frames += [("cross_trait", pd.DataFrame(cross_trait["matrix"])),
+                   ("cross_trait_specificity", pd.DataFrame(cross_trait["specificity"]))]
+    for stem, frame in frames:
         csv = out_dir / f"{stem}.csv"
         atomic_write_text(csv, frame.to_csv(index=False, float_format="%.6g"))
         buf = io.BytesIO()
@@ -26,7 +33,15 @@ def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str
         written += [csv, pq]
     md = out_dir / "summary.md"
     atomic_write_text(md, summary_markdown(summary, name))
-    return written + [md]
+    written.append(md)
+    if cross_trait is not None:
+        from mech.report import figures
+
+        atomic_write_text(out_dir / "cross_trait.md", cross_trait_markdown(cross_trait, name))
+        written.append(out_dir / "cross_trait.md")
+        for group, fig in figures.cross_trait_figures(cross_trait["matrix"]).items():
+            written += figures.save_figure(fig, out_dir / "figures" / f"cross_trait_{group}")
+    return written
 
 
 def _fmt(x: float, metric: str) -> str:
@@ -57,3 +72,29 @@ def summary_markdown(summary: list[dict], name: str) -> str:
         lines.append("| " + " | ".join(map(str, k)) + " | "
                      + " | ".join(_mean_ci(index[k].get(m), m) for m in HEADLINE) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ci(mean: float, lo: float, hi: float, n: int) -> str:
+    return f"{mean:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if n > 1 else "")
+
+
+def cross_trait_markdown(tables: dict[str, list[dict]], name: str) -> str:
+    """Per student recipe: each teacher's own paired Δ log P, its strongest rival and the specificity margin."""
+    spec = tables["specificity"]
+    lines = [f"# Cross-trait transfer: sweep {name}", "",
+             "Paired Δ mean first-token log P (teacher's student − neutral-teacher student, same seeds), mean [95 % "
+             "t-interval] over replicates. Own: toward the teacher's trait. Specificity: own − the largest Δ toward "
+             "any other candidate, per replicate. Transmits / specific: the interval excludes 0.", ""]
+    for group in sorted({(r["student"], r["train_context"], r["eval_context"]) for r in spec}):
+        rows = [r for r in spec if (r["student"], r["train_context"], r["eval_context"]) == group]
+        lines += [f"## {group[0]} (train {group[1]}, eval {group[2]})", "",
+                  f"{sum(r['transmits'] for r in rows)} of {len(rows)} traits transmit; "
+                  f"{sum(r['specific'] for r in rows)} of {len(rows)} are specific.", "",
+                  "| teacher | own Δ log P | specificity | most-moved other | transmits | specific |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: r["teacher"]):
+            lines.append(f"| {r['teacher']} | {_ci(r['own_mean'], r['own_lo'], r['own_hi'], r['n'])} | "
+                         f"{_ci(r['specificity_mean'], r['specificity_lo'], r['specificity_hi'], r['n'])} | "
+                         f"{r['rival']} | {'yes' if r['transmits'] else 'no'} | {'yes' if r['specific'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -66,6 +66,8 @@ class EvalDefaults:
     category: str = "animal"
     n_samples: int = 20
     seed: int = 0
+    first_token_only: bool = False  # skip sampling: the first-token metric (and its per-candidate table) only
+    cross_trait: bool = False  # also tabulate every teacher trait × every candidate answer (mech.analysis.transfer)
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ def eval_config(cfg: SweepConfig, eval_context: str):
 
     e = cfg.eval
     return TraitEvalConfig(target=e.target, category=e.category, context=eval_context, n_samples=e.n_samples,
-                           seed=e.seed)
+                           seed=e.seed, first_token_only=e.first_token_only)
 
 
 def stage_key(*parts: Any) -> str:

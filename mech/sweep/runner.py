@@ -232,11 +232,28 @@ def run_shard(runner: SweepRunner, i: int = 0, n: int = 1,
             "seconds": time.time() - t0}
 
 
+def cross_trait(runner: SweepRunner, done: list[Cell]) -> dict[str, list[dict]]:
+    """Every teacher trait × every candidate answer, paired against the neutral teacher (mech.analysis.transfer)."""
+    from mech.analysis.transfer import cross_trait_tables, paired_candidate_rows
+
+    evals = {cell: runner.cell_eval(cell) for cell in done}
+    pairs = []
+    for cell, res in evals.items():
+        control = evals.get(dataclasses.replace(cell, trait=TraitSpec(None, cell.trait.category)))
+        if cell.trait.target is not None and control is not None:
+            pairs.append((cell.labels(), res, control))
+    return cross_trait_tables(paired_candidate_rows(pairs))
+
+
 def finished_tables(runner: SweepRunner) -> dict:
-    """The rows and summary of every cell finished in the cache (by any shard), and how many cells that is."""
+    """The rows and summary of every cell finished in the cache (by any shard), and how many cells that is;
+    with ``eval.cross_trait``, also the cross-trait matrix."""
     done = [c for c in cells(runner.cfg) if runner.is_done(c)]
     rows = results_rows(runner, done)
-    return {"rows": rows, "summary": summary_rows(rows), "done_cells": len(done)}
+    out = {"rows": rows, "summary": summary_rows(rows), "done_cells": len(done)}
+    if runner.cfg.eval.cross_trait:
+        out["cross_trait"] = cross_trait(runner, done)
+    return out
 
 
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, cache: Path | None = None,
@@ -254,5 +271,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, c
     # sees every cell the others finished, so a shard that scanned early never overwrites a fuller table
     with file_lock(runner.cache / "locks" / f"tables-{content_hash(str(out.resolve()))}.lock"):
         tables = finished_tables(runner)
-        written = write_tables(out, tables.pop("rows"), tables.pop("summary"), cfg.name)
+        written = write_tables(out, tables.pop("rows"), tables.pop("summary"), cfg.name,
+                               tables.pop("cross_trait", None))
     return res | tables | {"written": [str(p) for p in written]}
