@@ -132,7 +132,8 @@ def cmd_reproduce(a) -> int:
 def cmd_sweep(a) -> int:
     from tqdm.auto import tqdm
 
-    from mech.sweep import load_sweep, parse_shard, run_sweep
+    from mech.report.sweep import run_sweep
+    from mech.sweep import load_sweep, parse_shard
 
     cfg = load_sweep(a.config)
     parse_shard(a.shard)  # a bad --shard is refused before the progress bars and the model load

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from mech.errors import MechError
-from mech.sweep import SweepConfig, SweepRunner, TraitSpec, cells, load_sweep, parse_shard, run_sweep
+from mech.report.sweep import run_sweep
+from mech.sweep import SweepConfig, SweepRunner, TraitSpec, cells, load_sweep, parse_shard
 
 torch.set_num_threads(1)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Callable
 
-from mech.store import atomic_write_bytes, atomic_write_text
+from mech.store import atomic_write_bytes, atomic_write_text, content_hash, file_lock
+from mech.sweep import SweepConfig, SweepRunner, finished_tables, parse_shard, run_shard
+from mech.sweep.runner import Progress
 
 HEADLINE = ("delta_logp_first", "paired_logp_first", "delta_p_first", "paired_p_first", "rate", "paired_rate")
 
@@ -98,3 +101,21 @@ def cross_trait_markdown(tables: dict[str, list[dict]], name: str) -> str:
                          f"{r['rival']} | {'yes' if r['transmits'] else 'no'} | {'yes' if r['specific'] else 'no'} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, cache: Path | None = None,
+              progress: Progress | None = None, cell_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compute this shard's cells, then write the tables of every finished cell to ``out_dir``
+    (mech.report.sweep); returns the run statistics and the files written. For the tables as data, use
+    ``run_shard`` and ``finished_tables`` on a SweepRunner."""
+    i, n = parse_shard(shard)  # a bad spec fails before the model loads
+    runner = SweepRunner(cfg, cache, progress)
+    res = run_shard(runner, i, n, cell_progress)
+    out = Path(out_dir)
+    # shards sharing an out dir write in turn, each reading the cache afresh under the lock: the last writer
+    # sees every cell the others finished, so a shard that scanned early never overwrites a fuller table
+    with file_lock(runner.cache / "locks" / f"tables-{content_hash(str(out.resolve()))}.lock"):
+        tables = finished_tables(runner)
+        written = write_tables(out, tables.pop("rows"), tables.pop("summary"), cfg.name,
+                               tables.pop("cross_trait", None))
+    return res | tables | {"written": [str(p) for p in written]}

@@ -6,7 +6,7 @@ resolved config that produces it (and of its inputs' hashes), so re-running a sw
 two sweeps share what they have in common. ``--shard i/n`` gives a process the i-th contiguous block of whole
 student groups; processes sharing a cache run at once safely, since each artifact is computed under its own
 lock by one process only. Every artifact is written atomically: a killed sweep re-run completes without
-recomputing finished cells. Tables are written by mech.report.sweep.
+recomputing finished cells. Tables are written by mech.report.sweep (``run_sweep`` computes and writes).
 """
 
 from mech.sweep.config import (
@@ -30,7 +30,6 @@ from mech.sweep.runner import (
     finished_tables,
     results_rows,
     run_shard,
-    run_sweep,
     select_students,
     students_from_sweep,
     summary_rows,
@@ -39,5 +38,5 @@ from mech.sweep.runner import (
 __all__ = [
     "Cell", "EvalDefaults", "METRICS", "StudentSpec", "SweepConfig", "SweepRunner", "TeacherDefaults", "TrainDefaults",
     "TraitSpec", "cells", "eval_config", "finished_tables", "load_sweep", "parse_shard", "results_rows", "run_shard",
-    "run_sweep", "select_students", "student_config", "students_from_sweep", "summary_rows", "teacher_config",
+    "select_students", "student_config", "students_from_sweep", "summary_rows", "teacher_config",
 ]

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from mech.errors import MechError
 from mech.paths import cache_root
-from mech.store import append_jsonl, atomic_write_json, build_once, content_hash, file_lock
+from mech.store import append_jsonl, atomic_write_json, build_once
 from mech.sweep.config import (Cell, StudentSpec, SweepConfig, TraitSpec, cells, eval_config, load_sweep,
-                               parse_shard, stage_key, student_config, teacher_config)
+                               stage_key, student_config, teacher_config)
 
 
 # ----------------------------------------------------------------------------------------------- the runner
@@ -254,23 +254,3 @@ def finished_tables(runner: SweepRunner) -> dict:
     if runner.cfg.eval.cross_trait:
         out["cross_trait"] = cross_trait(runner, done)
     return out
-
-
-def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, cache: Path | None = None,
-              progress: Progress | None = None, cell_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Compute this shard's cells, then write the tables of every finished cell to ``out_dir``
-    (mech.report.sweep); returns the run statistics and the files written. For the tables as data, use
-    ``run_shard`` and ``finished_tables`` on a SweepRunner."""
-    from mech.report.sweep import write_tables
-
-    i, n = parse_shard(shard)  # a bad spec fails before the model loads
-    runner = SweepRunner(cfg, cache, progress)
-    res = run_shard(runner, i, n, cell_progress)
-    out = Path(out_dir)
-    # shards sharing an out dir write in turn, each reading the cache afresh under the lock: the last writer
-    # sees every cell the others finished, so a shard that scanned early never overwrites a fuller table
-    with file_lock(runner.cache / "locks" / f"tables-{content_hash(str(out.resolve()))}.lock"):
-        tables = finished_tables(runner)
-        written = write_tables(out, tables.pop("rows"), tables.pop("summary"), cfg.name,
-                               tables.pop("cross_trait", None))
-    return res | tables | {"written": [str(p) for p in written]}
