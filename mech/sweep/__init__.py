@@ -32,6 +32,7 @@ from mech.sweep.runner import (
     run_shard,
     run_sweep,
     select_students,
+    student_cells,
     students_from_sweep,
     summary_rows,
 )
@@ -39,5 +40,6 @@ from mech.sweep.runner import (
 __all__ = [
     "Cell", "EvalDefaults", "METRICS", "StudentSpec", "SweepConfig", "SweepRunner", "TeacherDefaults", "TrainDefaults",
     "TraitSpec", "cells", "eval_config", "finished_tables", "load_sweep", "parse_shard", "results_rows", "run_shard",
-    "run_sweep", "select_students", "student_config", "students_from_sweep", "summary_rows", "teacher_config",
+    "run_sweep", "select_students", "student_cells", "student_config", "students_from_sweep", "summary_rows",
+    "teacher_config",
 ]
