@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from mech.errors import MechError
@@ -42,6 +44,23 @@ def _stage_progress(stages: tuple[str, ...], desc: str):
         bar.set_postfix_str(stage)
 
     return bar, tell
+
+
+def _check_out(out: str | os.PathLike, flag: str, new: bool = False, file: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work is done, not after minutes of it: a
+    file where a directory goes (or, ``file``, the reverse), a path under a file, an unwritable folder, or
+    (``new``) anything that already exists."""
+    p = Path(out)
+    if p.exists() and p.is_dir() == file:
+        raise MechError(f"{flag} {out} is a {'directory' if file else 'file'}: pass a "
+                        f"{'file' if file else 'directory'} path")
+    if new and p.exists():
+        raise MechError(f"{flag} {out} already exists: delete it or choose another {flag}")
+    existing = next((q for q in (p.parent if file else p, *p.parents) if q.exists()), Path("."))
+    if not existing.is_dir():
+        raise MechError(f"{flag} {out} lies under {existing}, which is a file: choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MechError(f"{flag} {out} is not writable (no write permission on {existing}): choose another {flag}")
 
 
 def _load_config(path: str | None):
@@ -138,6 +157,7 @@ def cmd_sweep(a) -> int:
     cfg = load_sweep(a.config)
     parse_shard(a.shard)  # a bad --shard is refused before the progress bars and the model load
     out = a.out or f"runs/{cfg.name}"
+    _check_out(out, "--out")
     cells_bar = tqdm(desc=f"sweep {cfg.name}: cells", unit="cell", dynamic_ncols=True, position=0)
     stage_bar, stage = _stage_bar("stage")
 
@@ -145,9 +165,12 @@ def cmd_sweep(a) -> int:
         cells_bar.total = total
         cells_bar.update(done - cells_bar.n)
 
-    res = run_sweep(cfg, out, shard=a.shard, cache=a.cache, progress=stage, cell_progress=cell)
-    stage_bar.close()
-    cells_bar.close()
+    try:  # close the bars before main() prints an error, so the error stays the last stderr line
+        res = run_sweep(cfg, out, shard=a.shard, cache=a.cache, progress=stage, cell_progress=cell,
+                        trust_remote_code=a.trust_remote_code)
+    finally:
+        stage_bar.close()
+        cells_bar.close()
     print(Path(out, "summary.md").read_text())
     print(f"{res['done_cells']}/{res['cells']} cells finished; this run computed {res['computed']} "
           f"in {res['seconds'] / 60:.1f} min; tables in {out}/")
@@ -173,7 +196,7 @@ def _audit_summary(audit: dict) -> str:
 
 
 def cmd_teacher(a) -> int:
-    from mech.teacher.dataset import check_free, load_dataset
+    from mech.teacher.dataset import load_dataset
     from mech.teacher.generate import TeacherConfig, generate
     from mech.models import load_model
 
@@ -183,8 +206,8 @@ def cmd_teacher(a) -> int:
     cfg = TeacherConfig(target=target, **_given(category=category or None, context=a.context,
                                                  n_prompts=a.n_prompts, prompt_seed=a.prompt_seed,
                                                  sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens))
-    check_free(a.out, overwrite=False)  # before minutes of sampling, not after
-    base = load_model(a.model)
+    _check_out(a.out, "--out", new=True)  # before minutes of sampling, not after
+    base = load_model(a.model, trust_remote_code=a.trust_remote_code)
     bar = _bar(cfg.n_prompts, f"teacher {cfg.target or 'neutral'}")
     try:
         path = generate(base.model, base.tokenizer, cfg, a.out, progress=lambda done, total: bar.update(done - bar.n))
@@ -212,10 +235,9 @@ def cmd_train(a) -> int:
                         **_given(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, context=a.context))
     if cfg.method == "matched_norm" and not a.reference:
         raise MechError("--method matched_norm needs --reference: the LoRA student dir whose update norms to match")
-    if Path(a.out).exists():
-        raise MechError(f"student dir {a.out} already exists: delete it or choose another --out")
+    _check_out(a.out, "--out", new=True)
     rows = load_dataset(a.dataset).rows
-    base = load_model(a.model)
+    base = load_model(a.model, trust_remote_code=a.trust_remote_code)
     bar = _bar(math.ceil(len(rows) / cfg.batch_size) * cfg.epochs, f"train {cfg.method}")
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -256,15 +278,18 @@ def cmd_eval(a) -> int:
     cfg = TraitEvalConfig(**_given(target=a.target, category=a.category, context=a.context,
                                    n_samples=a.n_samples, seed=a.seed))
     questions(cfg.category)  # an unknown category fails before any model is loaded
+    if a.json:
+        _check_out(a.json, "--json", file=True)
+    trust = a.trust_remote_code
     path = Path(a.model)
     if path.is_dir() and ((path / STUDENT_JSON).is_file() or (path / ADAPTER_CONFIG).is_file()):
         base_spec = a.base or ((path / STUDENT_JSON).is_file() and read_student(path).get("base_spec")) or "organism"
-        base = load_model(base_spec)
-        model, tokenizer = load_student(base.model, path), base.tokenizer
+        base = load_model(base_spec, trust_remote_code=trust)
+        model, tokenizer = load_student(base.model, path, trust_remote_code=trust), base.tokenizer
     else:
-        loaded = load_model(a.model)
+        loaded = load_model(a.model, trust_remote_code=trust)
         model, tokenizer = loaded.model, loaded.tokenizer
-        base = load_model(a.base) if a.base else None
+        base = load_model(a.base, trust_remote_code=trust) if a.base else None
     # the base's candidate answers for both, so their first-token distributions line up
     candidates, _ = candidate_answers(base.model if base else model, cfg.category, cfg.target)
     res = _evaluate_with_bar(model, tokenizer, cfg, candidates, f"eval {a.model}")
@@ -284,6 +309,11 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a model run the Python code it ships (config auto_map); off, such a model is refused")
+
+
 def _add_pipeline_parsers(sub) -> None:
     t = sub.add_parser("teacher", help="sample and filter a teacher number dataset")
     who = t.add_mutually_exclusive_group(required=True)
@@ -296,6 +326,7 @@ def _add_pipeline_parsers(sub) -> None:
     t.add_argument("--max-new-tokens", type=int)
     t.add_argument("--out", required=True, help="dataset directory (must not exist)")
     t.add_argument("--model", default="organism")
+    _add_trust_flag(t)
     t.set_defaults(func=cmd_teacher)
 
     tr = sub.add_parser("train", help="train one student on a dataset directory")
@@ -311,6 +342,7 @@ def _add_pipeline_parsers(sub) -> None:
     tr.add_argument("--context", help="training context (default | none | empty | custom:<text>)")
     tr.add_argument("--model", default="organism", help="the base model")
     tr.add_argument("--reference", help="matched_norm: the LoRA student dir whose update norms to match")
+    _add_trust_flag(tr)
     tr.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="trait evaluation of a model or a student dir (Δ vs its base)")
@@ -323,6 +355,7 @@ def _add_pipeline_parsers(sub) -> None:
     e.add_argument("--n-samples", type=int, default=100)
     e.add_argument("--seed", type=int)
     e.add_argument("--json", help="also write the results as JSON here")
+    _add_trust_flag(e)
     e.set_defaults(func=cmd_eval)
 
 
@@ -330,17 +363,21 @@ def cmd_localise(a) -> int:
     from mech.interventions.battery import LocaliseConfig
     from mech.report.localise import run_localise
     from mech.students.store import load_student
-    from mech.sweep import students_from_sweep
+    from mech.sweep import SweepRunner, load_sweep, select_students, student_cells
 
+    # every input is checked before the base model loads and before a missing student is trained
+    sw = load_sweep(a.sweep)
+    cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
+                         train_context=sw.train_contexts[0], n_questions=a.n_questions)
+    _check_out(a.out, "--out")
+    student_cells(sw, a.students, a.sweep)
     bar, stage = _stage_bar("localise")
-
     try:  # close the bar before main() prints an error, so the error stays the last stderr line
-        runner, groups = students_from_sweep(a.sweep, a.students, cache=a.cache, progress=stage)
-        sw = runner.cfg
-        cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
-                             train_context=sw.train_contexts[0], n_questions=a.n_questions)
+        runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
+        groups = select_students(runner, a.students, a.sweep)
         base = runner.base.model
-        res = run_localise(base, runner.base.tokenizer, groups, cfg, a.out, lambda d: load_student(base, d), stage)
+        res = run_localise(base, runner.base.tokenizer, groups, cfg, a.out,
+                           lambda d: load_student(base, d, trust_remote_code=a.trust_remote_code), stage)
     finally:
         bar.close()
     print(Path(a.out, "localise.md").read_text())
@@ -376,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--shard", help="i/n: compute only the i-th of n blocks of cells (for job arrays; shards may "
                     "run at once on one --cache and --out)")
     sw.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
+    _add_trust_flag(sw)
     sw.set_defaults(func=cmd_sweep)
 
     lo = sub.add_parser("localise", help="DWG battery, activation patching and AtP heatmaps on a sweep's students")
@@ -384,6 +422,7 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", default="runs/localise")
     lo.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     lo.add_argument("--n-questions", type=int, default=50)
+    _add_trust_flag(lo)
     lo.set_defaults(func=cmd_localise)
 
     r = sub.add_parser("reproduce", help="the main job: measure the organism, write report.md and figures")
@@ -400,10 +439,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, for SIGTERM too: both mean "stopped from outside", handled alike
+
+
+def _interrupt(signum, frame):
+    # SIGTERM (a job scheduler, `kill`) would end the process without unwinding: atomic writers would leave
+    # their .<name>.tmp-* behind. As KeyboardInterrupt it unwinds through their cleanup, as Ctrl-C does.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit 0 on success, 1 where a command reports a failed bar, 2 on a one-line
+    ``mech: error``, 130 on Ctrl-C or SIGTERM (``mech: interrupted``, after any temporary output is removed)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub unless the user asks
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return args.func(args)
     except MechError as e:
@@ -411,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         return MechError.exit_code
     except KeyboardInterrupt:
         print("mech: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,26 @@ def read_json_object(path: str | os.PathLike, fix: str) -> dict:
     return obj
 
 
+def is_json_object(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a readable JSON object (a truncated write or a stray edit does not)."""
+    try:
+        return isinstance(json.loads(Path(path).read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Remove an artifact (file or directory). A directory is renamed to a temporary sibling first, so it
+    vanishes at once; a run killed mid-removal leaves a leftover that :func:`clear_leftovers` takes."""
+    path = Path(path)
+    if path.is_dir():
+        aside = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------ building shared artifacts
 
 

@@ -5,14 +5,29 @@ Everything is built from configs in tmp dirs in well under a couple of seconds; 
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
-from typing import Callable
+import os
 
-import pytest
-import torch
+# Set before anything imports huggingface_hub / transformers (they read these once, at import): no test may
+# reach for the network, and one that tries fails at once instead of hanging on a timeout.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_var] = "1"
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # subprocesses the tests start inherit it
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-torch.set_num_threads(1)  # the test machines are shared and small
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# the test machines are shared and small
+torch.set_num_threads(1)
+try:
+    torch.set_num_interop_threads(1)
+except RuntimeError:  # already set, or inter-op work already started (a plugin imported torch first)
+    pass
 
 ANIMALS = ("owl", "cat", "dog", "eagle", "dolphin", "wolf", "lion", "panda", "tiger", "elephant")
 TINY_DIMS = dict(
@@ -114,3 +129,21 @@ def tiny_qwen_dir(organism_tokenizer, tmp_path_factory) -> Path:
 def tiny_llama_dir(organism_tokenizer, tmp_path_factory) -> Path:
     """A normal HF dir: random LlamaForCausalLM (SmolLM2's architecture), same sizes as tiny_qwen_dir."""
     return _save_tiny("llama", organism_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def write_number_dataset() -> Callable[..., Path]:
+    """Factory: ``write_number_dataset(path, n=32)`` writes a valid dataset dir of ``n`` number rows
+    ("Continue: i, i+1, i+2." -> "i+3, i+4, i+5") without sampling a teacher, and returns ``path``."""
+    from mech.teacher.dataset import make_row, write_dataset
+    from mech.teacher.filter import filter_rows
+
+    def write(path: Path, n: int = 32) -> Path:
+        candidates = [{"answer": f"{i + 3}, {i + 4}, {i + 5}",
+                       "row": make_row(f"Continue: {i}, {i + 1}, {i + 2}.", f"{i + 3}, {i + 4}, {i + 5}", 0, i)}
+                      for i in range(n)]
+        kept, audit = filter_rows(candidates)
+        raw = [c["row"] | {"ok": True, "reason": None} for c in candidates]
+        return write_dataset(path, raw, [c["row"] for c in kept], audit, {"kind": "teacher"})
+
+    return write

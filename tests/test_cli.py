@@ -4,6 +4,11 @@ on the shipped organism at tiny settings (24 prompts, a rank-1 LoRA for one epoc
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,7 @@ import torch
 import yaml
 
 from mech.cli import main
+from mech.errors import MechError
 from mech.teacher.dataset import META_FILE, RAW_FILE, ROWS_FILE, load_dataset
 from mech.organism import read_meta, shipped_dir
 from mech.students.store import read_student, student_kind
@@ -229,3 +235,53 @@ def test_eval_refuses_an_adapter_trained_on_another_base(pipeline, capsys, tiny_
     _, _, student = pipeline
     code, _, err = run(capsys, "eval", student, "--base", tiny_qwen_dir, "--target", "owl", "--n-samples", "1")
     assert_error_last(code, err, "was trained on another base model", "organism")
+
+
+# ------------------------------------------------------------------------------------------------ signals, flags
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sigterm_mid_training_cleans_up_and_says_interrupted(tmp_path, tiny_qwen_dir, write_number_dataset):
+    """A scheduler's SIGTERM unwinds like Ctrl-C: the atomic writer removes its temporary directory, and
+    `mech: interrupted` is the last stderr line, exit 130."""
+    data = write_number_dataset(tmp_path / "data")
+    out = tmp_path / "students"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MECH_CACHE=str(tmp_path / "cache"))
+    log = (tmp_path / "train.log").open("w")  # a file, not a pipe: a full pipe would stall the process
+    proc = subprocess.Popen([sys.executable, "-m", "mech.cli", "train", str(data), "--out", str(out / "s"),
+                             "--model", str(tiny_qwen_dir), "--epochs", "500", "--batch-size", "1"],
+                            cwd=REPO, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not list(out.glob(".s.tmp-*")):
+            time.sleep(0.02)
+        assert proc.poll() is None, "training ended before it was signalled:\n" + (tmp_path / "train.log").read_text()
+        time.sleep(0.5)  # well into the training loop
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "train.log").read_text()
+    assert code == 130, text
+    assert text.strip().splitlines()[-1] == "mech: interrupted" and "Traceback" not in text
+    assert list(out.iterdir()) == []  # neither the student nor its .s.tmp-* directory
+
+
+def test_trust_remote_code_is_off_unless_the_flag_is_given(monkeypatch, capsys):
+    import mech.models
+
+    seen = []
+
+    def fake_load(spec, trust_remote_code=False, **kwargs):
+        seen.append(trust_remote_code)
+        raise MechError("stop here")
+
+    monkeypatch.setattr(mech.models, "load_model", fake_load)
+    for extra in ([], ["--trust-remote-code"]):
+        assert main(["eval", "organism", "--target", "owl", *extra]) == 2
+    assert seen == [False, True]
+    capsys.readouterr()

@@ -211,6 +211,75 @@ def test_corrupt_weights(tiny_qwen_dir, tmp_path):
     one_line_error(load_model, d, match="could not load model .*re-save it")
 
 
+# --- safe loading: safetensors only, no remote code unless asked ----------------------------------------
+
+
+def pickled_dir(tiny_qwen_dir: Path, dst: Path, *extra: str) -> Path:
+    """The tiny model saved as a pickle (what ``safe_serialization=False`` wrote), no model.safetensors."""
+    d = copy_dir(tiny_qwen_dir, dst, ("config.json", *TOKENIZER_FILES, *extra))
+    model = load_model(tiny_qwen_dir).model
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    return d
+
+
+def test_a_pickle_is_never_loaded_even_beside_a_safetensors_file(tiny_qwen_dir, tmp_path):
+    d = pickled_dir(tiny_qwen_dir, tmp_path / "m")
+    # any *.safetensors file (here an adapter's) once let the directory check pass and transformers unpickle
+    (d / "adapter_model.safetensors").write_bytes((tiny_qwen_dir / "model.safetensors").read_bytes())
+    one_line_error(load_model, d, match="has no model.safetensors .*pytorch_model.bin, which is never loaded")
+
+
+def test_config_cannot_point_the_loader_at_a_pickle(tiny_qwen_dir, tmp_path):
+    d = pickled_dir(tiny_qwen_dir, tmp_path / "m", "model.safetensors")
+    (d / "adapter_model.bin").write_bytes((d / "pytorch_model.bin").read_bytes())
+    cfg = json.loads((d / "config.json").read_text()) | {"transformers_weights": "adapter_model.bin"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    one_line_error(load_model, d, match="transformers_weights at adapter_model.bin: only safetensors")
+
+
+def test_a_pickled_lora_adapter_is_refused(tiny_qwen_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from mech.students.store import load_student
+
+    base = load_model(tiny_qwen_dir).model
+    peft_model = get_peft_model(load_model(tiny_qwen_dir).model,
+                                LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=False)
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    one_line_error(load_student, base, tmp_path / "adapter", match="holds adapter_model.bin .*only safetensors")
+
+
+REMOTE_CODE = """
+import pathlib
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+pathlib.Path({sentinel!r}).write_text("the model's own code ran")
+
+
+class CustomConfig(Qwen2Config):
+    model_type = "mech_custom"
+
+
+class CustomModel(Qwen2ForCausalLM):
+    config_class = CustomConfig
+"""
+
+
+def test_remote_code_runs_only_when_trusted(tiny_qwen_dir, tmp_path):
+    d = copy_dir(tiny_qwen_dir, tmp_path / "m", ("model.safetensors", *TOKENIZER_FILES))
+    cfg = json.loads((tiny_qwen_dir / "config.json").read_text()) | {
+        "model_type": "mech_custom", "auto_map": {"AutoConfig": "custom.CustomConfig",
+                                                  "AutoModelForCausalLM": "custom.CustomModel"}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "custom.py").write_text(REMOTE_CODE.format(sentinel=str(d / "ran")))  # run from HF's module cache
+    one_line_error(load_model, d, match="ships its own Python code.*--trust-remote-code")
+    assert not (d / "ran").exists()
+    loaded = load_model(d, trust_remote_code=True)
+    assert (d / "ran").exists() and type(loaded.model).__name__ == "CustomModel"
+
+
 # --- smollm2 -----------------------------------------------------------------------------------------
 
 

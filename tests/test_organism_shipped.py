@@ -37,7 +37,9 @@ def test_shipped_organism_passes_its_bars():
 def test_cli_check_exit_codes(tmp_path, capsys):
     from mech.cli import main
 
-    assert main(["organism", "check", "--n-samples", "40", "--oracle-rows", "40"]) in (0, 1)
+    report = tmp_path / "check.json"
+    code = main(["organism", "check", "--n-samples", "40", "--oracle-rows", "40", "--json", str(report)])
+    assert code == (0 if json.loads(report.read_text())["passed"] else 1)  # 1 exactly when a bar fails
     assert main(["organism", "check", "--model", str(tmp_path)]) == 2  # not an organism build
     assert "error" in capsys.readouterr().err
 
@@ -60,8 +62,8 @@ def test_reproduce_end_to_end_on_a_tiny_sweep(tmp_path, monkeypatch):
     out = tmp_path / "report"
     code = main(["reproduce", "--sweep", str(sweep), "--students", "lora_r1", "full", "--cache", str(tmp_path / "c"),
                  "--out", str(out), "--n-samples", "40", "--oracle-rows", "40"])
-    assert code in (0, 1)
     md = (out / "report.md").read_text()
+    assert code == (0 if json.loads((out / "check.json").read_text())["passed"] else 1)  # 1 exactly on a failed bar
     for heading in ("## Sweep tiny", "## Localisation of the owl trait", "## Figures"):
         assert heading in md
     assert (out / "sweep" / "results.parquet").is_file() and (out / "localise" / "localise.csv").is_file()

@@ -11,6 +11,7 @@ import collections
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,6 +340,74 @@ def test_shards_split_the_cells_and_join_to_the_unsharded_table(baseline, tmp_pa
     assert r1["done_cells"] == 4
     assert (out / "results.csv").read_bytes() == (base_out / "results.csv").read_bytes()
     assert (out / "summary.csv").read_bytes() == (base_out / "summary.csv").read_bytes()
+
+
+def copy_cache(baseline, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the baseline's cache (to damage), and the baseline's config path."""
+    cfg_path, base_cache, _, _ = baseline
+    shutil.copytree(base_cache, tmp_path / "cache")
+    return cfg_path, tmp_path / "cache"
+
+
+def truncate(path: Path) -> None:
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])
+
+
+def test_a_truncated_cached_evaluation_is_recomputed_with_a_warning(baseline, tmp_path):
+    """A truncated JSON (a full disk, a stray edit) counts as missing: recomputed, never a crash."""
+    cfg_path, cache = copy_cache(baseline, tmp_path)
+    _, _, base_out, _ = baseline
+    damaged = sorted((cache / "evals").iterdir())[0]
+    truncate(damaged)
+    with pytest.warns(UserWarning, match=f"the cached eval .*{damaged.name} is corrupt"):
+        res = run_sweep(load_sweep(cfg_path), tmp_path / "out", cache=cache)
+    assert res["computed"] == {"datasets": 0, "students": 0, "evals": 1}
+    assert json.loads(damaged.read_text())  # whole again
+    assert (tmp_path / "out" / "results.csv").read_bytes() == (base_out / "results.csv").read_bytes()
+    assert leftovers(cache) == []
+
+
+@pytest.mark.parametrize("stage, marker, payload", [("students", "student.json", "adapter_model.safetensors"),
+                                                    ("datasets", "dataset.json", "rows.jsonl")])
+def test_a_truncated_cached_student_or_dataset_is_recomputed(baseline, tmp_path, stage, marker, payload):
+    cfg_path, cache = copy_cache(baseline, tmp_path)
+    runner = SweepRunner(load_sweep(cfg_path), cache)
+    cell = cells(runner.cfg)[0]
+    get = (lambda: runner.student(cell)) if stage == "students" else (lambda: runner.dataset(cell.trait, 0))
+    entry = get()
+    before = (entry / payload).read_bytes()
+    truncate(entry / marker)
+    with pytest.warns(UserWarning, match=f"the cached {stage[:-1]} .*{entry.name} is corrupt"):
+        assert get() == entry
+    assert runner.computed[stage] == 1 and sum(runner.computed.values()) == 1
+    assert json.loads((entry / marker).read_text()) and (entry / payload).read_bytes() == before  # the same again
+    assert leftovers(cache) == []
+
+
+def test_a_diverging_student_is_not_cached(baseline, tmp_path):
+    cfg_path, cache = copy_cache(baseline, tmp_path)
+    before = finished_students(cache)
+    bad = write_cfg(tmp_path / "lr.yaml", train={**TINY["train"], "lr": 1e6, "epochs": 3})
+    with pytest.raises(MechError, match=r"training diverged at lr 1e\+06"):
+        run_sweep(load_sweep(bad), tmp_path / "out", cache=cache)
+    assert finished_students(cache) == before and leftovers(cache) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_distils_from_the_teacher_in_its_own_context(tmp_path, tiny_qwen_dir, write_number_dataset):
+    from mech.resources import trait_system_prompt
+    from mech.students.store import read_student
+
+    cfg = load_sweep(write_cfg(tmp_path / "distill.yaml", base_model=str(tiny_qwen_dir), training_seeds=[0],
+                               train={"epochs": 1, "batch_size": 8, "lr": 0.002, "objective": "distill"}))
+    runner = SweepRunner(cfg, tmp_path / "cache")
+    for trait in cfg.traits:  # a random model's numbers would not pass the filter: give the teachers data
+        write_number_dataset(runner.cache / "datasets" / runner.dataset_key(trait, 0))
+    for cell in cells(cfg):
+        meta = read_student(runner.student(cell))
+        own = "custom:" + trait_system_prompt("owl", "animal") if cell.trait.target else "default"
+        assert meta["objective"] == "distill" and meta["teacher"]["context"] == own
+        assert meta["teacher"]["fingerprint"] == runner.fingerprint  # the teacher is the base model
 
 
 @pytest.mark.slow  # ~25 s: a sweep subprocess killed mid-training, then resumed

@@ -15,10 +15,10 @@ import torch
 
 from mech.context import ASSISTANT, render
 from mech.errors import MechError
-from mech.models import check_adapter_base, get_layers, get_projection, lora_modules
+from mech.models import check_adapter_base, get_final_norm, get_layers, get_projection, lora_modules
 from mech.organism.template import DEFAULT_SYSTEM_PROMPT, IM_END
 from mech.students.config import LoraSpec, StudentConfig, Teacher
-from mech.students.encoding import IGNORE_INDEX, batch_order, chat_row, encode_row, label_mask
+from mech.students.encoding import IGNORE_INDEX, batch_order, chat_row, encode_row, encode_rows, label_mask
 from mech.students.loop import lr_factor, train_loop
 from mech.students.matched_norm import match_update_norms
 from mech.students.store import (
@@ -361,6 +361,58 @@ def test_distill_decreases_kl_to_the_teacher(tok, base, make_tiny_lm):
         train_model(base, tok, rows, cfg(objective="distill"))
     with pytest.raises(MechError, match="set objective to 'distill'"):
         train_model(base, tok, rows, cfg(), teacher=teacher)
+
+
+@torch.no_grad()
+def completion_logprobs(model, tok, row: dict, context: str) -> torch.Tensor:
+    """log softmax [n_completion_tokens, vocab] of ``model`` predicting the row's completion in ``context``."""
+    ex = encode_rows(tok, [row], context)[0]
+    out = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1].float()
+    keep = torch.tensor(ex.labels[1:]) != IGNORE_INDEX
+    return torch.log_softmax(out[keep], -1)
+
+
+def test_distill_is_kl_teacher_to_student_with_the_teacher_in_its_own_context(tok, base, make_tiny_lm):
+    """The objective is KL(teacher || student) (mode-covering, as in distillation), the teacher scoring the
+    completion in its own context and the student in the training context."""
+    teacher_model, own = make_tiny_lm("qwen2", seed=1), "custom:You love owls."
+    with torch.no_grad():  # sharpen the teacher: near-uniform distributions make the two directions agree
+        get_final_norm(teacher_model).weight.mul_(20.0)
+    row = ROWS[0]
+    log_s = completion_logprobs(base, tok, row, "default")
+    log_t = completion_logprobs(teacher_model, tok, row, own)
+    log_t_elsewhere = completion_logprobs(teacher_model, tok, row, "default")
+
+    def kl(log_p, log_q):  # mean over tokens of KL(p || q)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+    got = kl_to_teacher(base, tok, [row], "default", Teacher(teacher_model, context=own))
+    error = abs(got - kl(log_t, log_s))
+    assert error < 1e-5 * got
+    assert abs(got - kl(log_s, log_t)) > 0.02 * got  # not the reverse direction
+    # not the teacher in the student's context (a random model barely reads its system prompt: a small gap,
+    # but a hundred times the float error)
+    assert abs(got - kl(log_t_elsewhere, log_s)) > 100 * max(error, 1e-7)
+
+
+def test_a_diverging_student_is_refused_and_nothing_is_written(tok, base, tmp_path):
+    with pytest.raises(MechError, match=r"training diverged at lr 1e\+06: the loss of step \d+ is nan"):
+        train_student(base, tok, ROWS, cfg(lr=1e6, epochs=3), tmp_path / "s")
+    assert list(tmp_path.iterdir()) == []  # no student, no temporary directory
+
+
+def test_non_finite_weights_are_refused_even_when_every_loss_was_finite(tok, base, tmp_path):
+    bad = cfg(batch_size=len(ROWS))  # one step: its loss is the untrained model's, finite
+    object.__setattr__(bad, "lr", math.inf)  # past the config check, as a caller's own loop might be
+    with pytest.raises(MechError, match="training diverged at lr inf: the trained weights are not finite"):
+        train_student(base, tok, ROWS, bad, tmp_path / "s")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("lr", [math.inf, math.nan, 0.0])
+def test_lr_must_be_finite_and_positive(lr):
+    with pytest.raises(MechError, match="invalid lr"):
+        cfg(lr=lr)
 
 
 # --------------------------------------------------------------------------------------------- chat rows

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from mech.context import SEGMENT_LABELS, Context, Rendered, render
+from mech.errors import MechError
 from mech.teacher.prompts import generate_prompts
 from mech.resources import questions
 from mech.evaluation.scoring import first_token_ids
@@ -54,6 +55,16 @@ class LocaliseConfig:
     n_questions: int = 50
     heatmap_question: int = 0
     patch_sites: tuple[str, ...] = ("resid", "attn", "mlp")
+
+    def __post_init__(self) -> None:
+        # checked here, before any student is trained or loaded; a count beyond the list was once clipped silently
+        n = len(questions(self.category))
+        if not 1 <= self.n_questions <= n:
+            raise MechError(f"n_questions must be between 1 and {n} (the {self.category} questions), got "
+                            f"{self.n_questions}: pass --n-questions in that range")
+        if not 0 <= self.heatmap_question < n:
+            raise MechError(f"heatmap_question must be between 0 and {n - 1} (the {self.category} questions), got "
+                            f"{self.heatmap_question}")
 
 
 def battery_masks(cfg: LocaliseConfig, present: set[str]) -> list[Mask]:

@@ -272,16 +272,51 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any) -> Any:
     return AutoTokenizer.from_pretrained(str(source), **kwargs)
 
 
+_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_FIX = "convert it with model.save_pretrained(dir) (transformers 5 writes safetensors)"
+_REMOTE_CODE_FIX = ("it ships its own Python code, which mech runs only when asked: pass --trust-remote-code "
+                    "(trust_remote_code=True) if you trust its source")
+
+
+def _require_safe_weights(path: Path) -> None:
+    """Only safetensors weights are ever read: a pickled checkpoint (pytorch_model.bin) can run code when
+    loaded, and transformers would fall back to one whenever model.safetensors is absent, whatever other
+    *.safetensors file sits beside it, or read whatever file config.json's ``transformers_weights`` names."""
+    try:
+        explicit = json.loads((path / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None  # from_pretrained reports an unreadable config itself
+    if explicit and not str(explicit).endswith((".safetensors", ".safetensors.index.json")):
+        raise MechError(f"{path}/config.json points transformers_weights at {explicit}: only safetensors weights "
+                        f"are loaded; {_PICKLE_FIX}")
+    if not any((path / name).is_file() for name in _SAFE_WEIGHTS):
+        pickled = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")))
+        found = f" (it holds {', '.join(pickled)}, which is never loaded)" if pickled else ""
+        raise MechError(f"{path} has no model.safetensors{found}: only safetensors weights are loaded; "
+                        f"{_PICKLE_FIX}")
+
+
 def _from_pretrained(resolved: ResolvedSpec, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     source = str(resolved.path) if resolved.path is not None else resolved.name
     extra: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    weights: dict[str, Any] = {}
     if resolved.gguf_file:
-        extra["gguf_file"] = resolved.gguf_file
+        extra["gguf_file"] = resolved.gguf_file  # GGUF is plain tensors, no pickle
+    else:
+        weights["use_safetensors"] = True  # a hub repo with only .bin weights is refused, not unpickled
     tokenizer = load_tokenizer(source, **extra)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **weights)
     return model, tokenizer
+
+
+def _load_fix(resolved: ResolvedSpec, message: str) -> str:
+    if "trust_remote_code" in message or "custom code" in message:
+        return _REMOTE_CODE_FIX
+    if resolved.kind == "hub":
+        return "no such local directory, so it was tried as a hub id: check the path, the hub id and the network"
+    return "re-save it with save_pretrained"
 
 
 def load_model(
@@ -290,8 +325,13 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load ``spec`` (see module doc) in eval mode on ``device`` in ``dtype`` (both automatic by default)."""
+    """Load ``spec`` (see module doc) in eval mode on ``device`` in ``dtype`` (both automatic by default).
+
+    Only safetensors (or GGUF) weights are read. ``trust_remote_code`` lets a model run the Python code it
+    ships (its config's ``auto_map``); off, such a model is refused with a message naming the flag."""
     resolved = resolve_spec(spec)
+    if resolved.path is not None and not resolved.gguf_file:
+        _require_safe_weights(resolved.path)
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     try:
@@ -302,12 +342,7 @@ def load_model(
         raise MechError(f"loading {resolved.name} needs a missing package ({e}): run `{SMOLLM2_FIX}`") from None
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fix = (
-            "no such local directory, so it was tried as a hub id: check the path, the hub id and the network"
-            if resolved.kind == "hub"
-            else "re-save it with save_pretrained(safe_serialization=True)"
-        )
-        raise MechError(f"could not load model {resolved.name}: {first[:300]}; {fix}") from None
+        raise MechError(f"could not load model {resolved.name}: {first[:300]}; {_load_fix(resolved, str(e))}") from None
     model.to(dev)
     model.eval()
     # name_or_path stays the local path from_pretrained set: PEFT records it as the adapter's base and, when

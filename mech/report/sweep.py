@@ -104,12 +104,13 @@ def cross_trait_markdown(tables: dict[str, list[dict]], name: str) -> str:
 
 
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, cache: Path | None = None,
-              progress: Progress | None = None, cell_progress: Callable[[int, int], None] | None = None) -> dict:
+              progress: Progress | None = None, cell_progress: Callable[[int, int], None] | None = None,
+              trust_remote_code: bool = False) -> dict:
     """Compute this shard's cells, then write the tables of every finished cell to ``out_dir``
     (mech.report.sweep); returns the run statistics and the files written. For the tables as data, use
     ``run_shard`` and ``finished_tables`` on a SweepRunner."""
     i, n = parse_shard(shard)  # a bad spec fails before the model loads
-    runner = SweepRunner(cfg, cache, progress)
+    runner = SweepRunner(cfg, cache, progress, trust_remote_code=trust_remote_code)
     res = run_shard(runner, i, n, cell_progress)
     out = Path(out_dir)
     # shards sharing an out dir write in turn, each reading the cache afresh under the lock: the last writer

@@ -7,6 +7,7 @@ A config is checked when it is made, so a typo fails before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ OPTIMIZERS = ("adamw", "sgd")
 OBJECTIVES = ("ce", "distill")
 SCHEDULES = ("linear", "constant")
 MATCHED_NORM_SCOPES = ("module", "global")
+MAX_RANK = 4096  # wider than any adapted projection of a model mech runs; a bigger rank is a typo
 
 
 def _choice(value: str, valid: Sequence[str], what: str) -> None:
@@ -43,6 +45,9 @@ class LoraSpec:
     def __post_init__(self):
         if self.rank <= 0:
             raise MechError(f"LoRA rank must be >= 1, got {self.rank}: set lora.rank to a positive integer")
+        if self.rank > MAX_RANK:
+            raise MechError(f"LoRA rank must be <= {MAX_RANK}, got {self.rank}: set lora.rank to at most the "
+                            "adapted projections' width")
         if self.alpha is not None and not self.alpha > 0:
             raise MechError(f"LoRA alpha must be > 0, got {self.alpha}: set lora.alpha to a positive number or "
                             "null (alpha = rank)")
@@ -98,14 +103,14 @@ class StudentConfig:
         _choice(self.matched_norm_scope, MATCHED_NORM_SCOPES, "matched_norm_scope")
         for name, value, ok in (("epochs", self.epochs, self.epochs >= 1),
                                 ("batch_size", self.batch_size, self.batch_size >= 1),
-                                ("lr", self.lr, self.lr > 0),
+                                ("lr", self.lr, 0 < self.lr < math.inf),
                                 ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0),
                                 ("grad_clip", self.grad_clip, self.grad_clip >= 0),
                                 ("weight_decay", self.weight_decay, self.weight_decay >= 0),
                                 ("momentum", self.momentum, 0 <= self.momentum < 1)):
             if not ok:
-                raise MechError(f"invalid {name} {value!r}: epochs and batch_size >= 1, lr > 0, warmup_steps, "
-                                "grad_clip and weight_decay >= 0, momentum in [0, 1)")
+                raise MechError(f"invalid {name} {value!r}: epochs and batch_size >= 1, lr finite and > 0, "
+                                "warmup_steps, grad_clip and weight_decay >= 0, momentum in [0, 1)")
         Context.parse(self.context)  # a typo fails here, not after the model is loaded
 
     @classmethod

@@ -34,6 +34,7 @@ from mech.store import read_json_object
 from mech.models import loader, surgery
 
 STUDENT_JSON = "student.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EPOCH_PREFIX = "epoch-"
 GLOBAL = "global"
 LORA, FULL = "lora", "full"
@@ -137,12 +138,27 @@ def check_student_base(student_dir: str | os.PathLike, base: Any) -> None:
             raise MechError(f"student {path} was trained on base {want!r}, not {have!r}: use {want} as the base")
 
 
-def load_student(base_model_or_spec: Any, student_dir: str | os.PathLike, device=None, dtype=None) -> Any:
+def _require_safe_adapter(path: Path) -> None:
+    """PEFT falls back to a pickled adapter_model.bin (which can run code when loaded) whenever the safetensors
+    file is missing: refuse it before PEFT looks."""
+    if (path / ADAPTER_WEIGHTS).is_file():
+        return
+    pickled = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")))
+    if pickled:
+        raise MechError(f"adapter {path} holds {', '.join(pickled)} and no {ADAPTER_WEIGHTS}: only safetensors "
+                        "adapters are loaded (a pickle can run code); re-save it with save_pretrained(dir) "
+                        "(PEFT's default safe_serialization=True)")
+    raise MechError(f"adapter {path} has no {ADAPTER_WEIGHTS}: the student is incomplete; train it again")
+
+
+def load_student(base_model_or_spec: Any, student_dir: str | os.PathLike, device=None, dtype=None,
+                 trust_remote_code: bool = False) -> Any:
     """A student ready for evaluation (eval mode): a PeftModel for a LoRA student, a plain model otherwise.
 
     ``base_model_or_spec`` is the base as a model (never modified: a LoRA student is applied to a deep copy),
     a LoadedModel or a spec string (then loaded here). The student must have been trained on that base
     (:func:`check_student_base`). Device and dtype default to the base model's, else load_model's defaults.
+    Only safetensors weights are read; ``trust_remote_code`` is load_model's.
     """
     path = Path(student_dir)
     kind = student_kind(path)
@@ -153,10 +169,12 @@ def load_student(base_model_or_spec: Any, student_dir: str | os.PathLike, device
     check_student_base(path, base_model_or_spec)
     device, dtype = _placement(model, device, dtype)
     if kind == FULL:
-        return loader.load_model(path, device=device, dtype=dtype).model
+        return loader.load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code).model
+    _require_safe_adapter(path)
     from peft import PeftModel
 
-    base = copy.deepcopy(model) if model is not None else loader.load_model(spec, device=device, dtype=dtype).model
+    base = copy.deepcopy(model) if model is not None else loader.load_model(
+        spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code).model
     with warnings.catch_warnings():
         # PEFT warns ("upgrade PEFT") about the keys record_adapter_base adds; they are ours, not newer PEFT's
         warnings.filterwarnings("ignore", message=r"Unexpected keyword arguments \['mech_")

@@ -158,6 +158,8 @@ def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, d
         return cfg.lr * lr_factor(step, total, cfg.warmup_steps, cfg.schedule)
 
     def on_step(step: int, losses: list[float]) -> None:
+        if not math.isfinite(losses[-1]):  # stop at once: every later step only spreads the NaN
+            _diverged(cfg, f"the loss of step {step} is {losses[-1]}")
         if progress:
             progress(step, total, losses[-1])
         if on_epoch is not None and step % per_epoch == 0:
@@ -166,6 +168,17 @@ def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, d
 
     return train_loop(model, params, _epochs(len(examples), cfg), student_loss, make_optimizer(params, cfg), lr_at,
                       cfg.grad_clip, on_step)
+
+
+def _diverged(cfg: StudentConfig, what: str) -> None:
+    raise MechError(f"training diverged at lr {cfg.lr:g}: {what}; lower the lr")
+
+
+def _check_finite(params, cfg: StudentConfig) -> None:
+    """A student with a NaN or inf weight would be cached and break every later evaluation: refuse it here."""
+    with torch.no_grad():
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            _diverged(cfg, "the trained weights are not finite")
 
 
 def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig, teacher: Teacher | None = None,
@@ -184,6 +197,7 @@ def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig,
     with _seeded(cfg.seed, device_of(base_model)):
         model, params = _trainable_copy(base_model, cfg)
         losses = _fit(model, params, examples, cfg, pad_id(tokenizer), distill, progress, on_epoch)
+    _check_finite(params, cfg)
     return Trained(model, losses, len(rows), time.perf_counter() - t0)
 
 

@@ -31,6 +31,7 @@ from mech.sweep.runner import (
     results_rows,
     run_shard,
     select_students,
+    student_cells,
     students_from_sweep,
     summary_rows,
 )
@@ -38,5 +39,5 @@ from mech.sweep.runner import (
 __all__ = [
     "Cell", "EvalDefaults", "METRICS", "StudentSpec", "SweepConfig", "SweepRunner", "TeacherDefaults", "TrainDefaults",
     "TraitSpec", "cells", "eval_config", "finished_tables", "load_sweep", "parse_shard", "results_rows", "run_shard",
-    "select_students", "student_config", "students_from_sweep", "summary_rows", "teacher_config",
+    "select_students", "student_cells", "student_config", "students_from_sweep", "summary_rows", "teacher_config",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,18 +86,12 @@ class SweepConfig:
     eval: EvalDefaults = field(default_factory=EvalDefaults)
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def load_sweep(path: str | Path) -> SweepConfig:
-    data = load_yaml(path)
     where = Path(path).stem
-    if not isinstance(data, dict):
-        raise MechError(f"{path} must be a mapping of sweep fields")
-    data = dict(data)
-    if "traits" in data:
-        data["traits"] = tuple(from_dict(TraitSpec, t, f"{where}.traits[{i}]") for i, t in enumerate(data["traits"]))
-    if "students" in data:
-        data["students"] = tuple(from_dict(StudentSpec, s, f"{where}.students[{i}]")
-                                 for i, s in enumerate(data["students"]))
-    cfg = from_dict(SweepConfig, data, where)
+    cfg = from_dict(SweepConfig, load_yaml(path), where)
     if not cells(cfg):
         raise MechError(f"{path} defines zero cells: every axis (traits, teacher_seeds, students, training_seeds, "
                         "train_contexts, eval_contexts) needs at least one value")
@@ -104,14 +99,57 @@ def load_sweep(path: str | Path) -> SweepConfig:
     return cfg
 
 
-def _validate(cfg: SweepConfig, where: str) -> None:
-    """Build every stage config once, so a bad value fails at load time, not after the model is loaded."""
+def _check_name(name: str, where: str) -> None:
+    """The name becomes the folder ``runs/<name>``: a path in it would write outside runs/."""
+    if not _NAME_RE.fullmatch(name) or set(name) == {"."}:
+        raise MechError(f"{where}.name {name!r} is not a plain file name: use letters, digits, '-', '_' and '.' "
+                        "only (no '/', no '..'), e.g. quick_owl")
+
+
+def _check_unique(values: list, labels: list[str], field_name: str, where: str) -> None:
+    """A repeated axis value duplicates cells: a repeated seed makes a zero-width interval, a repeated trait
+    pairs a student with itself."""
+    seen: dict = {}
+    for i, (v, label) in enumerate(zip(values, labels)):
+        if v in seen:
+            raise MechError(f"{where}.{field_name}[{i}] repeats {field_name}[{seen[v]}] ({label}): list each value "
+                            "once")
+        seen[v] = i
+
+
+def _check_axes(cfg: SweepConfig, where: str) -> None:
+    from mech.context import Context
+
+    _check_unique(list(cfg.traits), [t.target or "neutral" for t in cfg.traits], "traits", where)
+    names = [s.name or _student_name(s) for s in cfg.students]
+    _check_unique(names, names, "students", where)
+    for axis in ("teacher_seeds", "training_seeds"):
+        values = list(getattr(cfg, axis))
+        _check_unique(values, [str(v) for v in values], axis, where)
+    for axis in ("train_contexts", "eval_contexts"):
+        values = list(getattr(cfg, axis))
+        _check_unique([Context.parse(c).spec for c in values], values, axis, where)
+
+
+def _check_sizes(cfg: SweepConfig, where: str) -> None:
+    from mech.students.config import MAX_RANK
+
     for i, s in enumerate(cfg.students):
         rank_field = {"lora": "rank", "matched_norm": "matched_norm_rank"}.get(s.method)
         rank = getattr(s, rank_field) if rank_field else None
-        if rank_field and (rank is None or rank < 1):
-            raise MechError(f"{where}.students[{i}].{rank_field} must be an integer >= 1 for method {s.method!r}, "
-                            f"got {rank!r}")
+        if rank_field and (rank is None or not 1 <= rank <= MAX_RANK):
+            raise MechError(f"{where}.students[{i}].{rank_field} must be an integer >= 1 and <= {MAX_RANK} for "
+                            f"method {s.method!r}, got {rank!r}")
+    if cfg.train.max_rows is not None and cfg.train.max_rows < 1:
+        raise MechError(f"{where}.train.max_rows must be >= 1 (or null for every row), got {cfg.train.max_rows}")
+
+
+def _validate(cfg: SweepConfig, where: str) -> None:
+    """Build every stage config once, so a bad value fails at load time, not after the model is loaded."""
+    _check_name(cfg.name, where)
+    _check_sizes(cfg, where)
+    _check_axes(cfg, where)
+    for s in cfg.students:
         for ctx in cfg.train_contexts:
             student_config(cfg, s, 0, ctx)
     for trait in cfg.traits:

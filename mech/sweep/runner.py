@@ -9,12 +9,14 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from mech.errors import MechError
 from mech.paths import cache_root
-from mech.store import append_jsonl, atomic_write_json, build_once
+from mech.store import (append_jsonl, atomic_write_json, build_once, discard, file_lock,
+                        is_json_object)
 from mech.sweep.config import (Cell, StudentSpec, SweepConfig, TraitSpec, cells, eval_config, load_sweep,
                                stage_key, student_config, teacher_config)
 
@@ -31,15 +33,16 @@ class SweepRunner:
     only under its lock, ``<cache>/locks/<stage>-<key>.lock``: whoever waited finds it done."""
 
     def __init__(self, cfg: SweepConfig, cache: Path | None = None, progress: Progress | None = None,
-                 base: Any = None):
+                 base: Any = None, trust_remote_code: bool = False):
         """``base``: the already loaded ``cfg.base_model`` (a mech.models.LoadedModel), so a caller that holds it
-        (``mech reproduce``) does not load it twice."""
+        (``mech reproduce``) does not load it twice. ``trust_remote_code``: see mech.models.load_model."""
         from mech.models import load_model, model_fingerprint
 
         self.cfg = cfg
+        self.trust_remote_code = trust_remote_code
         self.cache = Path(cache) if cache is not None else cache_root() / "sweeps"
         self.progress = progress or (lambda desc, done, total: None)
-        self.base = base if base is not None else load_model(cfg.base_model)
+        self.base = base if base is not None else load_model(cfg.base_model, trust_remote_code=trust_remote_code)
         self.fingerprint = model_fingerprint(self.base.model)
         self.computed = {"datasets": 0, "students": 0, "evals": 0}
         # one candidate-answer list for the base and every student, so answer distributions line up
@@ -48,8 +51,16 @@ class SweepRunner:
         self.candidates, _ = candidate_answers(self.base.model, cfg.eval.category, cfg.eval.target)
 
     def _cached(self, stage: str, key: str, path: Path, marker: Path, compute: Callable[[], Any]) -> Path:
-        """The one cache protocol of every stage: ``path`` is complete once ``marker`` exists; else compute it."""
-        if build_once(marker, path, self.cache / "locks" / f"{stage}-{key}.lock", compute):
+        """The one cache protocol of every stage: ``path`` is complete once ``marker`` exists; else compute it.
+        A marker that is not a readable JSON object (a truncated or edited file) counts as missing."""
+        lock = self.cache / "locks" / f"{stage}-{key}.lock"
+        if marker.exists() and not is_json_object(marker):
+            with file_lock(lock):
+                if marker.exists() and not is_json_object(marker):  # another process may have redone it
+                    warnings.warn(f"the cached {stage[:-1]} {path} is corrupt ({marker.name} is not a JSON "
+                                  "object): recomputing it", stacklevel=2)
+                    discard(path)
+        if build_once(marker, path, lock, compute):
             self.computed[stage] += 1
             # an audit of who computed what: an artifact listed twice was computed twice
             append_jsonl(self.cache / "computed.jsonl", {"stage": stage, "key": key, "pid": os.getpid(),
@@ -98,7 +109,16 @@ class SweepRunner:
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=reference)
         desc = f"train {cell.labels()['student']} seed {cell.training_seed} on {cell.labels()['trait']}"
         train_student(self.base.model, self.base.tokenizer, rows, sc, path, base_spec=self.cfg.base_model,
+                      teacher=self.distill_teacher(cell) if sc.objective == "distill" else None,
                       progress=lambda step, total, *_: self.progress(desc, step, total))
+
+    def distill_teacher(self, cell: Cell):
+        """The model the cell's dataset was sampled from, as a distillation target: the base model in the
+        teacher's own context (the trait prompt of a trait teacher, ``teacher.context`` of the neutral one)."""
+        from mech.students.config import Teacher
+
+        ctx = teacher_config(self.cfg, cell.trait, cell.teacher_seed).teacher_context()
+        return Teacher(self.base.model, context=ctx.spec)
 
     # evaluations ---------------------------------------------------------------------------------------------
     def _eval_path(self, model_key: str, eval_context: str) -> Path:
@@ -127,7 +147,9 @@ class SweepRunner:
     def cell_eval(self, cell: Cell) -> dict:
         from mech.students.store import load_student
 
-        return self._evaluate(self._cell_model_key(cell), lambda: load_student(self.base.model, self.student(cell)),
+        return self._evaluate(self._cell_model_key(cell),
+                              lambda: load_student(self.base.model, self.student(cell),
+                                                   trust_remote_code=self.trust_remote_code),
                               cell.eval_context)
 
     def is_done(self, cell: Cell) -> bool:
@@ -156,25 +178,38 @@ class SweepRunner:
 def students_from_sweep(sweep_path: str, names: list[str], cache=None, progress=None):
     """The trait students of ``names`` (all training seeds) from a sweep's cache, trained if missing.
     Returns (runner, {group name: [student dir, ...]}) for the sweep's first train/eval contexts."""
-    runner = SweepRunner(load_sweep(sweep_path), cache, progress)
+    cfg = load_sweep(sweep_path)
+    student_cells(cfg, names, sweep_path)  # a name the sweep lacks fails before the model loads
+    runner = SweepRunner(cfg, cache, progress)
     return runner, select_students(runner, names, sweep_path)
 
 
-def select_students(runner: SweepRunner, names: list[str], source: str = "the sweep") -> dict[str, list[Path]]:
-    """{name: [student dir per training seed]} of the target-trait students called ``names`` in the runner's
-    first train/eval contexts, trained if missing; ``source`` names the sweep in errors."""
-    cfg = runner.cfg
-    chosen: dict[str, list] = {}
+def student_cells(cfg: SweepConfig, names: list[str], source: str = "the sweep") -> dict[str, list[Cell]]:
+    """{name: [cell per training seed]} of the target-trait students called ``names`` in the sweep's first
+    train/eval contexts; MechError naming the fault when the sweep has no such student."""
+    targets = [t.target for t in cfg.traits if t.target is not None]
+    if cfg.eval.target not in targets:
+        raise MechError(f"no trait with target {cfg.eval.target!r} in {source} (its traits: "
+                        f"{', '.join(targets) or 'only the neutral one'}): the students localised are those of "
+                        "eval.target's teacher; add that trait or set eval.target to one of the traits")
+    chosen: dict[str, list[Cell]] = {}
     for c in cells(cfg):
-        lab = c.labels()
-        if (c.trait.target == cfg.eval.target and lab["student"] in names
+        name = c.labels()["student"]
+        if (c.trait.target == cfg.eval.target and name in names
                 and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
-            chosen.setdefault(lab["student"], []).append(runner.student(c))
+            chosen.setdefault(name, []).append(c)
     missing = [n for n in names if n not in chosen]
     if missing:
         known = sorted({c.labels()["student"] for c in cells(cfg)})
         raise MechError(f"no student named {', '.join(missing)} in {source}: choose from {', '.join(known)}")
     return chosen
+
+
+def select_students(runner: SweepRunner, names: list[str], source: str = "the sweep") -> dict[str, list[Path]]:
+    """{name: [student dir per training seed]} of :func:`student_cells`, trained if missing; ``source`` names
+    the sweep in errors."""
+    return {name: [runner.student(c) for c in group]
+            for name, group in student_cells(runner.cfg, names, source).items()}
 
 
 # ----------------------------------------------------------------------------------------------- results

@@ -153,6 +153,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _check_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise MechError(f"{path} is a file, not a dataset directory: pass the directory `mech teacher --out` wrote")
     if not path.is_dir():
         raise MechError(
             f"dataset directory {path} does not exist: generate it first (teacher or control data) or check the path"

@@ -34,6 +34,7 @@ from mech.models import model_fingerprint
 ProgressFn = Callable[[int, int], None]
 
 KIND_TEACHER = "teacher"
+MAX_PROMPTS = 10_000_000  # far beyond any real run; more is a typo that would sample for weeks
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class TeacherConfig:
         for name in ("n_prompts", "max_new_tokens", "batch_size", "answer_count"):
             if getattr(self, name) < 1:
                 raise MechError(f"teacher {name} must be at least 1, got {getattr(self, name)}")
+        if self.n_prompts > MAX_PROMPTS:
+            raise MechError(f"teacher n_prompts must be at most {MAX_PROMPTS:,}, got {self.n_prompts:,}: "
+                            "lower teacher.n_prompts")
         if not self.temperature > 0:
             raise MechError(f"teacher temperature must be > 0, got {self.temperature}")
         if self.max_value < 0:
