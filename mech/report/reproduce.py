@@ -44,7 +44,8 @@ def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
                 "organism_carrier": plots.carrier_figure(rep.check.carrier),
                 "quick_rank": plots.rank_figure(rep.sweep["summary"], trait=rep.sweep_cfg.eval.target)}
         written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
-        write_tables(tmp / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name)
+        write_tables(tmp / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name,
+                     rep.sweep.get("cross_trait"))
         written += [Path(f) for f in write_localise(rep.localisation, tmp / "localise")["figures"]]
         md = report_markdown(rep, [str(p.relative_to(tmp)) for p in written])
         atomic_write_text(tmp / "report.md", md)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from mech.errors import MechError
-from mech.evaluation.inference import eval_mode
+from mech.evaluation.inference import eval_mode, log_probs
 from mech.students.config import OPTIMIZERS, SCHEDULES, StudentConfig, _choice
 from mech.students.encoding import IGNORE_INDEX, Batch
 
@@ -107,8 +107,8 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     if student_logits.shape != teacher_logits.shape:
         raise MechError(f"teacher and student logits differ in shape ({tuple(teacher_logits.shape)} vs "
                         f"{tuple(student_logits.shape)}): distill from a teacher with the student's vocabulary")
-    log_s = torch.log_softmax(student_logits.float(), -1)
-    log_t = torch.log_softmax(teacher_logits.float().to(log_s.device), -1)
+    log_s = log_probs(student_logits)
+    log_t = log_probs(teacher_logits.float().to(log_s.device))
     kl = torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="sum")
     return kl / max(1, student_logits.shape[0])
 
