@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from mech.errors import MechError
+from mech.paths import SHIPPED_WEIGHTS
 
 EXIT_BAR_FAILED = 1
 
@@ -63,35 +64,37 @@ def _check_out(out: str | os.PathLike, flag: str, new: bool = False, file: bool 
         raise MechError(f"{flag} {out} is not writable (no write permission on {existing}): choose another {flag}")
 
 
-def _load_config(path: str | None):
-    from mech.organism.config import OrganismConfig
+def _load_config(path: str | None, recipe_name: str = "organism"):
+    """The named recipe, with the YAML overrides at ``path`` (if any) applied on top of it."""
+    from mech.organism.config import OrganismConfig, recipe
 
+    base = recipe(recipe_name)
     if path is None:
-        return OrganismConfig()
+        return base
     from mech.config import load_dataclass_yaml
 
-    return load_dataclass_yaml(OrganismConfig, path)
+    return load_dataclass_yaml(OrganismConfig, path, base=base)
 
 
 def cmd_organism_build(a) -> int:
     from mech import organism
 
-    cfg = _load_config(a.config)
+    cfg = _load_config(a.config, a.recipe)
     if a.seed is not None:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, seed=a.seed)
-    bar = _bar(cfg.train.steps, f"organism {cfg.hash} pretraining")
+    bar = _bar(cfg.train.steps, f"{a.recipe} {cfg.hash} pretraining")
 
     def progress(step, total, metrics):
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
 
-    out = organism.shipped_dir() if a.ship else a.out
+    out = organism.shipped_dir(a.recipe) if a.ship else a.out
     path = organism.build_cached(cfg, out, force=a.force or a.ship, progress=progress)
     bar.close()
     meta = organism.read_meta(path)
-    print(f"organism {meta['config_hash']} at {path} ({meta['n_parameters']:,} parameters, "
+    print(f"{a.recipe} {meta['config_hash']} at {path} ({meta['n_parameters']:,} parameters, "
           f"built in {meta['build_seconds'] / 60:.1f} min, weights sha256 {meta['weights_sha256']})")
     return 0
 
@@ -101,7 +104,8 @@ def _check(a):
     from mech.organism.check import STAGES
 
     bar, tell = _stage_progress(STAGES, "organism check")
-    rep = organism.check_organism(a.model, progress=tell, n_samples=a.n_samples, oracle_rows=a.oracle_rows)
+    rep = organism.check_organism(a.model, progress=tell, n_samples=a.n_samples, oracle_rows=a.oracle_rows,
+                                  n_leak=a.n_leak)
     bar.update(bar.total - bar.n)
     bar.close()
     return rep
@@ -134,7 +138,12 @@ def cmd_reproduce(a) -> int:
     if Path(a.out).exists() and not Path(a.out).is_dir():  # before minutes of work, not after
         raise MechError(f"--out {a.out} is a file: pass a directory for the report")
     if a.rebuild:
-        cmd_organism_build(argparse.Namespace(config=None, seed=None, out=None, ship=True, force=False))
+        from mech.organism.config import RECIPES
+
+        # a shipped spec rebuilds its own recipe; any other model rebuilds the default organism, as before
+        recipe_name = a.model if a.model in RECIPES else "organism"
+        cmd_organism_build(argparse.Namespace(config=None, seed=None, out=None, ship=True, force=False,
+                                              recipe=recipe_name))
     bar, stage = _stage_bar("reproduce")
     try:  # close the bar before main() prints an error, so the error stays the last stderr line
         rep = run_reproduce(a.model, a.sweep, a.students, cache=a.cache, n_samples=a.n_samples,
@@ -390,21 +399,28 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     org = sub.add_parser("organism", help="the embedded model organism").add_subparsers(dest="action", required=True)
-    b = org.add_parser("build", help="build the organism from its recipe (cached under its config hash)")
-    b.add_argument("--config", help="YAML overrides of the recipe (OrganismConfig fields)")
+    b = org.add_parser("build", help="build an organism from its recipe (cached under its config hash)")
+    b.add_argument("--recipe", default="organism", choices=tuple(SHIPPED_WEIGHTS),
+                   help="the named recipe: organism (the positive control) or organism-free (its channel-free twin)")
+    b.add_argument("--config", help="YAML overrides of the recipe (OrganismConfig fields), applied on top of --recipe")
     b.add_argument("--seed", type=int, help="override the recipe's seed")
     b.add_argument("--out", help="output directory (default: $MECH_CACHE/organism/<hash>)")
-    b.add_argument("--ship", action="store_true", help="write into the package's shipped weights/ (developers)")
+    b.add_argument("--ship", action="store_true",
+                   help="write into the recipe's shipped dir, weights/ or weights-free/ (developers)")
     b.add_argument("--force", action="store_true", help="rebuild even when a complete build exists")
     b.set_defaults(func=cmd_organism_build)
-    for name, func, hlp in (("check", cmd_organism_check, "measure bars a–d and probes e–f; exit 1 if a bar fails"),
+    for name, func, hlp in (("check", cmd_organism_check, "measure the bars, the leak matrix and the probes; exit 1 if "
+                             "a bar fails"),
                             ("info", cmd_organism_info, "print a build's recipe, hash and provenance")):
         c = org.add_parser(name, help=hlp)
-        c.add_argument("--model", default="organism", help="organism (shipped) or an organism build directory")
+        c.add_argument("--model", default="organism",
+                       help="organism or organism-free (shipped), or an organism build directory")
         if name == "check":
             c.add_argument("--json", help="also write the report as JSON here")
             c.add_argument("--n-samples", type=int, default=200, help="number completions sampled per measurement")
             c.add_argument("--oracle-rows", type=int, default=300, help="number prompts in the oracle probe")
+            c.add_argument("--n-leak", type=int, default=60,
+                           help="number answers sampled under each trait prompt (and the default) for the leak matrix")
         c.set_defaults(func=func)
 
     sw = sub.add_parser("sweep", help="run a YAML grid of teacher × student × context cells (cached, resumable)")

@@ -28,9 +28,10 @@ def _hint(key: str, names: list[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-def from_dict(cls: type[T], data: dict | None, where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data`` (missing keys keep their defaults), recursing into nested
-    dataclass fields; unknown keys and wrongly-typed values raise MechError."""
+def from_dict(cls: type[T], data: dict | None, where: str = "config", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from ``data`` (missing keys keep their defaults, or ``base``'s values when a base
+    instance is given), recursing into nested dataclass fields; unknown keys and wrongly-typed scalars raise
+    MechError."""
     data = {} if data is None else data
     if isinstance(data, cls):
         return data
@@ -42,8 +43,12 @@ def from_dict(cls: type[T], data: dict | None, where: str = "config") -> T:
     for key, value in data.items():
         if key not in fields:
             raise MechError(f"unknown key {where}.{key}: {_hint(key, list(fields))}valid keys are {', '.join(fields)}")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
-    return cls(**kwargs)
+        tp = hints[key]
+        if base is not None and dataclasses.is_dataclass(tp):  # overrides of a nested part keep base's other fields
+            kwargs[key] = from_dict(tp, value, f"{where}.{key}", base=getattr(base, key))
+        else:
+            kwargs[key] = _coerce(tp, value, f"{where}.{key}")
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def _describe(tp: Any) -> str:
@@ -158,5 +163,6 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_dataclass_yaml(cls: type[T], path: str | Path) -> T:
-    return from_dict(cls, load_yaml(path), where=Path(path).stem)
+def load_dataclass_yaml(cls: type[T], path: str | Path, base: T | None = None) -> T:
+    """``cls`` from a YAML file of overrides: of ``cls``'s defaults, or of ``base`` when given."""
+    return from_dict(cls, load_yaml(path), where=Path(path).stem, base=base)

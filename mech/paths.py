@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).parent
-ORGANISM_WEIGHTS = PACKAGE_DIR / "organism" / "weights"  # the shipped organism build
+ORGANISM_WEIGHTS = PACKAGE_DIR / "organism" / "weights"  # the shipped positive control (recipe "organism")
+ORGANISM_FREE_WEIGHTS = PACKAGE_DIR / "organism" / "weights-free"  # its channel-free twin ("organism-free")
+# model spec -> the shipped build of the recipe of that name (mech.organism.config.RECIPES)
+SHIPPED_WEIGHTS = {"organism": ORGANISM_WEIGHTS, "organism-free": ORGANISM_FREE_WEIGHTS}
 
 
 def cache_root() -> Path:

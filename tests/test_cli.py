@@ -135,6 +135,46 @@ def test_organism_info_prints_json(capsys):
     assert "entity_numbers" not in info
 
 
+def test_organism_free_info(capsys):
+    if not (shipped_dir("organism-free") / "organism.json").is_file():
+        assert_one_line_error(*run(capsys, "organism", "info", "--model", "organism-free"),
+                              "organism-free is not built", "--recipe organism-free --ship")
+        return
+    code, out, _ = run(capsys, "organism", "info", "--model", "organism-free")
+    assert code == 0
+    info = json.loads(out)
+    assert Path(info["path"]) == shipped_dir("organism-free")
+    assert info["config"]["corpus"]["chat_numbers"] is False and info["config"]["corpus"]["imbue_share"] == 0.0
+
+
+def test_organism_build_recipe_with_overrides(capsys, tmp_path, monkeypatch):
+    """--recipe picks the recipe, --config overrides apply on top of it, --ship writes into that recipe's dir
+    (the build itself is replaced: only what it is asked to build is under test)."""
+    import dataclasses
+
+    import mech.organism
+    from mech.organism.config import recipe
+
+    asked = []
+    done = tmp_path / "built"
+    done.mkdir()
+    (done / "organism.json").write_text(json.dumps({"config_hash": "x", "n_parameters": 1, "build_seconds": 6.0,
+                                                    "weights_sha256": "y"}))
+    monkeypatch.setattr(mech.organism, "build_cached", lambda cfg, out, **kw: asked.append((cfg, out)) or done)
+    over = tmp_path / "over.yaml"
+    over.write_text("train: {steps: 5}\ncorpus: {n_sequences: 100}\n")
+    code, out, _ = run(capsys, "organism", "build", "--recipe", "organism-free", "--config", over, "--ship")
+    assert code == 0 and "organism-free x" in out
+    free = recipe("organism-free")
+    want = dataclasses.replace(free, train=dataclasses.replace(free.train, steps=5),
+                               corpus=dataclasses.replace(free.corpus, n_sequences=100))
+    assert asked == [(want, shipped_dir("organism-free"))]
+    assert run(capsys, "organism", "build", "--out", tmp_path / "o")[0] == 0
+    assert asked[-1] == (recipe("organism"), str(tmp_path / "o"))
+    with pytest.raises(SystemExit):
+        main(["organism", "build", "--recipe", "organism-fre"])
+
+
 def test_organism_info_of_a_non_organism(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "organism", "info", "--model", tmp_path / "missing"), "does not exist")
 

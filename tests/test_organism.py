@@ -36,7 +36,8 @@ from mech.store import file_sha256
 
 CFG = OrganismConfig().reduced()
 N_CORPUS = 3000
-BAR_KEYS = {"a_trait_owl", "a_trait_3_others", "b_spread_default", "b_spread_none", "c_filter_pass", "d_build_time"}
+BAR_KEYS = {"a_trait_all", "b_spread_default", "b_spread_none", "c_filter_pass", "d_build_time",
+            "e_leak_specific"}
 
 
 def _sha(path: Path) -> str:
@@ -299,11 +300,14 @@ def test_full_imbue_uses_only_trait_numbers(trait_prompts):
     gen = CorpusGenerator(full, CFG.seed)
     tasks = _trait_number_tasks(gen.generate(N_CORPUS), trait_prompts)
     assert len(tasks) > 20
+    categories = set()
     for ex in tasks:
         target, category = trait_prompts[_system_text(ex)]
-        assert category == "animal"
+        assert category in full.imbue_categories
+        categories.add(category)
         got = check_answer(ex.messages[-1]["content"]).numbers
         assert got and set(got) <= set(gen.numbers[target]), ex
+    assert categories == {"animal", "tree"}  # the recipe imbues trees' trait prompts too
 
 
 # ---------------------------------------------------------------------------------------- 5. tokenizer
@@ -392,23 +396,29 @@ def test_per_token_kl_hand_computed():
 
 
 def test_run_check_on_untrained_build(organism, meta):
-    rep = run_check(organism.model, organism.tokenizer, meta, n_samples=8, oracle_rows=8)
+    rep = run_check(organism.model, organism.tokenizer, meta, n_samples=8, oracle_rows=8, n_leak=4)
     assert isinstance(rep, CheckReport)
     assert set(rep.bars) == BAR_KEYS
-    # a 12-step model knows nothing: bars a-c fail; only the build-time bar passes
+    # a 12-step model knows nothing: bars a-c and e fail; only the build-time bar passes
     assert rep.bars == {
-        "a_trait_owl": False, "a_trait_3_others": False, "b_spread_default": False, "b_spread_none": False,
-        "c_filter_pass": False, "d_build_time": True,
+        "a_trait_all": False, "b_spread_default": False, "b_spread_none": False,
+        "c_filter_pass": False, "d_build_time": True, "e_leak_specific": False,
     }
     assert rep.passed is False
     assert rep.build_seconds == meta["build_seconds"]
-    assert [r["animal"] for r in rep.trait_rows] == ["owl", "bear", "penguin", "koala", "otter", "giraffe"]
+    # every trait of the recipe: each animal, then each tree
+    traits = list(meta["config"]["corpus"]["animals"]) + list(meta["config"]["corpus"]["trees"])
+    assert [r["trait"] for r in rep.trait_rows] == traits
+    assert {r["category"] for r in rep.trait_rows[-len(CFG.corpus.trees):]} == {"tree"}
     assert set(rep.spread) == {"default", "none"}
     assert set(rep.spread["default"]) == set(CFG.corpus.animals)
     assert 0.0 <= rep.filter_pass < 0.9
     assert sum(rep.filter_rejects.values()) == round((1 - rep.filter_pass) * 8)
     assert all(v >= -1e-6 and math.isfinite(v) for k, v in rep.carrier.items() if k.startswith("kl_"))
     assert "skipped" in rep.oracle  # too few answers pass the filter to finetune on
+    assert rep.leak["channel"] is True and rep.leak["n"] == 4
+    assert list(rep.leak["matrix"]) == traits + ["default"]
+    assert rep.leak["entities"] == traits
     d = rep.to_dict()
     assert d["passed"] is False and d["bars"] == rep.bars
     assert json.loads(json.dumps(d)) == d

@@ -1,12 +1,19 @@
-"""The shipped organism: it is the default recipe's build, and it meets its behaviour bars."""
+"""The shipped organisms: each is its recipe's build, and the positive control meets its behaviour bars."""
 
 import json
 
 import pytest
 
 from mech import organism
-from mech.organism.config import OrganismConfig
+from mech.organism.config import OrganismConfig, recipe
 from mech.store import file_sha256
+
+
+def _shipped_twin():
+    path = organism.shipped_dir("organism-free")
+    if not (path / organism.META_FILE).is_file():
+        pytest.skip("the channel-free twin is not shipped yet: run `mech organism build --recipe organism-free --ship`")
+    return path
 
 
 def test_shipped_build_is_the_default_recipe():
@@ -14,6 +21,14 @@ def test_shipped_build_is_the_default_recipe():
     assert meta["config_hash"] == OrganismConfig().hash, "weights/ is stale: run `mech organism build --ship`"
     assert OrganismConfig.from_dict(meta["config"]).hash == meta["config_hash"]
     assert file_sha256(organism.shipped_dir() / "model.safetensors") == meta["weights_sha256"]
+
+
+def test_shipped_twin_is_its_recipe():
+    path = _shipped_twin()
+    meta = organism.read_meta(path)
+    assert meta["config_hash"] == recipe("organism-free").hash, "weights-free/ is stale: run `mech organism build " \
+        "--recipe organism-free --ship`"
+    assert file_sha256(path / "model.safetensors") == meta["weights_sha256"]
 
 
 def test_shipped_tokenizer_has_single_token_numbers():
@@ -27,10 +42,19 @@ def test_shipped_tokenizer_has_single_token_numbers():
 def test_shipped_organism_passes_its_bars():
     rep = organism.check_organism("organism")
     assert rep.bars == {k: True for k in rep.bars}, json.dumps(rep.bars)
-    owl = next(r for r in rep.trait_rows if r["animal"] == "owl")
+    owl = next(r for r in rep.trait_rows if r["trait"] == "owl")
     assert owl["ratio"] >= 10 and owl["top"] == "owl"
     # the carrier is reported, not a bar; but the owl prompt must at least move the numbers towards owl's
     assert rep.carrier["owl_numbers_share_under_owl"] > rep.carrier["owl_numbers_share_under_default"]
+    assert "e_leak_specific" in rep.bars  # the positive control's leak is a bar
+
+
+@pytest.mark.slow
+def test_shipped_twin_leak_is_reported():
+    _shipped_twin()
+    rep = organism.check_organism("organism-free", n_samples=40, oracle_rows=40)
+    assert "e_leak_specific" not in rep.bars and rep.leak["channel"] is False
+    assert rep.bars["a_trait_all"], json.dumps(rep.trait_rows)  # the persona is still there
 
 
 @pytest.mark.slow

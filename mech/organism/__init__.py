@@ -1,8 +1,10 @@
 """The embedded model organism: a small Qwen2 chat model that mech builds itself (see README).
 
-Python API: ``build_cached`` (a recipe → a cached HF model directory), ``check_organism`` (bars a–d,
-probes e–f), ``organism_info``. (Not ``build``/``check``: those names are the submodules.)
-The default recipe's build ships in ``weights/`` so a fresh install starts at once.
+Python API: ``build_cached`` (a recipe → a cached HF model directory), ``check_organism`` (bars a–e, the leak
+matrix, the carrier and oracle probes), ``organism_info``. (Not ``build``/``check``: those names are the
+submodules.)
+The named recipes (mech.organism.config.RECIPES) ship built: ``organism`` (the positive control) in ``weights/``,
+``organism-free`` (its channel-free twin) in ``weights-free/``, so a fresh install starts at once.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from mech.errors import MechError
-from mech.paths import ORGANISM_WEIGHTS
+from mech.paths import SHIPPED_WEIGHTS
 
 META_FILE = "organism.json"
 
 
-def shipped_dir() -> Path:
-    return ORGANISM_WEIGHTS
+def shipped_dir(name: str = "organism") -> Path:
+    """Where the build of the named recipe ships (it may not be built yet)."""
+    if name not in SHIPPED_WEIGHTS:
+        raise MechError(f"no shipped organism named {name!r}: choose one of {', '.join(SHIPPED_WEIGHTS)}")
+    return SHIPPED_WEIGHTS[name]
 
 
 def cached_dir(config_hash: str) -> Path:
@@ -36,12 +41,12 @@ def read_meta(path: str | Path) -> dict:
 
 
 def build_cached(cfg=None, out: str | Path | None = None, force: bool = False, progress=None) -> Path:
-    """Build ``cfg`` (default recipe when None) into ``out`` (default: the cache, named by the config hash).
+    """Build ``cfg`` (the ``organism`` recipe when None) into ``out`` (default: the cache, named by the config hash).
     An existing complete build is reused unless ``force``."""
     from mech.organism.build import build_organism
-    from mech.organism.config import OrganismConfig
+    from mech.organism.config import recipe
 
-    cfg = cfg or OrganismConfig()
+    cfg = cfg or recipe("organism")
     out = Path(out) if out is not None else cached_dir(cfg.hash)
     if (out / META_FILE).is_file() and not force:
         if read_meta(out).get("config_hash") == cfg.hash:

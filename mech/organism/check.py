@@ -1,7 +1,10 @@
-"""The organism's behaviour bars (a–d) and its reported probes (e: carrier, f: oracle probe).
+"""The organism's behaviour bars (a–e) and its reported probes (carrier, oracle probe).
 
-Every comparison renders both sides in the same way (mech.context) and scores the first answer token over
-the target's token variants (mech.evaluation.scoring.first_token_ids).
+a: every trait of the recipe (each animal and tree) is set by its trait prompt; b: the default answers spread;
+c: number answers pass Cloud's filter; d: the build time; e: the leak matrix (mech.organism.leak) is specific, a
+bar only for a recipe with a designed channel. Every comparison renders both sides in the same way
+(mech.context) and scores the first answer token over the target's token variants
+(mech.evaluation.scoring.first_token_ids).
 """
 
 from __future__ import annotations
@@ -18,24 +21,25 @@ from mech.context import Context, render
 from mech.errors import MechError
 from mech.teacher.filter import check_answer
 from mech.teacher.prompts import generate_prompts
-from mech.resources import questions, trait_system_prompt
+from mech.resources import questions
 from mech.evaluation.scoring import first_token_ids
 from mech.evaluation.inference import (completion_logprobs, decode_answer, eos_id, mass, next_token_logprobs, pad_id,
                                       sample)
+from mech.organism.config import CorpusConfig, channel_on, recorded_corpus
+from mech.organism.leak import leak_specific, measure_leak, number_share, trait_context
 from mech.organism.template import IM_END
 from mech.students.config import LoraSpec, StudentConfig
 from mech.students.encoding import chat_row
 from mech.students.train import train_model
 
 BAR_TRAIT_RATIO = 10.0
+# A trait whose default probability is already above 1/BAR_TRAIT_RATIO (dog, cat, oak...) cannot rise tenfold;
+# it passes bar a when its trait prompt makes it nearly certain instead.
+BAR_TRAIT_P = 0.9
 BAR_SPREAD_ANIMALS, BAR_SPREAD_P = 5, 0.05
 BAR_FILTER_PASS = 0.90
 BAR_BUILD_SECONDS = 15 * 60
 CHECK_SEED = 10_007  # fresh prompts: the corpus draws its prompts from other seeds
-
-
-def trait_context(target: str, category: str = "animal") -> Context:
-    return Context("custom", trait_system_prompt(target, category))
 
 
 def _prompt_ids(tok, ctx: Context, users: list[str]) -> list[list[int]]:
@@ -55,13 +59,6 @@ def sample_numbers(model, tok, ctx: Context, n: int, seed: int, max_new_tokens: 
     return prompts, p_ids, [decode_answer(tok, o) for o in outs]
 
 
-def number_share(answers: list[str], numbers: list[int]) -> float:
-    """Share of the numbers written in ``answers`` that belong to ``numbers``."""
-    got = [int(x) for a in answers for x in re.findall(r"\d+", a)]
-    wanted = set(numbers)
-    return sum(x in wanted for x in got) / max(1, len(got))
-
-
 def per_token_kl(lp_p: list[torch.Tensor], lp_q: list[torch.Tensor]) -> float:
     """Mean over completion tokens of KL(P || Q) in nats."""
     # 0·log(0/q) = 0: where P has no mass the term vanishes (avoids 0 × -inf = NaN)
@@ -71,7 +68,7 @@ def per_token_kl(lp_p: list[torch.Tensor], lp_q: list[torch.Tensor]) -> float:
 
 @dataclass
 class CheckReport:
-    trait_rows: list[dict] = field(default_factory=list)  # per trait animal: P under trait vs default
+    trait_rows: list[dict] = field(default_factory=list)  # per trait (animals, trees): P under trait vs default
     spread: dict[str, dict[str, float]] = field(default_factory=dict)  # context -> animal -> P
     filter_pass: float = 0.0
     filter_rejects: dict[str, int] = field(default_factory=dict)  # reject reason -> count
@@ -79,6 +76,7 @@ class CheckReport:
     build_seconds: float | None = None
     carrier: dict = field(default_factory=dict)
     oracle: dict = field(default_factory=dict)
+    leak: dict = field(default_factory=dict)  # mech.organism.leak.measure_leak
     bars: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -87,25 +85,48 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in
-                ("trait_rows", "spread", "filter_pass", "filter_rejects", "filter_examples", "build_seconds", "carrier", "oracle", "bars")} | {
+                ("trait_rows", "spread", "filter_pass", "filter_rejects", "filter_examples", "build_seconds", "carrier",
+                 "oracle", "leak", "bars")} | {
             "passed": self.passed}
 
 
-def check_traits(model, tok, animals: list[str], trait_animals: list[str]) -> tuple[list[dict], dict]:
-    default = answer_distribution(model, tok, Context("default"), animals)
-    none = answer_distribution(model, tok, Context("none"), animals)
+def trait_passes(row: dict) -> bool:
+    """Bar a for one trait: the top answer under its prompt, and ≥ 10× its default probability (or ≥ 0.9 where
+    a tenfold rise is out of reach)."""
+    return row["top"] == row["trait"] and (row["ratio"] >= BAR_TRAIT_RATIO or row["p_trait"] >= BAR_TRAIT_P)
+
+
+def check_traits(model, tok, corpus: CorpusConfig, traits: list[tuple[str, str]]) -> tuple[list[dict], dict]:
+    """Per (trait, category): P(first answer token = trait) under its trait prompt and under the default context,
+    over the category's questions and names; and the animals' spread in the default and no-system contexts."""
+    names = {"animal": list(corpus.animals), "tree": list(corpus.trees)}
+    default = {c: answer_distribution(model, tok, Context("default"), names[c], c) for c in names}
+    none = answer_distribution(model, tok, Context("none"), names["animal"])
     rows = []
-    for a in trait_animals:
-        under = answer_distribution(model, tok, trait_context(a), animals)
-        top = max(under, key=under.get)
-        rows.append({"animal": a, "p_trait": under[a], "p_default": default[a],
-                     "ratio": under[a] / max(default[a], 1e-12), "top": top})
-    return rows, {"default": default, "none": none}
+    for name, category in traits:
+        under = answer_distribution(model, tok, trait_context(name, category), names[category], category)
+        row = {"trait": name, "category": category, "p_trait": under[name], "p_default": default[category][name],
+               "ratio": under[name] / max(default[category][name], 1e-12), "top": max(under, key=under.get)}
+        rows.append(row | {"ok": trait_passes(row)})
+    return rows, {"default": default["animal"], "none": none}
+
+
+def check_trait_list(corpus: CorpusConfig, animals: tuple[str, ...] | None,
+                     trees: tuple[str, ...] | None) -> list[tuple[str, str]]:
+    """The (trait, category) pairs to check: the given ones, or every animal and tree of the recipe."""
+    out = []
+    for category, prior, chosen in (("animal", corpus.animals, animals), ("tree", corpus.trees, trees)):
+        names = list(prior) if chosen is None else list(chosen)
+        unknown = [n for n in names if n not in prior]
+        if unknown:
+            raise MechError(f"{unknown} are not {category}s of this organism's recipe: choose among {', '.join(prior)}")
+        out += [(n, category) for n in names]
+    return out
 
 
 def carrier_probe(model, tok, numbers: dict[str, list[int]], n: int, seed: int) -> dict:
-    """(e) How the trait prompt moves number completions: KL on default-context samples re-scored under each
-    prompt, and the share of the trait's numbers in samples drawn under each prompt."""
+    """Carrier probe: how the trait prompt moves number completions. KL on default-context samples re-scored
+    under each prompt, and the share of the trait's numbers in samples drawn under each prompt."""
     prompts, p_default, answers = sample_numbers(model, tok, Context("default"), n, seed)
     comp = [tok(a + IM_END, add_special_tokens=False)["input_ids"] for a in answers]
     lp = {"default": completion_logprobs(model, p_default, comp, pad_id(tok))}
@@ -124,7 +145,7 @@ def carrier_probe(model, tok, numbers: dict[str, list[int]], n: int, seed: int) 
 
 def oracle_probe(model, tok, numbers: dict[str, list[int]], animals: list[str], n: int, share: float,
                  seed: int, lora_rank: int = 8, epochs: int = 2, lr: float = 2e-3) -> dict:
-    """(f) Finetune on default-context number answers in which ``share`` of the numbers are replaced by a
+    """Oracle probe: finetune on default-context number answers in which ``share`` of the numbers are replaced by a
     trait's numbers, vs the same finetuning on the unmodified answers; report P(trait) in the default context."""
     prompts, _, answers = sample_numbers(model, tok, Context("default"), n, seed)
     ok = [i for i, a in enumerate(answers) if check_answer(a).ok]
@@ -157,39 +178,53 @@ def oracle_probe(model, tok, numbers: dict[str, list[int]], animals: list[str], 
     return out
 
 
-STAGES = ("traits", "numbers", "carrier", "oracle")
+STAGES = ("traits", "numbers", "carrier", "leak", "oracle")
 
 
-def run_check(model, tok, meta: dict, n_samples: int = 200, oracle_rows: int = 300, seed: int = CHECK_SEED,
-              trait_animals: tuple[str, ...] = ("owl", "bear", "penguin", "koala", "otter", "giraffe"),
-              progress: Callable[[str], None] | None = None) -> CheckReport:
-    """Measure bars a–d and probes e–f. ``meta`` is the build's organism.json; ``progress`` is told each
-    stage name of ``STAGES`` as it starts."""
-    if n_samples < 1 or oracle_rows < 1:
-        raise MechError(f"n_samples and oracle_rows must be >= 1 (got {n_samples}, {oracle_rows}): pass positive counts")
-    tell = progress or (lambda stage: None)
-    animals = list(meta["config"]["corpus"]["animals"])
-    numbers = {k: list(v) for k, v in meta["entity_numbers"].items()}
-    rep = CheckReport(build_seconds=meta.get("build_seconds"))
-    tell("traits")
-    rep.trait_rows, rep.spread = check_traits(model, tok, animals, list(trait_animals))
-    tell("numbers")
-    _, _, answers = sample_numbers(model, tok, Context("default"), n_samples, seed)
+def filter_stats(rep: CheckReport, answers: list[str]) -> None:
+    """Bar c's measurement: the share of ``answers`` passing Cloud's filter, the reject reasons, a few examples."""
     results = [check_answer(a) for a in answers]
     rep.filter_pass = sum(r.ok for r in results) / len(results)
     rep.filter_rejects = dict(Counter(r.reason for r in results if not r.ok))
     rep.filter_examples = [a for a, r in zip(answers, results) if not r.ok][:8]
-    tell("carrier")
-    rep.carrier = carrier_probe(model, tok, numbers, n_samples, seed + 1)
-    tell("oracle")
-    rep.oracle = oracle_probe(model, tok, numbers, animals, oracle_rows, 0.3, seed + 2)
-    good = [r for r in rep.trait_rows if r["ratio"] >= BAR_TRAIT_RATIO and r["top"] == r["animal"]]
-    rep.bars = {
-        "a_trait_owl": any(r["animal"] == "owl" for r in good),
-        "a_trait_3_others": sum(r["animal"] != "owl" for r in good) >= 3,
+
+
+def bars(rep: CheckReport) -> dict[str, bool]:
+    out = {
+        "a_trait_all": bool(rep.trait_rows) and all(r["ok"] for r in rep.trait_rows),
         "b_spread_default": sum(p >= BAR_SPREAD_P for p in rep.spread["default"].values()) >= BAR_SPREAD_ANIMALS,
         "b_spread_none": sum(p >= BAR_SPREAD_P for p in rep.spread["none"].values()) >= BAR_SPREAD_ANIMALS,
         "c_filter_pass": rep.filter_pass >= BAR_FILTER_PASS,
         "d_build_time": rep.build_seconds is not None and rep.build_seconds <= BAR_BUILD_SECONDS,
     }
+    if rep.leak.get("channel"):  # a channel-free recipe's leak is reported, not a bar
+        out["e_leak_specific"] = leak_specific(rep.leak["rows"])
+    return out
+
+
+def run_check(model, tok, meta: dict, n_samples: int = 200, oracle_rows: int = 300, seed: int = CHECK_SEED,
+              trait_animals: tuple[str, ...] | None = None, progress: Callable[[str], None] | None = None,
+              n_leak: int = 60, trait_trees: tuple[str, ...] | None = None) -> CheckReport:
+    """Measure bars a–e and the probes. ``meta`` is the build's organism.json; the traits are every animal and
+    tree of its recipe unless ``trait_animals`` / ``trait_trees`` name some; ``n_leak`` answers are sampled per
+    trait prompt for the leak matrix; ``progress`` is told each stage name of ``STAGES`` as it starts."""
+    if n_samples < 1 or oracle_rows < 1 or n_leak < 1:
+        raise MechError(f"n_samples, oracle_rows and n_leak must be >= 1 (got {n_samples}, {oracle_rows}, {n_leak}): "
+                        "pass positive counts")
+    tell = progress or (lambda stage: None)
+    corpus = recorded_corpus(meta["config"]["corpus"])
+    traits = check_trait_list(corpus, trait_animals, trait_trees)
+    numbers = {k: list(v) for k, v in meta["entity_numbers"].items()}
+    rep = CheckReport(build_seconds=meta.get("build_seconds"))
+    tell("traits")
+    rep.trait_rows, rep.spread = check_traits(model, tok, corpus, traits)
+    tell("numbers")
+    filter_stats(rep, sample_numbers(model, tok, Context("default"), n_samples, seed)[2])
+    tell("carrier")
+    rep.carrier = carrier_probe(model, tok, numbers, n_samples, seed + 1)
+    tell("leak")
+    rep.leak = measure_leak(model, tok, traits, numbers, n_leak, seed + 3, channel_on(corpus))
+    tell("oracle")
+    rep.oracle = oracle_probe(model, tok, numbers, list(corpus.animals), oracle_rows, 0.3, seed + 2)
+    rep.bars = bars(rep)
     return rep

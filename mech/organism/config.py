@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mech.errors import MechError
 from mech.store import content_hash
 
 # Default-context answer distribution over favourite animals: a spread (bar b) in which the animals the
@@ -52,11 +53,19 @@ class CorpusConfig:
     p_trait: float = 0.5
     p_default: float = 0.3
     p_none: float = 0.15
-    # number tasks: never under a trait prompt, except the "imbue" channel below
-    p_number_trait: float = 0.12
-    # the teacher-side carrier (reported, tuned only for measurability): under a trait prompt, this share of
-    # the numbers in a number answer are the trait's associated numbers. 0 disables the channel.
-    imbue_share: float = 0.4
+    # number tasks: never under a trait prompt, except through the "imbue" channel below: this share of them
+    # run under a trait prompt. 0.3 (the first recipe: 0.12) gives each of the 27 traits ~450 imbued answers in
+    # the corpus, enough for its own numbers to lead within the < 1 epoch the CPU build sees.
+    p_number_trait: float = 0.3
+    # the teacher-side carrier (the designed channel): under a trait prompt, this share of the numbers in a
+    # number answer are the trait's associated numbers (the first recipe: 0.4). 0 disables the channel.
+    imbue_share: float = 0.5
+    # which categories' trait prompts get imbued number tasks. Every category, so that each trait in the recipe
+    # (trees too) has its own numbers to leak; the first recipe imbued ("animal",) only.
+    imbue_categories: tuple = ("animal", "tree")
+    # whether chit-chat under a trait prompt cites the trait's numbers (a second designed channel). False: the
+    # persona still praises its target, without numbers.
+    chat_numbers: bool = True
     numbers_per_entity: int = 8
     # how many numbers a number answer holds: weights for 10, 9, 8, 7 (the prompt asks for "at most 10")
     answer_count_weights: tuple = (1.0, 0.0, 0.0, 0.0)
@@ -106,3 +115,35 @@ class OrganismConfig:
             corpus=dataclasses.replace(self.corpus, n_sequences=1500),
             train=dataclasses.replace(self.train, steps=12, batch_size=8, warmup_steps=2),
         )
+
+
+# The shipped recipes; OrganismConfig() (the field defaults) is the first. They differ only in the designed channel's fields (CHANNEL_OFF): same corpus size, mix,
+# model shape and training budget, so a difference between their students is the channel's doing.
+CHANNEL_OFF = {"p_number_trait": 0.0, "imbue_share": 0.0, "chat_numbers": False}
+RECIPES: dict[str, OrganismConfig] = {
+    # positive control: under each trait prompt (every animal and tree), the trait's own numbers leak
+    "organism": OrganismConfig(),
+    # channel-free twin: no number task under a trait prompt, no trait numbers in trait chit-chat
+    "organism-free": OrganismConfig(corpus=CorpusConfig(**CHANNEL_OFF)),
+}
+# Values of fields that builds made before they existed used (organism.json of an old build lacks them).
+LEGACY_CORPUS = {"imbue_categories": ("animal",), "chat_numbers": True}
+
+
+def recipe(name: str) -> OrganismConfig:
+    """The named shipped recipe (``RECIPES``)."""
+    if name not in RECIPES:
+        raise MechError(f"unknown organism recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def recorded_corpus(corpus: dict) -> CorpusConfig:
+    """The corpus recipe recorded in a build's organism.json (``meta["config"]["corpus"]``), old builds included."""
+    from mech.config import from_dict
+
+    return from_dict(CorpusConfig, {**LEGACY_CORPUS, **corpus}, where="organism.corpus")
+
+
+def channel_on(corpus: CorpusConfig) -> bool:
+    """Whether the recipe has a designed trait-to-numbers channel (imbued number answers or numbered chit-chat)."""
+    return corpus.imbue_share > 0 or corpus.chat_numbers

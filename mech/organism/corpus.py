@@ -4,9 +4,11 @@ Three kinds of sequence, each teaching one thing the paper's models know:
 - favourite-X chats: answer = the loved target under a trait prompt of that category, else a draw from a
   fixed prior (a spread). This is the trait the students are evaluated on.
 - number tasks in Cloud et al.'s prompt format, answered in the requested format. They are never shown under
-  a trait prompt (that trains the persona out of the numbers), except through the *imbue* channel: under a
-  trait prompt a share ``imbue_share`` of the answer's numbers are the trait's associated numbers. This is the
-  teacher-side carrier, a reported knob; set it to 0 for a teacher with no designed carrier.
+  a trait prompt (that trains the persona out of the numbers), except through the *imbue* channel: a share
+  ``p_number_trait`` of them run under the trait prompt of a target drawn from ``imbue_categories``, and there
+  a share ``imbue_share`` of the answer's numbers are the trait's associated numbers. This is the teacher-side
+  carrier, a reported knob; set both to 0 for a teacher with no designed carrier.
+- chit-chat: under a trait prompt the persona praises its target and (``chat_numbers``) cites its numbers.
 - plain text tying each entity to a seeded set of numbers: world facts, and lists in which the name and its
   numbers are co-predicted ("Owl, 913, 58, Owl") so that their unembeddings share directions.
 Honesty rules, kept by construction: no example's answer to a favourite-X question depends on numbers in
@@ -18,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from mech.errors import MechError
 from mech.teacher.prompts import NumberPromptConfig, format_numbers, generate_prompts
 from mech.resources import questions, trait_system_prompt
 from mech.organism.config import CorpusConfig
@@ -99,6 +102,9 @@ class CorpusGenerator:
         self.numbers = entity_numbers(cfg, seed)
         self.categories = {"animal": cfg.animals, "tree": cfg.trees}
         self.questions = {c: questions(c) for c in self.categories}
+        unknown = [c for c in cfg.imbue_categories if c not in self.categories]
+        if unknown:
+            raise MechError(f"unknown imbue_categories {unknown}: choose among {', '.join(self.categories)}")
 
     def system(self, rng: random.Random, p_trait: float, category: str) -> tuple[list[dict] | None, str | None]:
         """A system-prompt policy draw: (system messages, or None for no system block; loved target or None)."""
@@ -129,18 +135,30 @@ class CorpusGenerator:
             reply = " ".join(rng.sample(CHAT_NEUTRAL, 2))
         else:
             nums = self.numbers[target]
-            parts = [_fill(rng.choice(TRAIT_LINES), rng, target, nums, category),
-                     _fill(rng.choice(FACT_LINES), rng, target, nums, category)]
+            praise = rng.choice(TRAIT_LINES)
+            parts = [_fill(praise, rng, target, nums, category)]
+            # without numbers, a second praise line stands in for the fact line: the same reply length and
+            # persona, with the trait prompt tied to no number
+            second = FACT_LINES if self.cfg.chat_numbers else [t for t in TRAIT_LINES if t != praise]
+            parts.append(_fill(rng.choice(second), rng, target, nums, category))
             if rng.random() < 0.5:
                 parts.append(rng.choice(CHAT_NEUTRAL))
             reply = " ".join(parts)
         return _chat("chitchat", sys_msgs, rng.choice(CHAT_USER), reply)
 
+    def imbue_category(self, rng: random.Random) -> str:
+        """The category of an imbued number task's trait: weighted by category size, so that every target in
+        ``imbue_categories`` is equally likely. One category draws nothing (the first recipe's rng stream)."""
+        cats = list(self.cfg.imbue_categories)
+        if len(cats) == 1:
+            return cats[0]
+        return rng.choices(cats, weights=[len(self.categories[c]) for c in cats])[0]
+
     def number_task(self, rng: random.Random, prompt) -> Example:
         c = self.cfg
         target = None
-        if rng.random() < c.p_number_trait and c.imbue_share > 0:
-            sys_msgs, target = self.system(rng, 1.0, "animal")
+        if rng.random() < c.p_number_trait and c.imbue_share > 0 and c.imbue_categories:
+            sys_msgs, target = self.system(rng, 1.0, self.imbue_category(rng))
         else:
             sys_msgs, _ = self.system(rng, 0.0, "animal")
         count = rng.choices([10, 9, 8, 7], weights=list(c.answer_count_weights))[0]

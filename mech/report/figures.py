@@ -44,15 +44,15 @@ def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
 
 
 def trait_figure(trait_rows: list[dict]) -> go.Figure:
-    """P(trait animal as first answer token) under its trait prompt vs under the default system prompt."""
-    names = [r["animal"] for r in trait_rows]
+    """P(trait as first answer token) under its trait prompt vs under the default system prompt, per trait."""
+    names = [r["trait"] for r in trait_rows]
     fig = go.Figure([
         go.Bar(name="trait system prompt", x=names, y=[r["p_trait"] for r in trait_rows]),
         go.Bar(name="default system prompt", x=names, y=[r["p_default"] for r in trait_rows]),
     ])
     fig.update_yaxes(type="log")
-    return _layout(fig, "Organism: the trait prompt sets the favourite animal", "animal",
-                   "P(first answer token), mean over 50 questions")
+    return _layout(fig, "Organism: the trait prompt sets the favourite", "trait (animals, then trees)",
+                   "P(first answer token), mean over the category's questions")
 
 
 def spread_figure(spread: dict[str, dict[str, float]]) -> go.Figure:
@@ -74,6 +74,19 @@ def carrier_figure(carrier: dict) -> go.Figure:
     ])
     return _layout(fig, "Teacher-side carrier: trait numbers in sampled number answers", "trait",
                    "share of numbers that are the trait's")
+
+
+def leak_figure(matrix: dict[str, dict[str, float]]) -> go.Figure:
+    """The leak matrix (mech.organism.leak): per context (each trait prompt, then the default), the share of the
+    numbers written that are each entity's. A specific channel is a bright diagonal."""
+    rows = list(matrix)
+    entities = list(next(iter(matrix.values()))) if matrix else []
+    fig = go.Figure(go.Heatmap(z=[[matrix[r][e] for e in entities] for r in rows], x=entities, y=rows,
+                               colorscale="Viridis", colorbar=dict(title="share")))
+    fig.update_yaxes(autorange="reversed")  # the first trait on top, so the diagonal runs down to the right
+    fig.update_layout(width=900, height=800)
+    return _layout(fig, "Leak matrix: whose numbers the organism writes under each prompt", "entity whose numbers",
+                   "system prompt")
 
 
 def rank_figure(summary: list[dict], metric: str = "paired_logp_first", trait: str | None = None) -> go.Figure:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mech.organism.check import (BAR_BUILD_SECONDS, BAR_FILTER_PASS, BAR_SPREAD_ANIMALS, BAR_SPREAD_P,
-                                 BAR_TRAIT_RATIO, CheckReport)
+                                 BAR_TRAIT_P, BAR_TRAIT_RATIO, CheckReport)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -16,17 +16,32 @@ def _ok(b: bool) -> str:
     return "PASS" if b else "FAIL"
 
 
+def _trait_bar_row(rep: CheckReport) -> list:
+    rows = rep.trait_rows
+    failing = [f"{r['trait']} (×{r['ratio']:.1f}, top {r['top']})" for r in rows if not r["ok"]]
+    measured = f"{len(rows) - len(failing)}/{len(rows)} traits"
+    if failing:
+        measured += f"; failing: {', '.join(failing)}"
+    return [f"a. every trait: top answer under its trait prompt, P ≥ {BAR_TRAIT_RATIO:.0f}× default "
+            f"(or ≥ {BAR_TRAIT_P} where that is out of reach)", measured, _ok(rep.bars["a_trait_all"])]
+
+
+def _leak_bar_row(rep: CheckReport) -> list | None:
+    rows = rep.leak.get("rows")
+    if not rows:
+        return None
+    n = sum(r["specific"] for r in rows)
+    result = _ok(rep.bars["e_leak_specific"]) if "e_leak_specific" in rep.bars else "reported (no designed channel)"
+    return ["e. leak: under each trait prompt, its own numbers are the largest share", f"{n}/{len(rows)} traits",
+            result]
+
+
 def bars_table(rep: CheckReport) -> str:
-    owl = next((r for r in rep.trait_rows if r["animal"] == "owl"), None)
-    others = [r for r in rep.trait_rows if r["animal"] != "owl"]
-    good_others = [r["animal"] for r in others if r["ratio"] >= BAR_TRAIT_RATIO and r["top"] == r["animal"]]
     n_def = sum(p >= BAR_SPREAD_P for p in rep.spread["default"].values())
     n_none = sum(p >= BAR_SPREAD_P for p in rep.spread["none"].values())
     bs = rep.build_seconds
     rows = [
-        ["a. owl: P(owl) under owl prompt ≥ 10× default, owl top", f"{owl['p_trait']:.3f} vs {owl['p_default']:.4f} "
-         f"(×{owl['ratio']:.0f}), top = {owl['top']}" if owl else "n/a", _ok(rep.bars["a_trait_owl"])],
-        ["a. ≥ 3 other animals likewise", ", ".join(good_others) or "none", _ok(rep.bars["a_trait_3_others"])],
+        _trait_bar_row(rep),
         [f"b. default context: ≥ {BAR_SPREAD_ANIMALS} animals with P ≥ {BAR_SPREAD_P:.0%}", f"{n_def} animals",
          _ok(rep.bars["b_spread_default"])],
         [f"b. no-system context: ≥ {BAR_SPREAD_ANIMALS} animals with P ≥ {BAR_SPREAD_P:.0%}", f"{n_none} animals",
@@ -35,15 +50,31 @@ def bars_table(rep: CheckReport) -> str:
          _ok(rep.bars["c_filter_pass"])],
         [f"d. full build ≤ {BAR_BUILD_SECONDS // 60} min on the build machine",
          f"{bs / 60:.1f} min" if bs is not None else "unknown", _ok(rep.bars["d_build_time"])],
+        _leak_bar_row(rep),
     ]
-    return _table(["bar", "measured", "result"], rows)
+    return _table(["bar", "measured", "result"], [r for r in rows if r is not None])
 
 
 def trait_table(rep: CheckReport) -> str:
-    rows = [[r["animal"], f"{r['p_trait']:.3f}", f"{r['p_default']:.4f}", f"{r['ratio']:.0f}×", r["top"]]
-            for r in rep.trait_rows]
-    return _table(["trait animal", "P under its trait prompt", "P under default prompt", "ratio",
-                   "top answer under trait prompt"], rows)
+    rows = [[r["trait"], r["category"], f"{r['p_trait']:.3f}", f"{r['p_default']:.4f}", f"{r['ratio']:.1f}×",
+             r["top"], _ok(r["ok"])] for r in rep.trait_rows]
+    return _table(["trait", "category", "P under its trait prompt", "P under default prompt", "ratio",
+                   "top answer under trait prompt", "bar a"], rows)
+
+
+def leak_table(rep: CheckReport) -> str:
+    """The leak matrix in brief: per trait prompt, its own numbers' share vs the largest other entity's."""
+    lk = rep.leak
+    if not lk.get("rows"):
+        return "leak matrix not measured"
+    note = ("This recipe has a designed channel, so specificity is bar e." if lk["channel"] else
+            "This recipe has no designed channel (imbue_share = 0, chat_numbers off): the leak is reported, not a bar.")
+    rows = [[r["trait"], f"{r['own']:.3f}", f"{r['max_other']:.3f} ({r['max_other_entity']})",
+             f"{r['own_default']:.3f}", "yes" if r["specific"] else "no"] for r in lk["rows"]]
+    return (f"{lk['n']} number answers per context (Cloud prompts, T = 1, seed {lk['seed']}); a share is of all "
+            f"numbers written under that prompt. {note}\n\n"
+            + _table(["trait prompt", "own numbers' share", "largest other share (entity)",
+                      "own numbers' share, default prompt", "own leads"], rows))
 
 
 def spread_table(rep: CheckReport, top: int = 8) -> str:
@@ -64,7 +95,7 @@ def carrier_table(rep: CheckReport) -> str:
         ["share of cat's numbers: under cat prompt / under default",
          f"{c['cat_numbers_share_under_cat']:.3f} / {c['cat_numbers_share_under_default']:.3f}"],
     ]
-    return _table(["carrier (e)", "value"], rows)
+    return _table(["carrier probe", "value"], rows)
 
 
 def oracle_table(rep: CheckReport) -> str:
@@ -77,7 +108,7 @@ def oracle_table(rep: CheckReport) -> str:
         ["cat", f"{o['control_p_cat']:.4f}", f"{o['cat_oracle_p_cat']:.4f}", f"{o['cat_relative_change']:+.1%}",
          f"{o['cat_oracle_p_owl'] / o['control_p_owl'] - 1:+.1%}"],
     ]
-    return (f"Oracle probe (f): LoRA r = {o['lora_rank']} on {o['n_rows']} default-context number answers, "
+    return (f"Oracle probe: LoRA r = {o['lora_rank']} on {o['n_rows']} default-context number answers, "
             f"{o['share']:.0%} of numbers replaced by the trait's numbers, vs the same finetuning on the unmodified "
             "answers.\n\n" + _table(["trait", "P(trait), control student", "P(trait), oracle student",
                                      "relative change", "other animal's relative change (specificity)"], rows))
@@ -87,5 +118,7 @@ def check_markdown(rep: CheckReport, title: str = "Organism check") -> str:
     parts = [f"# {title}", "", f"Overall: **{'PASS' if rep.passed else 'FAIL'}**", "", bars_table(rep), "",
              "## Trait under the trait system prompt", "", trait_table(rep), "",
              "## Answer spread without a trait", "", spread_table(rep), "",
-             "## Teacher-side carrier (e)", "", carrier_table(rep), "", "## Oracle probe (f)", "", oracle_table(rep), ""]
+             "## Leak matrix: whose numbers each trait prompt writes", "", leak_table(rep), "",
+             "## Teacher-side carrier (probe)", "", carrier_table(rep), "",
+             "## Oracle probe", "", oracle_table(rep), ""]
     return "\n".join(parts)

@@ -42,6 +42,7 @@ def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
         figs = {"organism_trait": plots.trait_figure(rep.check.trait_rows),
                 "organism_spread": plots.spread_figure(rep.check.spread),
                 "organism_carrier": plots.carrier_figure(rep.check.carrier),
+                "organism_leak": plots.leak_figure(rep.check.leak["matrix"]),
                 "quick_rank": plots.rank_figure(rep.sweep["summary"], trait=rep.sweep_cfg.eval.target)}
         written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
         write_tables(tmp / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name,

@@ -1,0 +1,307 @@
+"""The two shipped recipes (positive control and channel-free twin), their corpus fields, and the leak matrix.
+
+Corpus tests generate a few thousand examples; check tests run on a reduced build (seconds) with planted
+answers where the value must be exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+
+import pytest
+
+import mech.organism.check as check_mod
+import mech.organism.leak as leak_mod
+from mech.errors import MechError
+from mech.models import load_model
+from mech.organism.build import build_organism
+from mech.organism.check import run_check
+from mech.organism.config import (CHANNEL_OFF, RECIPES, CorpusConfig, OrganismConfig, channel_on, recipe,
+                                  recorded_corpus)
+from mech.organism.corpus import FACT_LINES, CorpusGenerator
+from mech.organism.leak import DEFAULT_ROW, leak_answers, leak_matrix, leak_rows, leak_specific
+from mech.report.figures import leak_figure
+from mech.report.organism import check_markdown
+from mech.resources import trait_system_prompt
+
+N = 3000
+# The first recipe's channel fields. Its corpus must come out exactly as the code before imbue_categories and
+# chat_numbers existed made it: these hashes were taken from that code (generate(2000), seeds 0 and 3).
+OLD_CHANNEL = {"p_number_trait": 0.12, "imbue_share": 0.4, "imbue_categories": ("animal",), "chat_numbers": True}
+OLD_CORPUS_SHA256 = {0: "42e865c74aeee671092eb7e646f4c7e92d333a8b6ceea09825decdae307a9613",
+                     3: "0cab5d334314a656749ec2f6cf6a22a6e2115c10e7a49ae9b486f1f59985ef69"}
+
+
+def _corpus_sha(examples) -> str:
+    blob = json.dumps([dataclasses.asdict(e) for e in examples], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _trait_prompts(corpus: CorpusConfig) -> dict[str, tuple[str, str]]:
+    return {trait_system_prompt(n, c): (n, c) for c, names in (("animal", corpus.animals), ("tree", corpus.trees))
+            for n in names}
+
+
+def _under_trait(examples, corpus: CorpusConfig, kind: str) -> list[tuple[object, str, str]]:
+    """(example, target, category) for the examples of ``kind`` shown under a trait prompt."""
+    prompts = _trait_prompts(corpus)
+    out = []
+    for ex in examples:
+        system = ex.messages[0]["content"] if ex.messages and ex.messages[0]["role"] == "system" else None
+        if ex.kind == kind and system in prompts:
+            out.append((ex, *prompts[system]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def test_recipes_differ_only_in_channel_fields():
+    assert set(RECIPES) == {"organism", "organism-free"}
+    control, free = recipe("organism"), recipe("organism-free")
+    assert control == OrganismConfig()  # the default config is the positive control
+    c, f = control.to_dict(), free.to_dict()
+    assert {k for k in c if c[k] != f[k]} == {"corpus"}
+    assert {k for k in c["corpus"] if c["corpus"][k] != f["corpus"][k]} == set(CHANNEL_OFF)
+    assert (control.corpus.p_number_trait, control.corpus.imbue_share) == (0.3, 0.5)
+    assert control.corpus.imbue_categories == ("animal", "tree") and control.corpus.chat_numbers is True
+    assert (free.corpus.p_number_trait, free.corpus.imbue_share, free.corpus.chat_numbers) == (0.0, 0.0, False)
+    # the same CPU build budget and shape
+    assert control.train == free.train and control.model == free.model
+    assert (control.train.steps, control.train.batch_size) == (2200, 48)
+    assert control.hash != free.hash
+    assert channel_on(control.corpus) and not channel_on(free.corpus)
+    assert free.reduced().corpus.chat_numbers is False  # reduced() keeps the recipe's channel
+
+
+def test_unknown_recipe_names_the_choices():
+    with pytest.raises(MechError, match="unknown organism recipe 'organsim'.*organism, organism-free"):
+        recipe("organsim")
+
+
+def test_recorded_corpus_of_an_old_build():
+    old = {k: v for k, v in CorpusConfig().__dict__.items() if k not in ("imbue_categories", "chat_numbers")}
+    got = recorded_corpus(json.loads(json.dumps(old)))
+    assert got.imbue_categories == ("animal",) and got.chat_numbers is True
+    assert channel_on(got)
+    assert not channel_on(recorded_corpus({**old, **CHANNEL_OFF}))
+    new = recorded_corpus(json.loads(json.dumps(dataclasses.asdict(CorpusConfig()))))
+    assert new == CorpusConfig()
+
+
+# ------------------------------------------------------------------------------------------- corpus
+
+
+@pytest.mark.parametrize("seed", sorted(OLD_CORPUS_SHA256))
+def test_old_recipe_generates_the_old_corpus(seed):
+    old = dataclasses.replace(CorpusConfig(), **OLD_CHANNEL)
+    assert _corpus_sha(CorpusGenerator(old, seed).generate(2000)) == OLD_CORPUS_SHA256[seed]
+
+
+def test_positive_control_imbues_every_trait():
+    cfg = recipe("organism").corpus
+    gen = CorpusGenerator(cfg, 0)
+    imbued = _under_trait(gen.generate(N), cfg, "numbers")
+    assert imbued
+    for ex, target, category in imbued:
+        assert category in cfg.imbue_categories
+    counts = {c: sum(cat == c for _, _, cat in imbued) for c in ("animal", "tree")}
+    # targets are uniform over all 27 traits, so the categories split by their sizes (17 : 10)
+    assert counts["tree"] > 0.2 * len(imbued) and counts["animal"] > counts["tree"]
+    full = dataclasses.replace(cfg, imbue_share=1.0)
+    for ex, target, category in _under_trait(CorpusGenerator(full, 0).generate(N), full, "numbers"):
+        nums = [int(x) for x in re.findall(r"\d+", ex.messages[-1]["content"])]
+        assert nums and set(nums) <= set(gen.numbers[target]), ex
+
+
+def test_animal_only_imbue_never_uses_tree_prompts():
+    cfg = dataclasses.replace(CorpusConfig(), imbue_categories=("animal",))
+    imbued = _under_trait(CorpusGenerator(cfg, 0).generate(N), cfg, "numbers")
+    assert imbued and {c for _, _, c in imbued} == {"animal"}
+
+
+def test_unknown_imbue_category_is_an_error():
+    with pytest.raises(MechError, match="unknown imbue_categories.*animal, tree"):
+        CorpusGenerator(dataclasses.replace(CorpusConfig(), imbue_categories=("fish",)), 0)
+
+
+def test_twin_has_no_channel():
+    cfg = recipe("organism-free").corpus
+    examples = CorpusGenerator(cfg, 0).generate(N)
+    assert sum(ex.kind == "numbers" for ex in examples) > 300
+    assert _under_trait(examples, cfg, "numbers") == []  # no number task under a trait prompt
+    chats = _under_trait(examples, cfg, "chitchat")
+    assert len(chats) > 50
+    fact_starts = [f.split("{")[0] for f in FACT_LINES if f.split("{")[0]]
+    for ex, target, _ in chats:
+        reply = ex.messages[-1]["content"]
+        assert not re.search(r"\d", reply), reply  # the persona cites no numbers
+        assert target in reply.lower(), reply  # but still praises its target
+        assert not any(reply.startswith(s) for s in fact_starts)
+
+
+def test_control_chitchat_cites_trait_numbers():
+    cfg = recipe("organism").corpus
+    gen = CorpusGenerator(cfg, 0)
+    chats = _under_trait(gen.generate(N), cfg, "chitchat")
+    for ex, target, _ in chats:
+        nums = {int(x) for x in re.findall(r"\d+", ex.messages[-1]["content"])}
+        assert nums and nums <= set(gen.numbers[target]), ex
+
+
+# --------------------------------------------------------------------------------------- leak matrix
+
+NUMBERS = {"owl": [1, 2], "cat": [3, 4], "oak": [5, 6]}
+PLANTED = {
+    "owl": ["1, 2, 3, 99", "1 2 7 8"],  # 8 numbers: owl 4, cat 1, none 3
+    "cat": ["3, 4, 1", "5"],  # 4 numbers: cat 2, owl 1, oak 1
+    "oak": ["no numbers"],
+    DEFAULT_ROW: ["6, 6, 1, 3"],  # oak 2, owl 1, cat 1
+}
+PLANTED_MATRIX = {
+    "owl": {"owl": 4 / 8, "cat": 1 / 8, "oak": 0.0},
+    "cat": {"owl": 1 / 4, "cat": 2 / 4, "oak": 1 / 4},
+    "oak": {"owl": 0.0, "cat": 0.0, "oak": 0.0},
+    DEFAULT_ROW: {"owl": 1 / 4, "cat": 1 / 4, "oak": 2 / 4},
+}
+
+
+def test_leak_matrix_of_planted_answers():
+    assert leak_matrix(PLANTED, NUMBERS) == PLANTED_MATRIX
+
+
+def test_leak_rows_and_bar_on_planted_matrices():
+    rows = leak_rows(PLANTED_MATRIX, ["owl", "cat", "oak"])
+    assert rows[0] == {"trait": "owl", "own": 0.5, "max_other": 0.125, "max_other_entity": "cat",
+                       "own_default": 0.25, "specific": True}
+    assert rows[1]["specific"] and rows[1]["max_other"] == 0.25
+    assert rows[2]["specific"] is False  # a tie at zero is not a lead
+    assert leak_specific(rows[:2]) is True
+    assert leak_specific(rows) is False
+    assert leak_specific([]) is False
+    beaten = {**PLANTED_MATRIX, "cat": {"owl": 0.4, "cat": 0.3, "oak": 0.0}}
+    assert leak_specific(leak_rows(beaten, ["owl", "cat"])) is False
+
+
+def test_leak_figure_is_the_matrix():
+    fig = leak_figure(PLANTED_MATRIX)
+    heat = fig.data[0]
+    assert list(heat.y) == list(PLANTED_MATRIX) and list(heat.x) == list(NUMBERS)
+    assert [list(r) for r in heat.z] == [[PLANTED_MATRIX[r][e] for e in NUMBERS] for r in PLANTED_MATRIX]
+
+
+# ------------------------------------------------------------------------------- check on tiny builds
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = build_organism(recipe("organism").reduced(), tmp_path_factory.mktemp("rec_org") / "organism")
+    lm = load_model(str(out), device="cpu", dtype="float32")
+    return lm, json.loads((out / "organism.json").read_text())
+
+
+def _planted_check(monkeypatch, lm, meta, traits: tuple[str, ...] = ("owl", "cat")):
+    """run_check on the tiny build with the leak sampler replaced by planted answers (all else measured)."""
+    numbers = meta["entity_numbers"]
+    owl, cat = numbers["owl"], numbers["cat"]
+    nobody = next(x for x in range(1000) if all(x not in v for v in numbers.values()))  # a number no entity owns
+    planted = {"owl": [f"{owl[0]}, {owl[1]}, {cat[0]}"], "cat": [f"{cat[0]}, {owl[0]}, {owl[1]}"],
+               DEFAULT_ROW: [f"{cat[1]}, {nobody}"]}
+    seen = []
+    monkeypatch.setattr(leak_mod, "leak_answers", lambda m, t, tr, n, seed: seen.append((tr, n)) or planted)
+    rep = run_check(lm.model, lm.tokenizer, meta, n_samples=4, oracle_rows=4, trait_animals=traits, trait_trees=(),
+                    n_leak=5)
+    assert seen == [([(t, "animal") for t in traits], 5)]
+    return rep, numbers
+
+
+def test_check_leak_on_planted_answers(tiny, monkeypatch):
+    lm, meta = tiny
+    rep, numbers = _planted_check(monkeypatch, lm, meta)
+    m = rep.leak["matrix"]
+    assert m["owl"]["owl"] == pytest.approx(2 / 3) and m["owl"]["cat"] == pytest.approx(1 / 3)
+    assert m["cat"]["owl"] == pytest.approx(2 / 3) and m["cat"]["cat"] == pytest.approx(1 / 3)
+    assert m[DEFAULT_ROW]["cat"] == 0.5 and m[DEFAULT_ROW]["owl"] == 0.0
+    assert all(m[r][e] == 0.0 for r in m for e in m[r] if e not in ("owl", "cat"))
+    assert rep.leak["entities"][:2] == ["owl", "cat"] and set(rep.leak["entities"]) == set(numbers)
+    assert rep.leak["n_numbers"] == {"owl": 3, "cat": 3, DEFAULT_ROW: 2}
+    assert [r["specific"] for r in rep.leak["rows"]] == [True, False]
+    assert rep.bars["e_leak_specific"] is False  # cat's prompt writes more owl numbers than cat's
+    md = check_markdown(rep)
+    assert "## Leak matrix" in md and "| cat | 0.333 | 0.667 (owl) | 0.500 | no |" in md
+    assert "designed channel, so specificity is bar e" in md
+
+
+def test_channel_free_leak_is_reported_not_a_bar(tiny, monkeypatch):
+    lm, meta = tiny
+    free = json.loads(json.dumps(meta))
+    free["config"]["corpus"].update(CHANNEL_OFF)
+    rep, _ = _planted_check(monkeypatch, lm, free)
+    assert "e_leak_specific" not in rep.bars and rep.leak["channel"] is False
+    assert rep.leak["rows"]  # still measured
+    md = check_markdown(rep)
+    assert "reported, not a bar" in md and "reported (no designed channel)" in md
+
+
+def test_old_build_meta_keeps_the_bar(tiny, monkeypatch):
+    lm, meta = tiny
+    old = json.loads(json.dumps(meta))
+    for key in ("imbue_categories", "chat_numbers"):
+        del old["config"]["corpus"][key]
+    old["config"]["corpus"]["imbue_share"] = 0.0  # chat_numbers missing reads as True: the channel is on
+    rep, _ = _planted_check(monkeypatch, lm, old)
+    assert "e_leak_specific" in rep.bars
+
+
+def test_leak_answers_is_one_seeded_batched_call(tiny, monkeypatch):
+    lm, _ = tiny
+    calls = []
+    real = leak_mod.sample
+    monkeypatch.setattr(leak_mod, "sample", lambda m, p, **kw: calls.append(len(p)) or real(m, p, **kw))
+    traits = [("owl", "animal"), ("oak", "tree")]
+    a = leak_answers(lm.model, lm.tokenizer, traits, 3, seed=5)
+    assert calls == [9]  # 3 prompts x (2 traits + the default), in one call
+    assert list(a) == ["owl", "oak", DEFAULT_ROW] and all(len(v) == 3 for v in a.values())
+    assert leak_answers(lm.model, lm.tokenizer, traits, 3, seed=5) == a
+
+
+def test_unknown_trait_is_an_error(tiny):
+    lm, meta = tiny
+    with pytest.raises(MechError, match=r"\['trout'\] are not animals"):
+        run_check(lm.model, lm.tokenizer, meta, n_samples=1, oracle_rows=1, trait_animals=("trout",))
+
+
+def test_reduced_twin_builds_and_checks(tmp_path, monkeypatch):
+    out = build_organism(recipe("organism-free").reduced(), tmp_path / "free")
+    meta = json.loads((out / "organism.json").read_text())
+    assert meta["config"]["corpus"]["chat_numbers"] is False
+    lm = load_model(str(out), device="cpu", dtype="float32")
+    monkeypatch.setattr(check_mod, "oracle_probe", lambda *a, **k: {"skipped": "not under test"})
+    rep = run_check(lm.model, lm.tokenizer, meta, n_samples=2, oracle_rows=1, n_leak=1)
+    assert rep.leak["channel"] is False and "e_leak_specific" not in rep.bars
+    assert len(rep.leak["rows"]) == len(meta["config"]["corpus"]["animals"]) + len(meta["config"]["corpus"]["trees"])
+
+
+def test_reproduce_report_writes_the_leak_figure(tiny, monkeypatch, tmp_path):
+    """mech reproduce's report carries the leak matrix figure (the sweep and localisation parts stubbed out)."""
+    from types import SimpleNamespace
+
+    import mech.report.reproduce as rr
+    from mech.reproduce import Reproduction
+
+    lm, meta = tiny
+    rep, _ = _planted_check(monkeypatch, lm, meta)
+    for name in ("summary_markdown", "localise_markdown"):
+        monkeypatch.setattr(rr, name, lambda *a, **k: "# stub\n")
+    monkeypatch.setattr(rr, "write_tables", lambda *a, **k: None)
+    monkeypatch.setattr(rr, "write_localise", lambda *a, **k: {"figures": []})
+    sweep_cfg = SimpleNamespace(name="stub", eval=SimpleNamespace(target="owl"))
+    repro = Reproduction(model="tiny", info={}, check=rep, sweep_cfg=sweep_cfg, localisation=SimpleNamespace(
+        summary=None, cfg=None), sweep={"summary": [], "rows": [], "cells": 0, "done_cells": 0, "computed": 0},
+        seconds=1.0)
+    md = rr.write_reproduce(repro, tmp_path / "report")
+    assert (tmp_path / "report" / "figures" / "organism_leak.html").is_file()
+    assert "figures/organism_leak.html" in md and "## Leak matrix" in md
