@@ -1,0 +1,152 @@
+"""Known answers for mech.geometry: planted ranks, planted subspaces, planted steering vectors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from mech.errors import MechError
+from mech.geometry import linalg
+from mech.geometry import update as upd
+from mech.models import surgery
+
+
+def _planted(out: int, inp: int, r: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    """A matrix of rank r with r equal singular values ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    U = linalg.random_subspace(out, r, g)
+    V = linalg.random_subspace(inp, r, g)
+    return scale * U @ V.T
+
+
+# --------------------------------------------------------------------------------------------- linalg
+
+
+@pytest.mark.parametrize("r", [1, 3, 8])
+def test_planted_rank_is_measured_and_truncation_recovers_it(r):
+    m = _planted(40, 24, r)
+    spec = linalg.svd(m)
+    stats = linalg.spectrum_stats(spec.S)
+    assert stats["numerical_rank"] == r
+    for name in ("effective_rank", "participation_ratio", "stable_rank"):
+        assert stats[name] == pytest.approx(r, rel=1e-4), name
+    assert stats["spectral"] == pytest.approx(2.0, rel=1e-5)
+    assert stats["fro"] == pytest.approx(2.0 * math.sqrt(r), rel=1e-5)
+    torch.testing.assert_close(linalg.truncated(spec, r), m, atol=1e-5, rtol=0)
+    assert float(linalg.top_removed(spec, r).abs().max()) < 1e-5
+    assert float(linalg.truncated(spec, 0).abs().max()) == 0.0
+    with pytest.raises(MechError, match="larger than the rank"):
+        linalg.truncated(spec, 25)
+
+
+def test_unequal_spectrum_ranks_order():
+    # σ = (4, 1): participation ratio (17²/257 = 1.12) < stable rank (17/16) ... all between 1 and 2
+    S = torch.tensor([4.0, 1.0])
+    assert linalg.stable_rank(S) == pytest.approx(17 / 16)
+    assert linalg.participation_ratio(S) == pytest.approx(17 ** 2 / 257)
+    p = torch.tensor([0.8, 0.2])
+    assert linalg.effective_rank(S) == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+
+
+def test_low_rank_svd_matches_full_svd():
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(4, 30, generator=g), torch.randn(50, 4, generator=g)
+    fast, full = linalg.low_rank_svd(A, B, 0.5), linalg.svd(0.5 * B @ A)
+    torch.testing.assert_close(fast.S, full.S[:4], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.matrix(), 0.5 * B @ A, atol=1e-4, rtol=1e-4)
+
+
+def test_subspace_overlap_known_angles_and_chance():
+    d = 64
+    g = torch.Generator().manual_seed(2)
+    U = linalg.random_subspace(d, 4, g)
+    assert linalg.overlap(U, U) == pytest.approx(1.0, abs=1e-5)
+    bigger = linalg.orthonormal(torch.cat([U, torch.randn(d, 4, generator=g)], 1))
+    assert linalg.overlap(U, bigger) == pytest.approx(1.0, abs=1e-5)  # containment
+    # a planted principal angle θ: e1 vs cos θ e1 + sin θ e2
+    e = torch.eye(d)
+    th = 0.3
+    assert linalg.principal_cosines(e[:, :1], (math.cos(th) * e[:, 0] + math.sin(th) * e[:, 1])[:, None]
+                                    ).item() == pytest.approx(math.cos(th), abs=1e-6)
+    assert linalg.overlap(e[:, :2], e[:, 2:4]) == pytest.approx(0.0, abs=1e-7)
+    rand = [linalg.overlap(U, linalg.random_subspace(d, 4, g)) for _ in range(300)]
+    assert sum(rand) / len(rand) == pytest.approx(linalg.chance_overlap(d, 4, 4), rel=0.15)
+    assert linalg.chance_overlap(d, 4, 4) == 4 / 64
+
+
+def test_captured_share_of_a_direction():
+    e = torch.eye(10)
+    assert linalg.captured(e[:, :3], e[:, 1] * 5) == pytest.approx(1.0)
+    assert linalg.captured(e[:, :3], e[:, 5]) == pytest.approx(0.0)
+    assert linalg.captured(e[:, :3], e[:, 0] + e[:, 5]) == pytest.approx(0.5)
+    with pytest.raises(MechError, match="width"):
+        linalg.captured(e[:, :3], torch.ones(7))
+
+
+# --------------------------------------------------------------------------------------------- updates
+
+
+def _lora_student(model, r: int, kinds=("o", "down"), seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r,
+                                                           target_modules=surgery.target_modules(kinds),
+                                                           init_lora_weights=False)).eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_update_geometry_and_rebuild(make_tiny_lm):
+    base = make_tiny_lm("qwen2")
+    student = _lora_student(base, r=2)
+    ups = upd.lora_updates(student)
+    assert set(ups) == {"0.o", "0.down", "1.o", "1.down"}
+    for (i, kind), layer in surgery.lora_modules(student).items():
+        u = ups[f"{i}.{kind}"]
+        torch.testing.assert_close(u.spectrum.matrix(), layer.get_delta_weight("default").float(), atol=1e-5,
+                                   rtol=1e-4)
+        row = u.row()
+        assert row["numerical_rank"] == 2 and row["lora_rank"] == 2
+        assert row["lora_rank_frac"] == 2 / row["width"]
+        # what the update writes lies in B's column space, what it reads in A's row space
+        assert linalg.overlap(u.write_space, u.spectrum.U) == pytest.approx(1.0, abs=1e-5)
+        assert linalg.overlap(u.read_space, u.spectrum.V) == pytest.approx(1.0, abs=1e-5)
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(upd.rebuild(base, ups, upd.TRUNCATE, 2), ids), _logits(student, ids),
+                               atol=1e-4, rtol=1e-4)  # full rank: the student
+    torch.testing.assert_close(_logits(upd.rebuild(base, ups, upd.TRUNCATE, 0), ids), _logits(base, ids))  # base
+    torch.testing.assert_close(_logits(upd.rebuild(base, ups, upd.REMOVE, 2), ids), _logits(base, ids),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(MechError, match="larger than the rank"):
+        upd.rebuild(base, ups, upd.TRUNCATE, 3)
+
+
+def test_full_update_includes_embeddings_and_finds_planted_rank(make_tiny_lm):
+    base = make_tiny_lm("qwen2")
+    student = copy.deepcopy(base)
+    layer = surgery.get_layers(student)[1]
+    w = surgery.projection_weight(surgery.get_projection(layer, "down"))
+    planted = _planted(*w.shape, r=3, scale=0.1)
+    with torch.no_grad():
+        w.add_(planted)
+        surgery.projection_weight(surgery.get_embedding(student))[7].add_(0.5)
+    ups = upd.full_updates(base, student)
+    assert ups["1.down"].row()["numerical_rank"] == 3
+    assert ups["1.down"].row()["effective_rank"] == pytest.approx(3, rel=1e-3)
+    assert ups["embedding"].row()["numerical_rank"] == 1  # one changed row
+    assert ups["0.q"].row()["fro"] == 0.0
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(upd.rebuild(base, ups, upd.TRUNCATE, 3, student=student), ids),
+                               _logits(student, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_different_shapes_refused(make_tiny_lm):
+    with pytest.raises(MechError, match="shape|different parameters|layers"):
+        upd.full_updates(make_tiny_lm("qwen2"), make_tiny_lm("qwen2", intermediate_size=48))
