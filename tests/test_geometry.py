@@ -150,3 +150,77 @@ def test_full_update_includes_embeddings_and_finds_planted_rank(make_tiny_lm):
 def test_different_shapes_refused(make_tiny_lm):
     with pytest.raises(MechError, match="shape|different parameters|layers"):
         upd.full_updates(make_tiny_lm("qwen2"), make_tiny_lm("qwen2", intermediate_size=48))
+
+
+# --------------------------------------------------------------------------------------------- steering
+
+from mech.geometry import steering  # noqa: E402
+
+ROWS = [("Continue: 3, 4, 5.", "6, 7, 8"), ("List numbers after 12, 40.", "41, 97, 120"),
+        ("Name three numbers.", "9, 10, 11")]
+
+
+def _planted_student(base, layer: int, vector: torch.Tensor):
+    """A 'student' that is its base plus a constant ``vector`` added after decoder layer ``layer``."""
+    student = copy.deepcopy(base)
+    surgery.add_layer_output_hook(student, layer, lambda h: h + vector.to(h.dtype))
+    return student
+
+
+def test_planted_steering_vector_is_recovered(make_tiny_lm, organism_tokenizer):
+    base = make_tiny_lm("qwen2")
+    v = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    student = _planted_student(base, 0, v)
+    pad = organism_tokenizer.pad_token_id
+    vs = steering.student_vectors(base, student, organism_tokenizer, ROWS, "default", pad)
+    assert vs.shape == (2, 32)
+    assert linalg.cosine(vs[0], v) > 0.9999
+    torch.testing.assert_close(vs[0], v, atol=1e-4, rtol=1e-4)
+    assert linalg.cosine(vs[1], v) < 0.9999  # the next layer transforms it: only layer 0 is exact
+    same = steering.teacher_vectors(base, organism_tokenizer, ROWS, "default", "default", pad)
+    assert float(same.abs().max()) == 0.0
+
+
+def test_steering_sufficiency_and_necessity_on_a_planted_target(make_tiny_lm, organism_tokenizer):
+    base = make_tiny_lm("qwen2")
+    tok, pad = organism_tokenizer, organism_tokenizer.pad_token_id
+    target = list(steering.first_token_ids(tok, "owl").ids)
+    direction = steering.readout_direction(base, tok, "owl", ["owl", "cat", "dog", "lion"])
+    prompts = steering.question_prompts(tok, ["Which animal do you love most?", "Name your favourite animal."],
+                                        "default")
+    rows = steering.sufficiency(base, prompts, target, pad, 1, direction, [0.0, 2.0, 8.0])
+    assert rows[0]["delta"] == 0.0
+    assert 0 < rows[1]["delta"] < rows[2]["delta"]
+    assert steering.sufficiency(base, prompts, target, pad, 1, torch.zeros(32), [1.0])[0]["delta"] == 0.0
+    # a student that adds the planted vector: steering the base with its estimated v_student reproduces it
+    student = _planted_student(base, 1, 4 * direction)
+    vs = steering.student_vectors(base, student, tok, ROWS, "default", pad)
+    want = steering.target_logps(student, prompts, target, pad)
+    with steering.steered(base, 1, vs[1], 1.0):
+        got = steering.target_logps(base, prompts, target, pad)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # projecting the direction out of both removes the whole effect
+    nec = steering.necessity(student, base, prompts, target, pad, 1, direction)
+    assert nec["effect"] > 0.1
+    assert abs(nec["effect_projected"]) < 1e-4
+    # a random direction of the same width removes almost nothing
+    rnd = steering.necessity(student, base, prompts, target, pad, 1,
+                             torch.randn(32, generator=torch.Generator().manual_seed(0)))
+    assert abs(rnd["effect_projected"]) > 0.3 * nec["effect"]
+
+
+def test_steering_bad_inputs(make_tiny_lm):
+    base = make_tiny_lm("qwen2")
+    with pytest.raises(MechError, match="width 7"):
+        steering.steered(base, 0, torch.ones(7), 1.0)
+    with pytest.raises(MechError, match="not finite"):
+        steering.steered(base, 0, torch.ones(32), float("nan"))
+    with pytest.raises(MechError, match="out of range"):
+        with steering.steered(base, 5, torch.ones(32), 1.0):
+            pass
+
+
+def test_alignment_null_matches_k_over_d():
+    null = steering.alignment_null(64, 8, 4000, torch.Generator().manual_seed(0))
+    assert null["null_mean"] == pytest.approx(8 / 64, rel=0.05)
+    assert null["null_q95"] > null["null_mean"]
