@@ -224,3 +224,101 @@ def test_alignment_null_matches_k_over_d():
     null = steering.alignment_null(64, 8, 4000, torch.Generator().manual_seed(0))
     assert null["null_mean"] == pytest.approx(8 / 64, rel=0.05)
     assert null["null_q95"] > null["null_mean"]
+
+
+# --------------------------------------------------------------------------------------------- run + CLI
+
+from mech.geometry import run as grun  # noqa: E402
+
+
+def _update(name: str, U: torch.Tensor, V: torch.Tensor) -> upd.ModuleUpdate:
+    return upd.ModuleUpdate(name, 0, "o", linalg.Spectrum(U, torch.ones(U.shape[1]), V))
+
+
+def test_overlap_tables_find_a_planted_shared_direction():
+    g = torch.Generator().manual_seed(5)
+    d = 96
+    shared = linalg.random_subspace(d, 1, g)
+    rank1 = _update("0.o", shared, linalg.random_subspace(d, 1, g))  # a rank-1 student writing one direction
+    # a rank-4 student whose top direction is the same one; its other three are random
+    U4 = linalg.orthonormal(torch.cat([shared, torch.randn(d, 3, generator=g)], 1))
+    rank4 = _update("0.o", U4, linalg.random_subspace(d, 4, g))
+    other = _update("0.o", linalg.random_subspace(d, 4, g), linalg.random_subspace(d, 4, g))
+    ups = {("r1", 0, grun.OWL): {"0.o": rank1}, ("r4", 0, grun.OWL): {"0.o": rank4},
+           ("r1", 0, grun.NEUTRAL): {"0.o": other}, ("r4", 0, grun.NEUTRAL): {"0.o": other}}
+    rows = grun.overlap_tables(ups, ["r1", "r4"], [0], k_max=4)
+    write = {(r["comparison"], r["a"]): r for r in rows if r["side"] == "write"}
+    assert write[("students", "r1")]["k"] == 1
+    assert write[("students", "r1")]["overlap"] == pytest.approx(1.0, abs=1e-5)
+    assert write[("students", "r1")]["chance"] == pytest.approx(1 / d)
+    read = [r for r in rows if r["side"] == "read" and r["comparison"] == "students"][0]
+    assert read["overlap"] < 10 * read["chance"]  # the read spaces were drawn independently
+    teach = write[("teachers", "r4 trait")]
+    assert teach["k"] == 4 and teach["overlap"] < 0.3
+
+
+def test_seed_ci_averages_within_a_seed_first():
+    rows = [{"g": "a", "seed": s, "v": v} for s, vals in ((0, (1.0, 3.0)), (1, (4.0,)), (2, (6.0,)))
+            for v in vals]
+    (r,) = grun.seed_ci(rows, ("g",), "v")
+    assert r["n"] == 3 and r["mean"] == pytest.approx(4.0)
+
+
+def test_geometry_config_refuses_bad_values():
+    with pytest.raises(MechError, match="ks"):
+        grun.GeometryConfig(ks=(-1,))
+    with pytest.raises(MechError, match="alphas"):
+        grun.GeometryConfig(alphas=(float("inf"),))
+
+
+def _cli(argv, capsys):
+    from mech.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, (err[-1] if err else "")
+
+
+def test_cli_never_trains_and_writes_nothing(tmp_path, capsys):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("name: s\nteacher: {n_prompts: 8}\nstudents: [{method: lora, rank: 2}]\ntraining_seeds: [0]\n")
+    out, cache = tmp_path / "o", tmp_path / "c"
+    code, last = _cli(["geometry", str(cfg), "--students", "lora_r2", "--cache", str(cache), "--out", str(out)],
+                      capsys)
+    assert code == 2 and last.startswith("mech: error:") and "never trains" in last and "lora_r2" in last
+    assert not out.exists() and not (cache / "students").exists() and not (cache / "datasets").exists()
+    code, last = _cli(["geometry", str(cfg), "--students", "lora_r3", "--cache", str(cache), "--out", str(out)],
+                      capsys)
+    assert code == 2 and "lora_r3" in last and "lora_r2" in last and not out.exists()
+    code, last = _cli(["geometry", str(cfg), "--students", "lora_r2", "--ks", "-2", "--out", str(out)], capsys)
+    assert code == 2 and "ks" in last and not out.exists()
+    code, last = _cli(["geometry", str(cfg), "--students", "lora_r2", "--alphas", "nan", "--out", str(out)], capsys)
+    assert code == 2 and "alphas" in last and not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_geometry_end_to_end_on_a_tiny_sweep(tmp_path, capsys):
+    import csv
+
+    from mech.sweep import SweepRunner, cells, load_sweep
+
+    cfg_path = tmp_path / "s.yaml"
+    cfg_path.write_text("name: s\nteacher: {n_prompts: 8}\nstudents: [{method: lora, rank: 2}, {method: full}]\n"
+                        "training_seeds: [0, 1]\ntrain: {epochs: 1}\n")
+    cache, out = tmp_path / "c", tmp_path / "o"
+    runner = SweepRunner(load_sweep(cfg_path), cache)
+    for c in cells(runner.cfg):
+        runner.student(c)
+    trained = (cache / "computed.jsonl").read_text()
+    code, _ = _cli(["geometry", str(cfg_path), "--students", "lora_r2", "full", "--cache", str(cache), "--out",
+                    str(out), "--n-rows", "4", "--n-questions", "4", "--ks", "0", "1", "2", "--alphas", "0", "1"],
+                   capsys)
+    assert code == 0
+    assert (cache / "computed.jsonl").read_text() == trained  # nothing computed by geometry
+    assert (out / "geometry.md").is_file() and (out / "figures" / "truncation.html").is_file()
+    trunc = list(csv.DictReader((out / "truncation.csv").open()))
+    for r in trunc:
+        if r["mode"] == "remove" and r["k"] == "0":  # nothing removed: the student's own paired effect
+            assert float(r["paired"]) == pytest.approx(float(r["student_paired"]), abs=1e-6)
+        if r["student"] == "lora_r2" and r["mode"] == "truncate" and r["k"] == "2":  # full rank: the student
+            assert float(r["paired"]) == pytest.approx(float(r["student_paired"]), abs=1e-4)

@@ -210,8 +210,9 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
     readout = steering.readout_direction(base, tok, target, runner.candidates)
     student_rendered = steering.answer_rows(tok, rows_tv, sw.train_contexts[0])
     base_means = steering.mean_residuals(base, student_rendered, pad)
+    base_lps = steering.target_logps(base, prompts, target_ids, pad)
+    base_logp = float(base_lps.mean())
     random_dirs = linalg.random_directions(d, n_layers, gen)  # one matched-norm random direction per layer
-    base_logp = float(steering.target_logps(base, prompts, target_ids, pad).mean())
 
     out: dict[str, list[dict]] = {k: [] for k in ("geometry", "truncation", "cosines", "alignment", "sufficiency",
                                                   "necessity", "directions")}
@@ -222,7 +223,7 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
                 "random (norm of v_teacher)": random_dirs[layer] * v_teacher[layer].norm(),
                 "readout (norm of v_teacher)": linalg.unit(readout) * v_teacher[layer].norm()}
         for vname, v in vecs.items():
-            for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas):
+            for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
                 out["sufficiency"].append({"student": "base", "seed": 0, "layer": layer, "vector": vname} | r)
 
     nulls: dict[tuple[int, int], dict[str, float]] = {}
@@ -250,8 +251,13 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
                 lp = {}
                 for a, m in models.items():
                     plain = None if surgery.lora_modules(m) else m
-                    rebuilt = upd.rebuild(base, updates[(name, seed, a)], mode, k, student=plain)
-                    lp[a] = steering.target_logps(rebuilt, prompts, target_ids, pad)
+                    if k == 0 and mode == upd.REMOVE:  # nothing removed: the student itself
+                        lp[a] = full[a]
+                    elif k == 0 and plain is None:  # nothing kept of a LoRA update: the base
+                        lp[a] = base_lps
+                    else:
+                        rebuilt = upd.rebuild(base, updates[(name, seed, a)], mode, k, student=plain)
+                        lp[a] = steering.target_logps(rebuilt, prompts, target_ids, pad)
                 paired = float((lp[OWL] - lp[NEUTRAL]).mean())
                 out["truncation"].append({"student": name, "seed": seed, "mode": mode, "k": k, "rank": rank,
                                           "paired": paired, "student_paired": effect,
@@ -285,12 +291,12 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
 
         # item 5: steering tests
         for layer in range(n_layers):
-            for vname, v in (("v_student", v_s[OWL][layer]), ("v_paired", v_pair[layer])):
-                for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas):
+            for vname, v in (("v_paired", v_pair[layer]),):
+                for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
                     out["sufficiency"].append({"student": name, "seed": seed, "layer": layer, "vector": vname} | r)
             for vname, v in (("v_teacher", v_teacher[layer]), ("v_paired", v_pair[layer]),
                              ("random", random_dirs[layer])):
-                r = steering.necessity(models[OWL], models[NEUTRAL], prompts, target_ids, pad, layer, v)
+                r = steering.necessity(models[OWL], models[NEUTRAL], prompts, target_ids, pad, layer, v, effect)
                 out["necessity"].append({"student": name, "seed": seed, "layer": layer, "vector": vname} | r)
         del models
 

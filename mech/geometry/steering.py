@@ -185,25 +185,31 @@ def target_logps(model: Any, prompts: Sequence[Sequence[int]], target_ids: Seque
 
 
 def sufficiency(model: Any, prompts: Sequence[Sequence[int]], target_ids: Sequence[int], pad: int, layer: int,
-                vector: torch.Tensor, alphas: Sequence[float]) -> list[dict[str, float]]:
-    """Per α: mean first-token log P(target) with α·v added after ``layer``, and its Δ vs the unsteered model."""
+                vector: torch.Tensor, alphas: Sequence[float], reference: float | None = None) -> list[dict[str, float]]:
+    """Per α: mean first-token log P(target) with α·v added after ``layer``, and its Δ vs the unsteered model
+    (``reference``: that model's mean, when the caller has it). α = 0 is the unsteered model by definition."""
     for a in alphas:
         if not math.isfinite(a):
             raise MechError(f"steering coefficient α = {a} is not finite: pass finite alphas")
-    ref = float(target_logps(model, prompts, target_ids, pad).mean())
+    _check_vector(model, vector)
+    ref = float(target_logps(model, prompts, target_ids, pad).mean()) if reference is None else reference
     out = []
     for a in alphas:
-        with steered(model, layer, vector, a):
-            m = float(target_logps(model, prompts, target_ids, pad).mean())
+        if a == 0:
+            m = ref
+        else:
+            with steered(model, layer, vector, a):
+                m = float(target_logps(model, prompts, target_ids, pad).mean())
         out.append({"alpha": float(a), "logp": m, "delta": m - ref})
     return out
 
 
 def necessity(model: Any, control: Any, prompts: Sequence[Sequence[int]], target_ids: Sequence[int], pad: int,
-              layer: int, vector: torch.Tensor) -> dict[str, float]:
-    """The effect ``m(model) − m(control)`` with and without v̂ projected out after ``layer`` in both."""
-    effect = float((target_logps(model, prompts, target_ids, pad)
-                    - target_logps(control, prompts, target_ids, pad)).mean())
+              layer: int, vector: torch.Tensor, reference: float | None = None) -> dict[str, float]:
+    """The effect ``m(model) − m(control)`` with and without v̂ projected out after ``layer`` in both
+    (``reference``: the effect without projection, when the caller has it)."""
+    effect = reference if reference is not None else float(
+        (target_logps(model, prompts, target_ids, pad) - target_logps(control, prompts, target_ids, pad)).mean())
     with projected_out(model, layer, vector), projected_out(control, layer, vector):
         ablated = float((target_logps(model, prompts, target_ids, pad)
                          - target_logps(control, prompts, target_ids, pad)).mean())
