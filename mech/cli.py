@@ -401,7 +401,7 @@ def cmd_geometry(a) -> int:
 
     sw = load_sweep(a.sweep)  # every input is checked before the base model loads
     cfg = GeometryConfig(ks=tuple(a.ks), alphas=tuple(a.alphas), n_rows=a.n_rows, n_questions=a.n_questions,
-                         overlap_k=a.overlap_k, align_k=a.align_k, seed=a.seed)
+                         overlap_k=a.overlap_k, align_k=a.align_k, seed=a.seed, n_samples=a.n_samples)
     _check_out(a.out, "--out")
     bar, stage = _stage_bar("geometry")
     try:  # close the bar before main() prints an error, so the error stays the last stderr line
@@ -428,7 +428,9 @@ def _add_geometry_parser(sub) -> None:
     g.add_argument("--n-questions", type=int, default=50)
     g.add_argument("--overlap-k", type=int, default=4, help="top-k subspaces compared across students")
     g.add_argument("--align-k", type=int, default=8, help="full-FT write space: top-k left singular vectors")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random nulls")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random nulls and of sampling")
+    g.add_argument("--n-samples", type=int, default=0,
+                   help="also the sampled trait rate (answers per question) of steering at the largest α (0: skip)")
     _add_trust_flag(g)
     g.set_defaults(func=cmd_geometry)
 

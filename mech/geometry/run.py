@@ -25,6 +25,7 @@ from mech.analysis.stats import grouped_ci
 from mech.errors import MechError
 from mech.evaluation.inference import pad_id
 from mech.evaluation.scoring import first_token_ids
+from mech.evaluation.trait import TraitEvalConfig
 from mech.geometry import linalg, steering
 from mech.geometry import update as upd
 from mech.models import surgery
@@ -49,10 +50,13 @@ class GeometryConfig:
     alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
     n_null: int = 2000  # random directions for the alignment null
     seed: int = 0
+    n_samples: int = 0  # > 0: also the sampled trait rate (n answers per question) at α = max(alphas)
 
     def __post_init__(self) -> None:
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.ks) or not self.ks:
             raise MechError(f"ks must be non-negative integers, got {self.ks!r}")
+        if self.n_samples < 0:
+            raise MechError(f"geometry n_samples must be >= 0 (0: no sampling), got {self.n_samples}")
         for name in ("overlap_k", "align_k", "n_rows", "n_questions", "n_null"):
             if getattr(self, name) < 1:
                 raise MechError(f"geometry {name} must be >= 1, got {getattr(self, name)}")
@@ -215,7 +219,18 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
     random_dirs = linalg.random_directions(d, n_layers, gen)  # one matched-norm random direction per layer
 
     out: dict[str, list[dict]] = {k: [] for k in ("geometry", "truncation", "cosines", "alignment", "sufficiency",
-                                                  "necessity", "directions")}
+                                                  "necessity", "directions", "sampled")}
+    alpha_max = max(cfg.alphas)
+    eval_cfg = TraitEvalConfig(target=target, category=sw.eval.category, context=sw.eval_contexts[0],
+                               n_samples=max(cfg.n_samples, 1), seed=cfg.seed)
+
+    def sampled(model: Any, layer: int, v: torch.Tensor, alpha: float, labels: dict) -> None:
+        if cfg.n_samples > 0:
+            res = steering.steered_trait(model, tok, eval_cfg, layer, v, alpha, runner.candidates)
+            out["sampled"].append(labels | {"layer": layer, "alpha": alpha, "rate": res.rate,
+                                            "logp_first": res.logp_first})
+
+    sampled(base, 0, v_teacher[0], 0.0, {"student": "base", "seed": 0, "vector": "none"})
     for layer in range(n_layers):
         out["directions"].append({"layer": layer, "v_teacher_norm": float(v_teacher[layer].norm()),
                                   "cos_v_teacher_readout": linalg.cosine(v_teacher[layer], readout)})
@@ -225,6 +240,7 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
         for vname, v in vecs.items():
             for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
                 out["sufficiency"].append({"student": "base", "seed": 0, "layer": layer, "vector": vname} | r)
+        sampled(base, layer, v_teacher[layer], alpha_max, {"student": "base", "seed": 0, "vector": "v_teacher"})
 
     nulls: dict[tuple[int, int], dict[str, float]] = {}
     updates: dict[tuple[str, int, str], dict[str, upd.ModuleUpdate]] = {}
@@ -294,6 +310,7 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
             for vname, v in (("v_paired", v_pair[layer]),):
                 for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
                     out["sufficiency"].append({"student": name, "seed": seed, "layer": layer, "vector": vname} | r)
+                sampled(base, layer, v, alpha_max, {"student": name, "seed": seed, "vector": vname})
             for vname, v in (("v_teacher", v_teacher[layer]), ("v_paired", v_pair[layer]),
                              ("random", random_dirs[layer])):
                 r = steering.necessity(models[OWL], models[NEUTRAL], prompts, target_ids, pad, layer, v, effect)
@@ -335,6 +352,7 @@ def summaries(t: dict[str, list[dict]]) -> dict[str, list[dict]]:
         r["chance"] = sum(x["chance"] for x in nul) / len(nul)
         r["null_q95"] = sum(x["null_q95"] for x in nul) / len(nul)
     s["sufficiency_summary"] = seed_ci(t["sufficiency"], ("student", "vector", "layer", "alpha"), "delta")
+    s["sampled_summary"] = seed_ci(t["sampled"], ("student", "vector", "layer", "alpha"), "rate") if t["sampled"] else []
     s["necessity_summary"] = [r | {"value": v} for v in ("effect", "effect_projected")
                               for r in seed_ci(t["necessity"], ("student", "vector", "layer"), v)]
     return s

@@ -27,6 +27,7 @@ from mech.context.labels import ASSISTANT
 from mech.errors import MechError
 from mech.evaluation.inference import eval_mode, left_pad, next_token_logprobs, target_logp
 from mech.evaluation.scoring import first_token_ids
+from mech.evaluation.trait import TraitEvalConfig, TraitResult, evaluate_trait
 from mech.geometry import linalg
 from mech.models import surgery
 
@@ -214,3 +215,13 @@ def necessity(model: Any, control: Any, prompts: Sequence[Sequence[int]], target
         ablated = float((target_logps(model, prompts, target_ids, pad)
                          - target_logps(control, prompts, target_ids, pad)).mean())
     return {"effect": effect, "effect_projected": ablated, "removed": effect - ablated}
+
+
+def steered_trait(model: Any, tokenizer: Any, cfg: TraitEvalConfig, layer: int, vector: torch.Tensor, alpha: float,
+                  candidates: Sequence[str] | None = None) -> TraitResult:
+    """The trait evaluation (first-token metric and sampled rate, mech.evaluation.trait) with α·v added after
+    ``layer``; α = 0 evaluates the model as it is."""
+    if alpha == 0:
+        return evaluate_trait(model, tokenizer, cfg, candidates=candidates)
+    with steered(model, layer, vector, alpha):
+        return evaluate_trait(model, tokenizer, cfg, candidates=candidates)

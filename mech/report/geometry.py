@@ -90,6 +90,12 @@ def geometry_markdown(t: dict[str, list[dict]]) -> str:
                     [[v, s, str(l), *(_ci(next((r for r in suf if (r["vector"], r["student"], r["layer"], r["alpha"])
                                                  == (v, s, l, a)), None)) for a in alphas)]
                      for v, s, l in dict.fromkeys((r["vector"], r["student"], r["layer"]) for r in suf)])
+    if t.get("sampled_summary"):
+        lines += ["**Sampled trait rate** (share of sampled answers naming the target) of the base steered with α·v "
+                  "after layer ℓ (α = 0: unsteered).", ""]
+        lines += _table(["vector", "student", "layer", "α", "rate"],
+                        [[r["vector"], r["student"], str(r["layer"]), f"{r['alpha']:g}", _ci(r, ".4f")]
+                         for r in t["sampled_summary"]])
     lines += ["**Necessity**: the paired effect with v̂ projected out after layer ℓ in both students.", ""]
     nec = {(r["student"], r["vector"], r["layer"], r["value"]): r for r in t["necessity_summary"]}
     lines += _table(["student", "vector", "layer", "paired effect", "with v̂ projected out"],
