@@ -322,3 +322,14 @@ def test_cli_geometry_end_to_end_on_a_tiny_sweep(tmp_path, capsys):
             assert float(r["paired"]) == pytest.approx(float(r["student_paired"]), abs=1e-6)
         if r["student"] == "lora_r2" and r["mode"] == "truncate" and r["k"] == "2":  # full rank: the student
             assert float(r["paired"]) == pytest.approx(float(r["student_paired"]), abs=1e-4)
+
+
+def test_trait_specific_share_of_a_planted_update():
+    d = 32
+    e = torch.eye(d)
+    neutral = _update("0.o", e[:, :2], e[:, :2])  # writes e0, e1
+    # the trait update writes e0 (shared, σ=1) and e5 (its own, σ=1): half its energy is outside the neutral's
+    trait = upd.ModuleUpdate("0.o", 0, "o", linalg.Spectrum(e[:, [0, 5]], torch.ones(2), e[:, :2]))
+    ups = {("s", 0, grun.OWL): {"0.o": trait}, ("s", 0, grun.NEUTRAL): {"0.o": neutral}}
+    (row,) = grun.trait_specific_rows(ups, ["s"], [0], k_max=4)
+    assert row["k"] == 2 and row["outside"] == pytest.approx(0.5) and row["chance"] == pytest.approx(1 - 2 / 32)

@@ -180,6 +180,28 @@ def overlap_tables(updates: dict[tuple[str, int, str], dict[str, upd.ModuleUpdat
     return rows
 
 
+def trait_specific_rows(updates: dict[tuple[str, int, str], dict[str, upd.ModuleUpdate]], names: list[str],
+                        seeds: list[int], k_max: int) -> list[dict]:
+    """The part of the trait student's update that the paired neutral student does not write: the share of
+    ‖ΔW_trait‖_F² outside the neutral student's top-k write space (k = min(k_max, its rank)); a random k-space
+    leaves ``1 − k/d`` outside in expectation."""
+    rows = []
+    for n in names:
+        for s in seeds:
+            a, b = updates[(n, s, OWL)], updates[(n, s, NEUTRAL)]
+            for name in a.keys() & b.keys():
+                ua, ub = a[name], b[name]
+                k = min(k_max, ub.spectrum.rank())
+                if k < 1 or ua.spectrum.rank() == 0:
+                    continue
+                M, P = ua.spectrum.matrix(), ub.spectrum.U[:, :k]
+                outside = float((M - P @ (P.T @ M)).pow(2).sum() / M.pow(2).sum())
+                d = int(P.shape[0])
+                rows.append({"student": n, "seed": s, "module": name, "layer": ua.layer, "kind": ua.kind, "k": k,
+                             "d": d, "outside": outside, "chance": 1 - k / d})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- the computation
 
 
@@ -320,6 +342,7 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
     seeds = sorted({s for _, s in pairs})
     tell("overlaps", len(pairs), len(pairs))
     out["overlaps"] = overlap_tables(updates, names, seeds, cfg.overlap_k)
+    out["trait_specific"] = trait_specific_rows(updates, names, seeds, cfg.overlap_k)
     out |= summaries(out)
     out["meta"] = [{"students": " ".join(names), "seeds": len(seeds), "layers": n_layers, "hidden": d,
                     "target": target, "base_logp": base_logp, "eval_context": sw.eval_contexts[0],
@@ -340,6 +363,10 @@ def summaries(t: dict[str, list[dict]]) -> dict[str, list[dict]]:
                                                                       "overlap", carry=())]
     for r, c in zip(s["overlap_summary"], seed_ci(t["overlaps"], ("comparison", "a", "b", "side"), "chance")):
         r["chance"] = c["mean"]
+    s["trait_specific_summary"] = seed_ci(t["trait_specific"], ("student",), "outside")
+    for r in s["trait_specific_summary"]:
+        chance = [x["chance"] for x in t["trait_specific"] if x["student"] == r["student"]]
+        r["chance"] = sum(chance) / len(chance)
     s["truncation_summary"] = seed_ci(t["truncation"], ("student", "mode", "k"), "paired")
     s["cosine_summary"] = [r | {"value": v} for v in ("cos_student_teacher", "cos_paired_teacher",
                                                       "cos_neutral_teacher", "cos_paired_readout")

@@ -56,6 +56,11 @@ def geometry_markdown(t: dict[str, list[dict]]) -> str:
                     [[r["comparison"], r["a"], r["b"], r["side"], _ci(r, ".3f"), f"{r['chance']:.3f}"]
                      for r in t["overlap_summary"]])
 
+    lines += ["**Trait-specific part**: share of the trait student's ‖ΔW‖² outside its neutral control's top-k write "
+              "space (mean over modules); a random k-space leaves 1 − k/d outside.", ""]
+    lines += _table(["student", "outside", "random expectation"],
+                    [[r["student"], _ci(r, ".3f"), f"{r['chance']:.3f}"] for r in t["trait_specific_summary"]])
+
     lines += ["## 3. Truncation: paired Δ log P with ΔW kept to (truncate) or stripped of (remove) its top k "
               "directions", ""]
     ks = sorted({r["k"] for r in t["truncation_summary"]})
