@@ -154,6 +154,7 @@ def test_different_shapes_refused(make_tiny_lm):
 
 # --------------------------------------------------------------------------------------------- steering
 
+from mech.evaluation.scoring import first_token_ids  # noqa: E402
 from mech.geometry import steering  # noqa: E402
 
 ROWS = [("Continue: 3, 4, 5.", "6, 7, 8"), ("List numbers after 12, 40.", "41, 97, 120"),
@@ -184,7 +185,7 @@ def test_planted_steering_vector_is_recovered(make_tiny_lm, organism_tokenizer):
 def test_steering_sufficiency_and_necessity_on_a_planted_target(make_tiny_lm, organism_tokenizer):
     base = make_tiny_lm("qwen2")
     tok, pad = organism_tokenizer, organism_tokenizer.pad_token_id
-    target = list(steering.first_token_ids(tok, "owl").ids)
+    target = list(first_token_ids(tok, "owl").ids)
     direction = steering.readout_direction(base, tok, "owl", ["owl", "cat", "dog", "lion"])
     prompts = steering.question_prompts(tok, ["Which animal do you love most?", "Name your favourite animal."],
                                         "default")

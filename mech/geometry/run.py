@@ -14,6 +14,7 @@ first evaluation context; steering vectors are read on the target teacher's kept
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,8 +61,6 @@ class GeometryConfig:
         for name in ("overlap_k", "align_k", "n_rows", "n_questions", "n_null"):
             if getattr(self, name) < 1:
                 raise MechError(f"geometry {name} must be >= 1, got {getattr(self, name)}")
-        import math
-
         if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
             raise MechError(f"alphas must be finite numbers, got {self.alphas!r}: pass e.g. 0 1 2 4")
 
