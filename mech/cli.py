@@ -394,6 +394,47 @@ def cmd_localise(a) -> int:
     return 0
 
 
+def cmd_geometry(a) -> int:
+    from mech.geometry.run import GeometryConfig
+    from mech.report.geometry import run_geometry
+    from mech.sweep import SweepRunner, load_sweep
+
+    sw = load_sweep(a.sweep)  # every input is checked before the base model loads
+    cfg = GeometryConfig(ks=tuple(a.ks), alphas=tuple(a.alphas), n_rows=a.n_rows, n_questions=a.n_questions,
+                         overlap_k=a.overlap_k, align_k=a.align_k, seed=a.seed, n_samples=a.n_samples)
+    _check_out(a.out, "--out")
+    bar, stage = _stage_bar("geometry")
+    try:  # close the bar before main() prints an error, so the error stays the last stderr line
+        runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
+        res = run_geometry(runner, a.students, cfg, a.out, stage, a.sweep)
+    finally:
+        bar.close()
+    print(Path(a.out, "geometry.md").read_text())
+    print(f"{len(res['tables'])} tables and {len(res['figures'])} figure files in {a.out}")
+    return 0
+
+
+def _add_geometry_parser(sub) -> None:
+    g = sub.add_parser("geometry", help="update spectra, subspace overlaps, truncation, steering vectors and steering "
+                       "tests of a sweep's cached students (never trains)")
+    g.add_argument("sweep", help="the sweep YAML whose cached students to analyse, e.g. experiments/quick.yaml")
+    g.add_argument("--students", nargs="+", required=True, help="student names from the sweep, e.g. lora_r1 full")
+    g.add_argument("--out", default="runs/geometry")
+    g.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
+    g.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4, 8, 16, 32, 64, 128],
+                   help="truncation levels k (capped at each student's rank)")
+    g.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0, 4.0], help="steering coefficients")
+    g.add_argument("--n-rows", type=int, default=128, help="teacher rows for the steering vectors")
+    g.add_argument("--n-questions", type=int, default=50)
+    g.add_argument("--overlap-k", type=int, default=4, help="top-k subspaces compared across students")
+    g.add_argument("--align-k", type=int, default=8, help="full-FT write space: top-k left singular vectors")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random nulls and of sampling")
+    g.add_argument("--n-samples", type=int, default=0,
+                   help="also the sampled trait rate (answers per question) of steering at the largest α (0: skip)")
+    _add_trust_flag(g)
+    g.set_defaults(func=cmd_geometry)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mech", description="Mechanistic interpretability of subliminal learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -452,6 +493,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--oracle-rows", type=int, default=300)
     r.set_defaults(func=cmd_reproduce)
     _add_pipeline_parsers(sub)
+    _add_geometry_parser(sub)
     return p
 
 

@@ -388,3 +388,65 @@ def lora_modules(model: Any) -> dict[tuple[int, str], nn.Module]:
 def target_modules(kinds: Iterable[str]) -> list[str]:
     """PEFT ``target_modules`` for these kinds (e.g. ["q", "v"] -> ["q_proj", "v_proj"])."""
     return [projection_name(k) for k in kinds]
+
+
+# --- geometry: residual writers, readout, LoRA factors, layer-output hooks ---------------------------
+
+# Projections whose output is added straight into the residual stream (attention out, MLP down): their
+# column space is where an update can write a direction.
+RESIDUAL_WRITERS: tuple[str, ...] = ("o", "down")
+
+
+def writes_residual(kind: str) -> bool:
+    return _check_kind(kind) in RESIDUAL_WRITERS
+
+
+def lora_factors(module: Any) -> list[tuple[Any, Any, float]]:
+    """``[(A [r, in], B [out, r], scaling), ...]`` of a LoRA layer's adapters (detached, float32), so that its
+    update is ``sum(scaling · B @ A)``. MechError for a merged layer or a variant (DoRA) that is not B·A."""
+    module = _wrapped_module(module)
+    if not is_lora_layer(module):
+        raise MechError(f"{type(module).__name__} is not a LoRA layer: pass a projection of a PEFT LoRA student")
+    if getattr(module, "merged", False):
+        raise MechError("the LoRA layer is merged into its base weight: load the student unmerged")
+    if getattr(module, "lora_variant", None):
+        raise MechError("the LoRA layer uses a variant (e.g. DoRA) whose update is not scaling·B·A: "
+                        "geometry supports plain LoRA only")
+    return [(module.lora_A[name].weight.detach().float(), module.lora_B[name].weight.detach().float(),
+             float(module.scaling[name])) for name in module.lora_A.keys()]
+
+
+def projection_weight(module: Any) -> Any:
+    """The dense weight [out, in] of a projection; under LoRA, the frozen base layer's."""
+    module = _wrapped_module(module)
+    return getattr(module, "base_layer", module).weight
+
+
+def final_norm_gain(model: Any) -> Any:
+    """The final norm's per-channel gain as a float32 vector: what a residual direction is multiplied by on its
+    way to the unembedding. Gemma's RMSNorm scales by ``1 + weight``; the Llama family by ``weight``."""
+    norm = _wrapped_module(get_final_norm(model))
+    w = norm.weight.detach().float()
+    return 1.0 + w if "Gemma" in type(norm).__name__ else w
+
+
+def unembedding_matrix(model: Any) -> Any:
+    """The unembedding weight [vocab, hidden] (float32, detached)."""
+    head = _wrapped_module(get_unembedding(model))
+    return getattr(head, "base_layer", head).weight.detach().float()
+
+
+def add_layer_output_hook(model: Any, layer: int, edit: Any) -> Any:
+    """Register ``edit(hidden [batch, seq, d]) -> hidden`` on decoder layer ``layer``'s output (the residual
+    stream after that layer); returns the handle (``.remove()``). ``edit`` may return None to only read."""
+    layers = get_layers(model)
+    idx = resolve_layer_spec(len(layers), int(layer))[0]
+
+    def hook(_mod, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = edit(hidden)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return _wrapped_module(layers[idx]).register_forward_hook(hook)

@@ -1,0 +1,384 @@
+"""Geometry of a sweep's students, as data: update spectra, subspace overlaps, truncation curves, steering
+vectors, write-space alignment and steering tests (issue 9, items 1-5).
+
+Students are found in the sweep's cache (never trained here: a missing one is a MechError naming the sweep to
+run). For every named student and training seed, both the target-trait student and its paired control (the
+neutral-teacher student trained identically) are used, so every trait effect is a paired difference, as in the
+sweep's tables. Intervals are 95 % t-intervals over training seeds (:func:`mech.analysis.stats.grouped_ci`),
+after averaging over modules or layers within a seed where a row pools them.
+
+The first-token metric is the one of :mod:`mech.evaluation.inference` on the sweep's evaluation questions in its
+first evaluation context; steering vectors are read on the target teacher's kept (prompt, answer) rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mech.analysis.stats import grouped_ci
+from mech.errors import MechError
+from mech.evaluation.inference import pad_id
+from mech.evaluation.scoring import first_token_ids
+from mech.evaluation.trait import TraitEvalConfig
+from mech.geometry import linalg, steering
+from mech.geometry import update as upd
+from mech.models import surgery
+from mech.resources import questions
+from mech.students.store import load_student
+from mech.sweep import SweepRunner, TraitSpec, cells, teacher_config
+from mech.teacher.dataset import assistant_text, load_dataset, user_text
+
+Progress = Callable[[str, int, int], None]
+OWL, NEUTRAL = "trait", "neutral"  # the two arms of a pair, whatever the target is called
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    """What ``mech geometry`` computes; every random draw is seeded by ``seed``."""
+
+    ks: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # truncation levels (capped at each student's rank)
+    overlap_k: int = 4  # top-k subspaces compared across students (k = min(overlap_k, both ranks))
+    align_k: int = 8  # full-FT write space: top-k left singular vectors (LoRA: B's whole column space)
+    n_rows: int = 128  # teacher (prompt, answer) rows for the steering vectors
+    n_questions: int = 50
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    n_null: int = 2000  # random directions for the alignment null
+    seed: int = 0
+    n_samples: int = 0  # > 0: also the sampled trait rate (n answers per question) at α = max(alphas)
+
+    def __post_init__(self) -> None:
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.ks) or not self.ks:
+            raise MechError(f"ks must be non-negative integers, got {self.ks!r}")
+        if self.n_samples < 0:
+            raise MechError(f"geometry n_samples must be >= 0 (0: no sampling), got {self.n_samples}")
+        for name in ("overlap_k", "align_k", "n_rows", "n_questions", "n_null"):
+            if getattr(self, name) < 1:
+                raise MechError(f"geometry {name} must be >= 1, got {getattr(self, name)}")
+        if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
+            raise MechError(f"alphas must be finite numbers, got {self.alphas!r}: pass e.g. 0 1 2 4")
+
+
+@dataclass(frozen=True)
+class StudentRef:
+    name: str
+    seed: int
+    arm: str  # OWL (the sweep's eval.target teacher) or NEUTRAL
+    path: Path
+
+
+# --------------------------------------------------------------------------------------------- locating
+
+
+def _target_trait(cfg) -> TraitSpec:
+    for t in cfg.traits:
+        if t.target == cfg.eval.target:
+            return t
+    raise MechError(f"the sweep has no trait with target {cfg.eval.target!r}: set eval.target to one of its traits")
+
+
+def _neutral_trait(cfg) -> TraitSpec:
+    for t in cfg.traits:
+        if t.target is None:
+            return t
+    raise MechError("the sweep has no neutral teacher (target: null): geometry pairs every student with its "
+                    "neutral-teacher control; add {target: null} to its traits")
+
+
+def plan_students(runner: SweepRunner, names: list[str], source: str = "the sweep") -> list[StudentRef]:
+    """The cached student dirs of ``names`` × training seeds × (target, neutral); MechError for a name the sweep
+    lacks or a student not in the cache (geometry never trains)."""
+    cfg = runner.cfg
+    arms = {_target_trait(cfg): OWL, _neutral_trait(cfg): NEUTRAL}
+    known = sorted({c.labels()["student"] for c in cells(cfg)})
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise MechError(f"no student named {', '.join(missing)} in {source}: choose from {', '.join(known)}")
+    refs = []
+    for c in cells(cfg):
+        name = c.labels()["student"]
+        if (name in names and c.trait in arms and c.teacher_seed == cfg.teacher_seeds[0]
+                and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
+            path = runner.cache / "students" / runner.student_key(c)
+            if not (path / "student.json").is_file():
+                raise MechError(f"student {name} seed {c.training_seed} ({c.labels()['trait']} teacher) is not in "
+                                f"the cache {runner.cache}: run `mech sweep` on {source} first (geometry never "
+                                "trains)")
+            refs.append(StudentRef(name, c.training_seed, arms[c.trait], path))
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(refs, key=lambda r: (order[r.name], r.seed, r.arm != OWL))
+
+
+def teacher_rows(runner: SweepRunner, n: int) -> list[tuple[str, str]]:
+    """The target teacher's first ``n`` kept (prompt, answer) rows, from the cache."""
+    cfg = runner.cfg
+    path = runner.cache / "datasets" / runner.dataset_key(_target_trait(cfg), cfg.teacher_seeds[0])
+    if not (path / "dataset.json").is_file():
+        raise MechError(f"the {cfg.eval.target} teacher's dataset is not in the cache {runner.cache}: run "
+                        "`mech sweep` first (geometry never samples a teacher)")
+    rows = load_dataset(path).rows[:n]
+    return [(user_text(r), assistant_text(r)) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------- summaries
+
+
+def seed_ci(rows: list[dict], keys: tuple[str, ...], value: str, carry: tuple[str, ...] = ()) -> list[dict]:
+    """Mean over the rows of each (keys, seed), then a t-interval over seeds (grouped_ci)."""
+    per_seed: dict[tuple, list[dict]] = {}
+    for r in rows:
+        per_seed.setdefault(tuple(r[k] for k in keys) + (r["seed"],), []).append(r)
+    means = [dict(zip(keys, k[:-1])) | {"seed": k[-1], value: sum(x[value] for x in v) / len(v)}
+             | {c: v[0][c] for c in carry} for k, v in per_seed.items()]
+    return grouped_ci(means, keys, value, carry=carry)
+
+
+# --------------------------------------------------------------------------------------------- overlaps
+
+
+def _overlap_rows(a: dict[str, upd.ModuleUpdate], b: dict[str, upd.ModuleUpdate], k_max: int,
+                  labels: dict[str, Any]) -> list[dict]:
+    rows = []
+    for name in a.keys() & b.keys():
+        ua, ub = a[name], b[name]
+        ra, rb = ua.spectrum.rank(), ub.spectrum.rank()
+        k = min(k_max, ra, rb)
+        if k < 1:
+            continue
+        for side, Xa, Xb in (("write", ua.spectrum.U, ub.spectrum.U), ("read", ua.spectrum.V, ub.spectrum.V)):
+            d = int(Xa.shape[0])
+            rows.append(labels | {"module": name, "layer": ua.layer, "kind": ua.kind, "side": side, "k": k, "d": d,
+                                  "overlap": linalg.overlap(Xa[:, :k], Xb[:, :k]),
+                                  "chance": linalg.chance_overlap(d, k, k)})
+    return rows
+
+
+def overlap_tables(updates: dict[tuple[str, int, str], dict[str, upd.ModuleUpdate]], names: list[str],
+                   seeds: list[int], k_max: int) -> list[dict]:
+    """Top-k subspace overlaps: across students (same seed, trait arm), across seeds (same student) and across
+    teachers (trait vs neutral, same student and seed)."""
+    rows = []
+    for a, b in itertools.combinations(names, 2):
+        for s in seeds:
+            rows += _overlap_rows(updates[(a, s, OWL)], updates[(b, s, OWL)], k_max,
+                                  {"comparison": "students", "a": a, "b": b, "seed": s})
+    for n in names:
+        for s, t in itertools.combinations(seeds, 2):
+            rows += _overlap_rows(updates[(n, s, OWL)], updates[(n, t, OWL)], k_max,
+                                  {"comparison": "seeds", "a": f"{n} seed {s}", "b": f"{n} seed {t}",
+                                   "seed": f"{s}-{t}"})
+        for s in seeds:
+            rows += _overlap_rows(updates[(n, s, OWL)], updates[(n, s, NEUTRAL)], k_max,
+                                  {"comparison": "teachers", "a": f"{n} trait", "b": f"{n} neutral", "seed": s})
+    return rows
+
+
+def trait_specific_rows(updates: dict[tuple[str, int, str], dict[str, upd.ModuleUpdate]], names: list[str],
+                        seeds: list[int], k_max: int) -> list[dict]:
+    """The part of the trait student's update that the paired neutral student does not write: the share of
+    ‖ΔW_trait‖_F² outside the neutral student's top-k write space (k = min(k_max, its rank)); a random k-space
+    leaves ``1 − k/d`` outside in expectation."""
+    rows = []
+    for n in names:
+        for s in seeds:
+            a, b = updates[(n, s, OWL)], updates[(n, s, NEUTRAL)]
+            for name in a.keys() & b.keys():
+                ua, ub = a[name], b[name]
+                k = min(k_max, ub.spectrum.rank())
+                if k < 1 or ua.spectrum.rank() == 0:
+                    continue
+                M, P = ua.spectrum.matrix(), ub.spectrum.U[:, :k]
+                outside = float((M - P @ (P.T @ M)).pow(2).sum() / M.pow(2).sum())
+                d = int(P.shape[0])
+                rows.append({"student": n, "seed": s, "module": name, "layer": ua.layer, "kind": ua.kind, "k": k,
+                             "d": d, "outside": outside, "chance": 1 - k / d})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- the computation
+
+
+def _write_space(u: upd.ModuleUpdate, k: int) -> torch.Tensor:
+    if u.write_space is not None:
+        return u.write_space
+    return u.spectrum.U[:, :min(k, u.spectrum.rank())]
+
+
+def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig = GeometryConfig(),
+                     progress: Progress | None = None, source: str = "the sweep") -> dict[str, Any]:
+    """Every table of issue 9's items 1-5 for the named students; see the module doc."""
+    tell = progress or (lambda desc, done, total: None)
+    t0 = time.time()
+    sw = runner.cfg
+    refs = plan_students(runner, names, source)
+    rows_tv = teacher_rows(runner, cfg.n_rows)
+    base, tok = runner.base.model, runner.base.tokenizer
+    pad = pad_id(tok)
+    n_layers = surgery.num_layers(base)
+    d = int(surgery.unembedding_matrix(base).shape[1])
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    # trait directions of the base
+    target = sw.eval.target
+    target_ids = list(first_token_ids(tok, target).ids)
+    prompts = steering.question_prompts(tok, questions(sw.eval.category)[:cfg.n_questions], sw.eval_contexts[0])
+    trait_ctx = teacher_config(sw, _target_trait(sw), sw.teacher_seeds[0]).teacher_context().spec
+    neutral_ctx = teacher_config(sw, _neutral_trait(sw), sw.teacher_seeds[0]).teacher_context().spec
+    tell("teacher steering vectors", 0, 0)
+    v_teacher = steering.teacher_vectors(base, tok, rows_tv, trait_ctx, neutral_ctx, pad)
+    readout = steering.readout_direction(base, tok, target, runner.candidates)
+    student_rendered = steering.answer_rows(tok, rows_tv, sw.train_contexts[0])
+    base_means = steering.mean_residuals(base, student_rendered, pad)
+    base_lps = steering.target_logps(base, prompts, target_ids, pad)
+    base_logp = float(base_lps.mean())
+    random_dirs = linalg.random_directions(d, n_layers, gen)  # one matched-norm random direction per layer
+
+    out: dict[str, list[dict]] = {k: [] for k in ("geometry", "truncation", "cosines", "alignment", "sufficiency",
+                                                  "necessity", "directions", "sampled")}
+    alpha_max = max(cfg.alphas)
+    eval_cfg = TraitEvalConfig(target=target, category=sw.eval.category, context=sw.eval_contexts[0],
+                               n_samples=max(cfg.n_samples, 1), seed=cfg.seed)
+
+    def sampled(model: Any, layer: int, v: torch.Tensor, alpha: float, labels: dict) -> None:
+        if cfg.n_samples > 0:
+            res = steering.steered_trait(model, tok, eval_cfg, layer, v, alpha, runner.candidates)
+            out["sampled"].append(labels | {"layer": layer, "alpha": alpha, "rate": res.rate,
+                                            "logp_first": res.logp_first})
+
+    sampled(base, 0, v_teacher[0], 0.0, {"student": "base", "seed": 0, "vector": "none"})
+    for layer in range(n_layers):
+        out["directions"].append({"layer": layer, "v_teacher_norm": float(v_teacher[layer].norm()),
+                                  "cos_v_teacher_readout": linalg.cosine(v_teacher[layer], readout)})
+        vecs = {"v_teacher": v_teacher[layer],
+                "random (norm of v_teacher)": random_dirs[layer] * v_teacher[layer].norm(),
+                "readout (norm of v_teacher)": linalg.unit(readout) * v_teacher[layer].norm()}
+        for vname, v in vecs.items():
+            for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
+                out["sufficiency"].append({"student": "base", "seed": 0, "layer": layer, "vector": vname} | r)
+        sampled(base, layer, v_teacher[layer], alpha_max, {"student": "base", "seed": 0, "vector": "v_teacher"})
+
+    nulls: dict[tuple[int, int], dict[str, float]] = {}
+    updates: dict[tuple[str, int, str], dict[str, upd.ModuleUpdate]] = {}
+    pairs = sorted({(r.name, r.seed) for r in refs}, key=lambda p: (names.index(p[0]), p[1]))
+    for done, (name, seed) in enumerate(pairs):
+        tell(f"geometry {name} seed {seed}", done, len(pairs))
+        arm = {r.arm: r for r in refs if r.name == name and r.seed == seed}
+        models = {a: load_student(base, arm[a].path, trust_remote_code=runner.trust_remote_code) for a in arm}
+        v_s = {}
+        for a, m in models.items():
+            ups = upd.student_updates(base, m)
+            updates[(name, seed, a)] = ups
+            for row in upd.geometry_rows(ups):
+                out["geometry"].append({"student": name, "seed": seed, "arm": a} | row)
+            v_s[a] = steering.student_vectors(base, m, tok, rows_tv, sw.train_contexts[0], pad, base_means)
+        v_pair = v_s[OWL] - v_s[NEUTRAL]
+
+        # item 3: truncation and removal of the top-k directions, paired against the control
+        full = {a: steering.target_logps(m, prompts, target_ids, pad) for a, m in models.items()}
+        effect = float((full[OWL] - full[NEUTRAL]).mean())
+        rank = max(upd.max_rank(updates[(name, seed, a)]) for a in models)
+        for mode in (upd.TRUNCATE, upd.REMOVE):
+            for k in sorted({min(k, rank) for k in cfg.ks}):
+                lp = {}
+                for a, m in models.items():
+                    plain = None if surgery.lora_modules(m) else m
+                    if k == 0 and mode == upd.REMOVE:  # nothing removed: the student itself
+                        lp[a] = full[a]
+                    elif k == 0 and plain is None:  # nothing kept of a LoRA update: the base
+                        lp[a] = base_lps
+                    else:
+                        rebuilt = upd.rebuild(base, updates[(name, seed, a)], mode, k, student=plain)
+                        lp[a] = steering.target_logps(rebuilt, prompts, target_ids, pad)
+                paired = float((lp[OWL] - lp[NEUTRAL]).mean())
+                out["truncation"].append({"student": name, "seed": seed, "mode": mode, "k": k, "rank": rank,
+                                          "paired": paired, "student_paired": effect,
+                                          "delta_trait": float(lp[OWL].mean()) - base_logp,
+                                          "fraction": paired / effect if effect else float("nan")})
+
+        # item 4: cosines and write-space alignment
+        for layer in range(n_layers):
+            out["cosines"].append({
+                "student": name, "seed": seed, "layer": layer,
+                "cos_student_teacher": linalg.cosine(v_s[OWL][layer], v_teacher[layer]),
+                "cos_neutral_teacher": linalg.cosine(v_s[NEUTRAL][layer], v_teacher[layer]),
+                "cos_paired_teacher": linalg.cosine(v_pair[layer], v_teacher[layer]),
+                "cos_student_readout": linalg.cosine(v_s[OWL][layer], readout),
+                "cos_paired_readout": linalg.cosine(v_pair[layer], readout),
+                "norm_student": float(v_s[OWL][layer].norm()), "norm_paired": float(v_pair[layer].norm()),
+                "norm_teacher": float(v_teacher[layer].norm())})
+        for u in updates[(name, seed, OWL)].values():
+            if u.layer is None or not surgery.writes_residual(u.kind) or u.spectrum.rank() == 0:
+                continue
+            U = _write_space(u, cfg.align_k)
+            k = int(U.shape[1])
+            if (U.shape[0], k) not in nulls:
+                nulls[(U.shape[0], k)] = steering.alignment_null(U.shape[0], k, cfg.n_null, gen)
+            for dname, v in (("v_teacher", v_teacher[u.layer]), ("readout", readout),
+                             ("v_paired", v_pair[u.layer])):
+                share = linalg.captured(U, v) if float(v.norm()) > 0 else float("nan")
+                out["alignment"].append({"student": name, "seed": seed, "module": u.name, "layer": u.layer,
+                                         "kind": u.kind, "direction": dname, "k": k, "d": int(U.shape[0]),
+                                         "captured": share} | nulls[(U.shape[0], k)])
+
+        # item 5: steering tests
+        for layer in range(n_layers):
+            for vname, v in (("v_paired", v_pair[layer]),):
+                for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
+                    out["sufficiency"].append({"student": name, "seed": seed, "layer": layer, "vector": vname} | r)
+                sampled(base, layer, v, alpha_max, {"student": name, "seed": seed, "vector": vname})
+            for vname, v in (("v_teacher", v_teacher[layer]), ("v_paired", v_pair[layer]),
+                             ("random", random_dirs[layer])):
+                r = steering.necessity(models[OWL], models[NEUTRAL], prompts, target_ids, pad, layer, v, effect)
+                out["necessity"].append({"student": name, "seed": seed, "layer": layer, "vector": vname} | r)
+        del models
+
+    seeds = sorted({s for _, s in pairs})
+    tell("overlaps", len(pairs), len(pairs))
+    out["overlaps"] = overlap_tables(updates, names, seeds, cfg.overlap_k)
+    out["trait_specific"] = trait_specific_rows(updates, names, seeds, cfg.overlap_k)
+    out |= summaries(out)
+    out["meta"] = [{"students": " ".join(names), "seeds": len(seeds), "layers": n_layers, "hidden": d,
+                    "target": target, "base_logp": base_logp, "eval_context": sw.eval_contexts[0],
+                    "train_context": sw.train_contexts[0], "n_rows": len(rows_tv), "n_questions": len(prompts),
+                    "seconds": round(time.time() - t0, 1)} | {k: str(v) for k, v in asdict(cfg).items()}]
+    return out
+
+
+def summaries(t: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """CIs over training seeds of every table (modules or layers pooled within a seed where named)."""
+    s: dict[str, list[dict]] = {}
+    geo = [r | {"group": "embedding" if r["layer"] is None else r["kind"]} for r in t["geometry"]]
+    s["geometry_summary"] = [
+        r | {"value": v} for v in ("effective_rank", "stable_rank", "participation_ratio", "numerical_rank",
+                                   "effective_rank_frac", "fro", "spectral")
+        for r in seed_ci(geo, ("student", "arm", "group"), v)]
+    s["overlap_summary"] = [r | {"value": "overlap"} for r in seed_ci(t["overlaps"], ("comparison", "a", "b", "side"),
+                                                                      "overlap", carry=())]
+    for r, c in zip(s["overlap_summary"], seed_ci(t["overlaps"], ("comparison", "a", "b", "side"), "chance")):
+        r["chance"] = c["mean"]
+    s["trait_specific_summary"] = seed_ci(t["trait_specific"], ("student",), "outside")
+    for r in s["trait_specific_summary"]:
+        chance = [x["chance"] for x in t["trait_specific"] if x["student"] == r["student"]]
+        r["chance"] = sum(chance) / len(chance)
+    s["truncation_summary"] = seed_ci(t["truncation"], ("student", "mode", "k"), "paired")
+    s["cosine_summary"] = [r | {"value": v} for v in ("cos_student_teacher", "cos_paired_teacher",
+                                                      "cos_neutral_teacher", "cos_paired_readout")
+                           for r in seed_ci(t["cosines"], ("student", "layer"), v)]
+    s["alignment_summary"] = seed_ci([r for r in t["alignment"] if r["captured"] == r["captured"]],
+                                     ("student", "kind", "direction"), "captured", carry=())
+    for r in s["alignment_summary"]:
+        nul = [x for x in t["alignment"] if x["student"] == r["student"] and x["kind"] == r["kind"]
+               and x["direction"] == r["direction"]]
+        r["chance"] = sum(x["chance"] for x in nul) / len(nul)
+        r["null_q95"] = sum(x["null_q95"] for x in nul) / len(nul)
+    s["sufficiency_summary"] = seed_ci(t["sufficiency"], ("student", "vector", "layer", "alpha"), "delta")
+    s["sampled_summary"] = seed_ci(t["sampled"], ("student", "vector", "layer", "alpha"), "rate") if t["sampled"] else []
+    s["necessity_summary"] = [r | {"value": v} for v in ("effect", "effect_projected")
+                              for r in seed_ci(t["necessity"], ("student", "vector", "layer"), v)]
+    return s
