@@ -46,6 +46,7 @@ class TeacherDefaults:
     prompt_seed: int = 0
     max_new_tokens: int = 48
     context: str = "default"
+    constrained: bool = False  # format-constrained sampling (mech.teacher.constrained); a deviation from the paper
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,8 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
 
     t = cfg.teacher
     return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
-                         prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens)
+                         prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens,
+                         constrained=t.constrained)
 
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,

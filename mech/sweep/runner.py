@@ -69,7 +69,8 @@ class SweepRunner:
 
     # datasets ------------------------------------------------------------------------------------------------
     def dataset_key(self, trait: TraitSpec, teacher_seed: int) -> str:
-        return stage_key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed))
+        # to_dict leaves out options at their off value, so adding one never changes an existing dataset's key
+        return stage_key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed).to_dict())
 
     def dataset(self, trait: TraitSpec, teacher_seed: int) -> Path:
         from mech.teacher.generate import generate
