@@ -17,7 +17,8 @@ from mech.cli import parser
 from mech.evaluation.inference import pad_id, sample
 from mech.sweep import load_sweep
 from mech.sweep.config import stage_key, teacher_config
-from mech.teacher.constrained import allowed_text, format_mask
+from mech.teacher.constrained import allowed_text, complete, format_mask, number_grammar, valid_prefix
+from mech.teacher.filter import check_answer
 from mech.context import render
 from mech.teacher.generate import TeacherConfig, sample_answers
 
@@ -74,11 +75,36 @@ def test_constrained_samples_decode_to_number_text(tiny):
     assert any(not mask.allowed[t] for row in free for t in row)
 
 
+def test_grammar_prefixes():
+    for ok in ("", "1", "12, 3", "12, 3, ", "12, 3,", "1;2", "1\n2\n", "007", "1 , 2"):
+        assert valid_prefix(ok, 10, 999), ok
+    for bad in ("1, 2; 3", "1000", "1,2, 3", " 1", "1, 2,,", "a", "1.5", "1\n\n\n\n2", "1, 2, 3, ", "-1"):
+        assert not valid_prefix(bad, 3 if bad == "1, 2, 3, " else 10, 999), bad
+    assert complete("1, 2", 10, 999) and not complete("1, ", 10, 999) and not complete("", 10, 999)
+    assert complete("1, 2, 3", 3, 999) and not valid_prefix("1, 2, 3, 4", 3, 999)
+    assert not valid_prefix("50", 10, 42) and valid_prefix("42", 10, 42)
+
+
+def test_grammar_answers_all_pass_the_filter(tiny):
+    """The known answer: every finished grammar-constrained answer is one the filter keeps; unconstrained, the
+    same random model writes almost nothing it keeps."""
+    model, tok = tiny
+    cfg = TeacherConfig(n_prompts=24, max_new_tokens=24, batch_size=8, answer_count=3, constrained=True)
+    prompts = [render(tok, cfg.teacher_context(), p.text).input_ids for p in cfg.prompts()]
+    answers, finished = sample_answers(model, tok, cfg, prompts)
+    assert all(finished)  # three numbers of at most three digits, then only end of turn is left
+    assert all(check_answer(a, 3, 999).ok for a in answers), [a for a in answers if not check_answer(a, 3, 999).ok]
+    free, _ = sample_answers(model, tok, dataclasses.replace(cfg, constrained=False), prompts)
+    assert sum(check_answer(a, 3, 999).ok for a in free) < len(free) // 2
+    grammar = number_grammar(tok, 3, 999)
+    assert grammar(torch.zeros(1, len(tok)), [[]]).isfinite().sum() < format_mask(tok).n_allowed
+
+
 def test_unconstrained_sampling_is_unchanged(tiny):
     model, tok = tiny
     plain = _sample(model, tok)
     assert _sample(model, tok, process=None) == plain
-    assert _sample(model, tok, process=lambda logits: logits) == plain
+    assert _sample(model, tok, process=lambda logits, tokens: logits) == plain
 
 
 def test_teacher_option_in_config_key_and_answers(tiny):

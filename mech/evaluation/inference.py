@@ -161,7 +161,8 @@ def completion_logprobs(model: Any, prompts: Sequence[Ids], completions: Sequenc
 
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # last-position logits [rows, vocab] (float32, CPU) → next ids
-Processor = Callable[[torch.Tensor], torch.Tensor]  # last-position logits → logits (e.g. a mask), before choosing
+# (last-position logits [rows, vocab], each row's tokens so far) → logits, before choosing (e.g. a grammar's mask)
+Processor = Callable[[torch.Tensor, list[list[int]]], torch.Tensor]
 
 
 def sampler(temperature: float, generator: torch.Generator) -> Chooser:
@@ -181,8 +182,9 @@ def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: 
     Each row's tokens end at ``eos`` (included); finished rows are fed ``pad`` and ignored. ``attention_mask`` /
     ``position_ids`` describe left-padded prompts and grow by one column a step. ``after_step`` runs after
     the first forward and each later one's token choice, before the next forward (grafting uses it to switch
-    its masks from prompt positions to generated ones). ``process`` maps each step's float32 CPU logits before
-    ``choose`` sees them (format-constrained teacher sampling masks them); None leaves them untouched.
+    its masks from prompt positions to generated ones). ``process(logits, tokens so far)`` maps each step's
+    float32 CPU logits before ``choose`` sees them (format-constrained teacher sampling masks them); None leaves
+    them untouched.
     """
     dev, cache_kw = device_of(model), cache_kwarg(model)
     outs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
@@ -193,7 +195,7 @@ def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: 
         o = model(input_ids=cur, use_cache=True, **{cache_kw: past}, **extra)
         past = getattr(o, cache_kw)
         logits = o.logits[:, -1].float().cpu()
-        nxt = choose(logits if process is None else process(logits))
+        nxt = choose(logits if process is None else process(logits, outs))
         for r, toks in enumerate(outs):
             if not done[r]:
                 toks.append(int(nxt[r]))

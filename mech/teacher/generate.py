@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mech.context import Context, render
-from mech.teacher.constrained import format_mask
+from mech.teacher.constrained import number_grammar
 from mech.teacher.dataset import check_free, make_row, write_dataset
 from mech.teacher.filter import check_answer, filter_rows
 from mech.teacher.prompts import NumberPrompt, NumberPromptConfig, generate_prompts
@@ -116,7 +116,7 @@ def sample_answers(
     """Decoded answers and whether each ended with eos (False: cut off at ``max_new_tokens``)."""
     eos, pad = eos_id(tokenizer), pad_id(tokenizer)
     stops = stop_ids(tokenizer)
-    process = format_mask(tokenizer) if cfg.constrained else None
+    process = number_grammar(tokenizer, cfg.answer_count, cfg.max_value) if cfg.constrained else None
     answers: list[str] = []
     finished: list[bool] = []
     total = len(prompt_ids)
