@@ -10,7 +10,9 @@ For MODEL (e.g. smollm2-135m) it prints:
   ``mech teacher``, so the same samples): kept / total and the reject reasons;
 - the trait's effect on the numbers written: total-variation distance between the trait and neutral teachers'
   number histograms (every digit run of every answer, and the kept answers' numbers) against a permutation null
-  (answers pooled and split at random, seeded);
+  (answers pooled and split at random, seeded). Both teachers sample with the same seeds, so their answers are
+  coupled (often identical) and the permutation null is conservative: read a small TV as no evidence, not as
+  evidence of no effect;
 - the carrier as the organism check measures it: per-token KL of the neutral teacher's constrained kept answers
   re-scored (teacher-forced, unconstrained distributions) under the trait prompt vs the neutral context.
 """
