@@ -120,3 +120,34 @@ def test_model_flag_overrides_the_yaml(tmp_path, capsys, tiny_llama_dir):
         _, err = capsys.readouterr()
         assert code == 2 and err.strip().splitlines()[-1].startswith("mech: error: model directory")
         assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_reproduce_skips_the_organism_check_for_other_models(tiny_qwen_dir, tmp_path, monkeypatch):
+    """mech reproduce on a model that is not an organism build: no check, a report without check.json (the
+    sweep and the battery stubbed out; they are the sweep's and the battery's own tests)."""
+    from types import SimpleNamespace
+
+    import mech.interventions.battery as battery
+    import mech.organism.check as check
+    import mech.report.reproduce as rr
+    import mech.sweep as sweep
+    from mech.reproduce import run_reproduce
+
+    def no_check(*a, **k):
+        raise AssertionError("the organism check ran on a model that is not an organism")
+
+    monkeypatch.setattr(check, "run_check", no_check)
+    monkeypatch.setattr(sweep, "SweepRunner", lambda cfg, cache, stage, base: SimpleNamespace(cfg=cfg, base=base))
+    monkeypatch.setattr(sweep, "run_shard", lambda runner: {"cells": 0, "computed": {}})
+    monkeypatch.setattr(sweep, "select_students", lambda *a: {})
+    monkeypatch.setattr(sweep, "finished_tables", lambda runner: {"rows": [], "summary": [], "done_cells": 0})
+    monkeypatch.setattr(battery, "compute_localise", lambda *a: SimpleNamespace(summary=None, cfg=None))
+    rep = run_reproduce(str(tiny_qwen_dir), write_cfg(tmp_path / "s.yaml"), ["lora_r1"])
+    assert rep.check is None and rep.sweep_cfg.base_model == str(tiny_qwen_dir)
+    for name in ("summary_markdown", "localise_markdown"):
+        monkeypatch.setattr(rr, name, lambda *a, **k: "# stub\n")
+    monkeypatch.setattr(rr, "write_tables", lambda *a, **k: None)
+    monkeypatch.setattr(rr, "write_localise", lambda *a, **k: {"figures": []})
+    md = rr.write_reproduce(rep, tmp_path / "report")
+    assert "Not an organism build" in md and not (tmp_path / "report" / "check.json").exists()
+    assert not any((tmp_path / "report" / "figures").glob("organism_*"))
