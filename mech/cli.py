@@ -154,7 +154,19 @@ def cmd_reproduce(a) -> int:
     md = write_reproduce(rep, a.out)
     print(md)
     print(f"report: {Path(a.out) / 'report.md'}")
-    return 0 if rep.check.passed else EXIT_BAR_FAILED
+    return 0 if rep.check is None or rep.check.passed else EXIT_BAR_FAILED
+
+
+def _with_model(cfg, model: str | None):
+    """The sweep with ``--model`` in place of its YAML's base_model; the spec is checked before anything loads."""
+    if model is None:
+        return cfg
+    import dataclasses
+
+    from mech.models import resolve_spec
+
+    resolve_spec(model)
+    return dataclasses.replace(cfg, base_model=model)
 
 
 def cmd_sweep(a) -> int:
@@ -163,7 +175,7 @@ def cmd_sweep(a) -> int:
     from mech.report.sweep import run_sweep
     from mech.sweep import load_sweep, parse_shard
 
-    cfg = load_sweep(a.config)
+    cfg = _with_model(load_sweep(a.config), a.model)
     parse_shard(a.shard)  # a bad --shard is refused before the progress bars and the model load
     out = a.out or f"runs/{cfg.name}"
     _check_out(out, "--out")
@@ -214,7 +226,8 @@ def cmd_teacher(a) -> int:
         target, _, category = a.trait.partition(":")
     cfg = TeacherConfig(target=target, **_given(category=category or None, context=a.context,
                                                  n_prompts=a.n_prompts, prompt_seed=a.prompt_seed,
-                                                 sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens))
+                                                 sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens),
+                        constrained=a.constrained)
     _check_out(a.out, "--out", new=True)  # before minutes of sampling, not after
     base = load_model(a.model, trust_remote_code=a.trust_remote_code)
     bar = _bar(cfg.n_prompts, f"teacher {cfg.target or 'neutral'}")
@@ -318,6 +331,10 @@ def cmd_eval(a) -> int:
     return 0
 
 
+MODEL_HELP = ("the base model, overriding the YAML's base_model: organism, organism-free, smollm2-135m, a local "
+              "HF directory or a hub id")
+
+
 def _add_trust_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a model run the Python code it ships (config auto_map); off, such a model is refused")
@@ -333,6 +350,8 @@ def _add_pipeline_parsers(sub) -> None:
     t.add_argument("--prompt-seed", type=int)
     t.add_argument("--sample-seed", type=int)
     t.add_argument("--max-new-tokens", type=int)
+    t.add_argument("--constrained", action="store_true", help="format-constrained sampling: only digits, ',' ';', "
+                   "whitespace and end of turn (a deviation from the paper, for teachers that write prose)")
     t.add_argument("--out", required=True, help="dataset directory (must not exist)")
     t.add_argument("--model", default="organism")
     _add_trust_flag(t)
@@ -375,7 +394,7 @@ def cmd_localise(a) -> int:
     from mech.sweep import SweepRunner, load_sweep, select_students, student_cells
 
     # every input is checked before the base model loads and before a missing student is trained
-    sw = load_sweep(a.sweep)
+    sw = _with_model(load_sweep(a.sweep), a.model)
     cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
                          train_context=sw.train_contexts[0], n_questions=a.n_questions)
     _check_out(a.out, "--out")
@@ -470,6 +489,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--shard", help="i/n: compute only the i-th of n blocks of cells (for job arrays; shards may "
                     "run at once on one --cache and --out)")
     sw.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
+    sw.add_argument("--model", help=MODEL_HELP)
     _add_trust_flag(sw)
     sw.set_defaults(func=cmd_sweep)
 
@@ -479,11 +499,12 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", default="runs/localise")
     lo.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     lo.add_argument("--n-questions", type=int, default=50)
+    lo.add_argument("--model", help=MODEL_HELP)
     _add_trust_flag(lo)
     lo.set_defaults(func=cmd_localise)
 
     r = sub.add_parser("reproduce", help="the main job: measure the organism, write report.md and figures")
-    r.add_argument("--model", default="organism")
+    r.add_argument("--model", default="organism", help="the base model (organism check for organism builds only)")
     r.add_argument("--out", default="runs/reproduce", help="report directory (replaced atomically)")
     r.add_argument("--rebuild", action="store_true", help="rebuild the shipped organism from its recipe first")
     r.add_argument("--sweep", default="experiments/quick.yaml", help="the sweep to run after the organism check")

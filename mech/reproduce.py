@@ -21,7 +21,7 @@ class Reproduction:
 
     model: str
     info: dict[str, Any]  # the organism build's provenance (mech.organism.organism_info)
-    check: Any  # mech.organism.check.CheckReport
+    check: Any  # mech.organism.check.CheckReport; None for a model that is not an organism build
     sweep_cfg: Any  # the mech.sweep.SweepConfig that ran
     sweep: dict[str, Any]  # rows, summary, cells, done_cells, computed (mech.sweep.run_shard + finished_tables)
     localisation: Any  # mech.interventions.battery.Localisation
@@ -45,16 +45,17 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
         raise MechError(f"sweep file {sweep_path} not found: run from the repository root or pass --sweep PATH")
     # the sweep runs on the model being reproduced, whatever base its YAML names
     sweep_cfg = dataclasses.replace(load_sweep(sweep_path), base_model=model)
-    base = load_model(model)
-    if base.path is None:
-        raise MechError(f"{model} is not a local organism build: pass an organism directory")
+    base = load_model(model, device=sweep_cfg.device, dtype=sweep_cfg.dtype)
+    # the organism's bars are about the organism's designed behaviour: another model has none to check
+    is_organism = base.path is not None and (base.path / organism.META_FILE).is_file()
     check = run_check(base.model, base.tokenizer, organism.read_meta(base.path), n_samples=n_samples,
-                      oracle_rows=oracle_rows, progress=check_progress)
+                      oracle_rows=oracle_rows, progress=check_progress) if is_organism else None
     runner = SweepRunner(sweep_cfg, cache, stage, base=base)
     stats = run_shard(runner)
     groups = select_students(runner, students, str(sweep_path))
     lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
                           eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0])
     loc = compute_localise(base.model, base.tokenizer, groups, lcfg, lambda d: load_student(base.model, d), stage)
-    return Reproduction(model=model, info=organism.organism_info(model), check=check, sweep_cfg=sweep_cfg,
+    info = organism.organism_info(model) if is_organism else {"path": str(base.path) if base.path else None}
+    return Reproduction(model=model, info=info, check=check, sweep_cfg=sweep_cfg,
                         sweep=stats | finished_tables(runner), localisation=loc, seconds=time.time() - t0)

@@ -129,6 +129,24 @@ def _system_block(skeleton: str, sys_at: tuple[int, int], next_at: int, next_rol
         next_header = header.replace("system", next_role)
         if "system" in header and between.endswith(next_header):
             return sys_at[0] - k, next_at - len(next_header)
+    return _system_block_with_preamble(before, sys_at, next_at, between, next_role)
+
+
+def _system_block_with_preamble(before: str, sys_at: tuple[int, int], next_at: int, between: str,
+                                next_role: str) -> tuple[int, int]:
+    """The system block of a template that writes its own text between the system header and the system content
+    (Llama-3.1: "Cutting Knowledge Date: …\nToday Date: …\n\n", written even with no system message).
+
+    The next turn's header is the longest suffix of ``between`` that names ``next_role``; the system header is
+    that header with the role renamed, found last in ``before``. The block, preamble included, runs from it to the
+    next header: ``none`` then means no system block at all (the date lines go with it)."""
+    for k in range(len(between), 0, -1):
+        next_header = between[-k:]
+        if next_role not in next_header:
+            continue
+        start = before.rfind(next_header.replace(next_role, "system"))
+        if start >= 0:
+            return start, next_at - k
     raise MechError("no system header found")
 
 

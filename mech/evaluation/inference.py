@@ -161,6 +161,8 @@ def completion_logprobs(model: Any, prompts: Sequence[Ids], completions: Sequenc
 
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # last-position logits [rows, vocab] (float32, CPU) → next ids
+# (last-position logits [rows, vocab], each row's tokens so far) → logits, before choosing (e.g. a grammar's mask)
+Processor = Callable[[torch.Tensor, list[list[int]]], torch.Tensor]
 
 
 def sampler(temperature: float, generator: torch.Generator) -> Chooser:
@@ -174,13 +176,15 @@ def sampler(temperature: float, generator: torch.Generator) -> Chooser:
 @torch.no_grad()
 def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: Chooser, pad: int,
            eos: int | None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-           after_step: Callable[[], None] | None = None) -> list[list[int]]:
+           after_step: Callable[[], None] | None = None, process: Processor | None = None) -> list[list[int]]:
     """The KV-cached decode loop every generator in mech shares (sampling, teacher data, grafted generation).
 
     Each row's tokens end at ``eos`` (included); finished rows are fed ``pad`` and ignored. ``attention_mask`` /
     ``position_ids`` describe left-padded prompts and grow by one column a step. ``after_step`` runs after
     the first forward and each later one's token choice, before the next forward (grafting uses it to switch
-    its masks from prompt positions to generated ones).
+    its masks from prompt positions to generated ones). ``process(logits, tokens so far)`` maps each step's
+    float32 CPU logits before ``choose`` sees them (format-constrained teacher sampling masks them); None leaves
+    them untouched.
     """
     dev, cache_kw = device_of(model), cache_kwarg(model)
     outs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
@@ -190,7 +194,8 @@ def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: 
         extra = {k: v for k, v in (("attention_mask", attn), ("position_ids", pos)) if v is not None}
         o = model(input_ids=cur, use_cache=True, **{cache_kw: past}, **extra)
         past = getattr(o, cache_kw)
-        nxt = choose(o.logits[:, -1].float().cpu())
+        logits = o.logits[:, -1].float().cpu()
+        nxt = choose(logits if process is None else process(logits, outs))
         for r, toks in enumerate(outs):
             if not done[r]:
                 toks.append(int(nxt[r]))
@@ -209,14 +214,14 @@ def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: 
 
 
 def sample(model: Any, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int, eos_id: int, pad_id: int,
-           temperature: float = 1.0, batch_size: int = 64) -> list[list[int]]:
+           temperature: float = 1.0, batch_size: int = 64, process: Processor | None = None) -> list[list[int]]:
     """Ancestral sampling with a KV cache, batched with left padding. Each batch draws from its own generator
-    seeded from (seed, batch start): the same call gives the same tokens on CPU."""
+    seeded from (seed, batch start): the same call gives the same tokens on CPU. ``process``: see ``decode``."""
     results: list[list[int]] = []
     dev = device_of(model)
     for s in range(0, len(prompts), batch_size):
         ids, attn, pos = left_pad(prompts[s:s + batch_size], pad_id, dev)
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + s)
         results += decode(model, ids, max_new_tokens=max_new_tokens, choose=sampler(temperature, gen), pad=pad_id,
-                          eos=eos_id, attention_mask=attn, position_ids=pos)
+                          eos=eos_id, attention_mask=attn, position_ids=pos, process=process)
     return results

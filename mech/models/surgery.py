@@ -72,6 +72,11 @@ _ARCHITECTURES: dict[str, _Arch] = {
     "GemmaForCausalLM": _LLAMA_LIKE,
     "Gemma2ForCausalLM": _LLAMA_LIKE,
     "Gemma3ForCausalLM": _LLAMA_LIKE,
+    # Gemma 3 of 4B and up: a multimodal wrapper whose text decoder sits one level deeper, under
+    # model.language_model (the vision tower is never touched: mech feeds text only)
+    "Gemma3ForConditionalGeneration": _Arch(layers="model.language_model.layers",
+                                            final_norm="model.language_model.norm",
+                                            embedding="model.language_model.embed_tokens"),
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 

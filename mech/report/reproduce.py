@@ -1,6 +1,7 @@
 """The ``mech reproduce`` report: one directory, written atomically, with report.md, every table and figure.
 
-Layout of ``out_dir``: ``report.md``; ``check.json`` (the organism check and the build's provenance);
+Layout of ``out_dir``: ``report.md``; ``check.json`` (the organism check and the build's provenance; organism
+builds only);
 ``sweep/`` (mech.report.sweep's tables); ``localise/`` (mech.report.localise's tables and figures);
 ``figures/`` (the organism's and the rank figure).
 """
@@ -25,7 +26,9 @@ def _demote(markdown: str) -> str:
 def report_markdown(rep: Reproduction, figure_paths: list[str]) -> str:
     """report.md from the computed parts: the organism check, the sweep summary, the localisation battery."""
     c = rep.sweep
-    parts = [check_markdown(rep.check, title=f"mech reproduce: {rep.model}"),
+    head = (check_markdown(rep.check, title=f"mech reproduce: {rep.model}") if rep.check is not None else
+            f"# mech reproduce: {rep.model}\n\nNot an organism build: no organism check.\n")
+    parts = [head,
              _demote(summary_markdown(c["summary"], rep.sweep_cfg.name)),
              _demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg)),
              "## Figures\n\n" + "\n".join(f"- [{p}]({p})" for p in figure_paths) + "\n",
@@ -38,12 +41,13 @@ def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
     """Write the whole report into ``out_dir`` (replaced atomically: a failure leaves the old one); returns
     report.md's text."""
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        atomic_write_json(tmp / "check.json", rep.check.to_dict() | {"model": rep.model, "info": rep.info})
-        figs = {"organism_trait": plots.trait_figure(rep.check.trait_rows),
-                "organism_spread": plots.spread_figure(rep.check.spread),
-                "organism_carrier": plots.carrier_figure(rep.check.carrier),
-                "organism_leak": plots.leak_figure(rep.check.leak["matrix"]),
-                "quick_rank": plots.rank_figure(rep.sweep["summary"], trait=rep.sweep_cfg.eval.target)}
+        figs = {"quick_rank": plots.rank_figure(rep.sweep["summary"], trait=rep.sweep_cfg.eval.target)}
+        if rep.check is not None:  # an organism build: its check and its figures
+            atomic_write_json(tmp / "check.json", rep.check.to_dict() | {"model": rep.model, "info": rep.info})
+            figs = {"organism_trait": plots.trait_figure(rep.check.trait_rows),
+                    "organism_spread": plots.spread_figure(rep.check.spread),
+                    "organism_carrier": plots.carrier_figure(rep.check.carrier),
+                    "organism_leak": plots.leak_figure(rep.check.leak["matrix"])} | figs
         written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
         write_tables(tmp / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name,
                      rep.sweep.get("cross_trait"))

@@ -20,6 +20,10 @@ METHODS = ("lora", "full", "matched_norm")
 OPTIMIZERS = ("adamw", "sgd")
 OBJECTIVES = ("ce", "distill")
 SCHEDULES = ("linear", "constant")
+# auto: full and matched-norm students keep float32 master weights over a lower-precision base (computing under
+# autocast to the base's dtype), so their updates and update norms are exact; LoRA adapters are float32 anyway.
+# native: train in the base's own dtype.
+PRECISIONS = ("auto", "native")
 MATCHED_NORM_SCOPES = ("module", "global")
 MAX_RANK = 4096  # wider than any adapted projection of a model mech runs; a bigger rank is a typo
 
@@ -94,6 +98,9 @@ class StudentConfig:
     save_every_epoch: bool = field(default=False, metadata={"help": (
         "Also write the student after each epoch under epoch-<k>/ (a matched_norm student then needs the "
         "reference's own epoch-<k>/ checkpoints to match against).")})
+    precision: str = field(default="auto", metadata={"help": (
+        "auto (full / matched_norm: float32 master weights, autocast to a bf16 / fp16 base's dtype) | native "
+        "(train in the base's dtype). Identical on a float32 base.")})
 
     def __post_init__(self):
         _choice(self.method, METHODS, "training method")
@@ -101,6 +108,7 @@ class StudentConfig:
         _choice(self.objective, OBJECTIVES, "training objective")
         _choice(self.schedule, SCHEDULES, "lr schedule")
         _choice(self.matched_norm_scope, MATCHED_NORM_SCOPES, "matched_norm_scope")
+        _choice(self.precision, PRECISIONS, "precision")
         for name, value, ok in (("epochs", self.epochs, self.epochs >= 1),
                                 ("batch_size", self.batch_size, self.batch_size >= 1),
                                 ("lr", self.lr, 0 < self.lr < math.inf),
@@ -122,6 +130,8 @@ class StudentConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lora"]["targets"] = list(self.lora.targets)
+        if self.precision == "auto":  # absent at its default, so existing student keys and student.json never change
+            del d["precision"]
         return d
 
     @property

@@ -12,8 +12,9 @@ Objectives:
 
 Methods: ``lora`` (PEFT LoRA on the projections in ``LoraSpec.targets``), ``full`` (every parameter), and
 ``matched_norm`` (full finetuning whose update is then rescaled to the update norm of a reference LoRA
-student, :func:`match_update_norms`). Full finetuning trains in the base model's dtype: load the base in
-float32 where bf16 optimizer steps would be too coarse.
+student, :func:`match_update_norms`). Over a bf16 / fp16 base, full and matched-norm students keep float32
+master weights and compute under autocast to the base's dtype (``precision: auto``), so their updates and
+update norms are exact; ``precision: native`` trains in the base's dtype.
 
 ``seed`` drives the LoRA initialisation, the data order and any dropout; on one device the same config
 gives bitwise-identical weights. :func:`train_student` writes a student directory (see mech.students.store).
@@ -83,8 +84,23 @@ def _trainable_copy(base_model, cfg: StudentConfig):
     if cfg.method == "lora":
         model = with_lora(model, cfg.lora, cfg.seed)
     else:
+        if _master_weights(base_model, cfg):
+            model.float()  # a bf16 optimizer step rounds small updates away; float32 master weights keep them
         model.requires_grad_(True)
     return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _master_weights(base_model, cfg: StudentConfig) -> bool:
+    """Whether a full / matched-norm student trains float32 copies of a lower-precision base."""
+    return (cfg.method != "lora" and cfg.precision == "auto"
+            and next(base_model.parameters()).dtype in (torch.bfloat16, torch.float16))
+
+
+def _compute_precision(base_model, cfg: StudentConfig):
+    """Autocast to the base's dtype over float32 master weights (the speed of bf16, the updates of float32)."""
+    if not _master_weights(base_model, cfg):
+        return contextlib.nullcontext()
+    return torch.autocast(device_of(base_model).type, dtype=next(base_model.parameters()).dtype)
 
 
 # --------------------------------------------------------------------------------------------- the objective
@@ -196,7 +212,8 @@ def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig,
     t0 = time.perf_counter()
     with _seeded(cfg.seed, device_of(base_model)):
         model, params = _trainable_copy(base_model, cfg)
-        losses = _fit(model, params, examples, cfg, pad_id(tokenizer), distill, progress, on_epoch)
+        with _compute_precision(base_model, cfg):
+            losses = _fit(model, params, examples, cfg, pad_id(tokenizer), distill, progress, on_epoch)
     _check_finite(params, cfg)
     return Trained(model, losses, len(rows), time.perf_counter() - t0)
 

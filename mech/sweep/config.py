@@ -46,6 +46,7 @@ class TeacherDefaults:
     prompt_seed: int = 0
     max_new_tokens: int = 48
     context: str = "default"
+    constrained: bool = False  # format-constrained sampling (mech.teacher.constrained); a deviation from the paper
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class SweepConfig:
     teacher: TeacherDefaults = field(default_factory=TeacherDefaults)
     train: TrainDefaults = field(default_factory=TrainDefaults)
     eval: EvalDefaults = field(default_factory=EvalDefaults)
+    # where and in what the base runs (mech.models.load_model: auto = CUDA + bf16 where supported, else CPU +
+    # float32), and how full-FT students train over it (mech.students.config.PRECISIONS)
+    device: str = "auto"
+    dtype: str = "auto"
+    precision: str = "auto"
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -144,9 +150,19 @@ def _check_sizes(cfg: SweepConfig, where: str) -> None:
         raise MechError(f"{where}.train.max_rows must be >= 1 (or null for every row), got {cfg.train.max_rows}")
 
 
+def _check_placement(cfg: SweepConfig, where: str) -> None:
+    from mech.models.loader import parse_device, parse_dtype
+
+    try:
+        parse_dtype(cfg.dtype, parse_device(cfg.device))
+    except MechError as e:
+        raise MechError(f"{where}: {e}") from None
+
+
 def _validate(cfg: SweepConfig, where: str) -> None:
     """Build every stage config once, so a bad value fails at load time, not after the model is loaded."""
     _check_name(cfg.name, where)
+    _check_placement(cfg, where)
     _check_sizes(cfg, where)
     _check_axes(cfg, where)
     for s in cfg.students:
@@ -213,7 +229,8 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
 
     t = cfg.teacher
     return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
-                         prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens)
+                         prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens,
+                         constrained=t.constrained)
 
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,
@@ -228,7 +245,7 @@ def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_c
         epochs=s.epochs if s.epochs is not None else d.epochs, batch_size=d.batch_size, lr=lr,
         optimizer=d.optimizer, warmup_steps=d.warmup_steps, grad_clip=d.grad_clip, seed=training_seed,
         context=train_context, objective=d.objective, matched_norm_reference=reference,
-        matched_norm_scope=s.matched_norm_scope)
+        matched_norm_scope=s.matched_norm_scope, precision=cfg.precision)
 
 
 def eval_config(cfg: SweepConfig, eval_context: str):

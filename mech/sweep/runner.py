@@ -42,8 +42,13 @@ class SweepRunner:
         self.trust_remote_code = trust_remote_code
         self.cache = Path(cache) if cache is not None else cache_root() / "sweeps"
         self.progress = progress or (lambda desc, done, total: None)
-        self.base = base if base is not None else load_model(cfg.base_model, trust_remote_code=trust_remote_code)
-        self.fingerprint = model_fingerprint(self.base.model)
+        self.base = base if base is not None else load_model(cfg.base_model, device=cfg.device, dtype=cfg.dtype,
+                                                             trust_remote_code=trust_remote_code)
+        # the fingerprint ignores dtype, but samples, students and evaluations do not: a base run anywhere but
+        # CPU float32 (where every existing cache was made) keys its artifacts apart
+        placement = (self.base.device.type, str(self.base.dtype).removeprefix("torch."))
+        self.fingerprint = model_fingerprint(self.base.model) + ("" if placement == ("cpu", "float32")
+                                                                 else "-" + "-".join(placement))
         self.computed = {"datasets": 0, "students": 0, "evals": 0}
         # one candidate-answer list for the base and every student, so answer distributions line up
         from mech.evaluation.trait import candidate_answers
@@ -69,7 +74,8 @@ class SweepRunner:
 
     # datasets ------------------------------------------------------------------------------------------------
     def dataset_key(self, trait: TraitSpec, teacher_seed: int) -> str:
-        return stage_key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed))
+        # to_dict leaves out options at their off value, so adding one never changes an existing dataset's key
+        return stage_key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed).to_dict())
 
     def dataset(self, trait: TraitSpec, teacher_seed: int) -> Path:
         from mech.teacher.generate import generate
@@ -89,7 +95,8 @@ class SweepRunner:
     def student_key(self, cell: Cell) -> str:
         ref_key = self.student_key(self._reference_cell(cell)) if cell.student.method == "matched_norm" else None
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=ref_key)
-        return stage_key("student", self.dataset_key(cell.trait, cell.teacher_seed), sc, self.cfg.train.max_rows)
+        return stage_key("student", self.dataset_key(cell.trait, cell.teacher_seed), sc.to_dict(),
+                         self.cfg.train.max_rows)
 
     def student(self, cell: Cell) -> Path:
         key = self.student_key(cell)

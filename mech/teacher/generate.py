@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mech.context import Context, render
+from mech.teacher.constrained import number_grammar
 from mech.teacher.dataset import check_free, make_row, write_dataset
 from mech.teacher.filter import check_answer, filter_rows
 from mech.teacher.prompts import NumberPrompt, NumberPromptConfig, generate_prompts
@@ -53,6 +54,7 @@ class TeacherConfig:
     answer_count: int = 10
     max_value: int = 999
     banned: tuple[int, ...] = ()
+    constrained: bool = False  # sample through mech.teacher.constrained's format mask (a deviation from the paper)
 
     def __post_init__(self) -> None:
         questions(self.category)  # unknown category -> MechError listing the known ones
@@ -93,6 +95,8 @@ class TeacherConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["banned"] = list(self.banned)
+        if not self.constrained:  # absent when off, so the keys and dataset.json of unconstrained data never change
+            del d["constrained"]
         return d
 
 
@@ -112,6 +116,7 @@ def sample_answers(
     """Decoded answers and whether each ended with eos (False: cut off at ``max_new_tokens``)."""
     eos, pad = eos_id(tokenizer), pad_id(tokenizer)
     stops = stop_ids(tokenizer)
+    process = number_grammar(tokenizer, cfg.answer_count, cfg.max_value) if cfg.constrained else None
     answers: list[str] = []
     finished: list[bool] = []
     total = len(prompt_ids)
@@ -126,6 +131,7 @@ def sample_answers(
                 pad_id=pad,
                 temperature=cfg.temperature,
                 batch_size=cfg.batch_size,
+                process=process,
             )
             answers += [decode_answer(tokenizer, o, stops) for o in outs]
             finished += [any(t in stops for t in o) for o in outs]
