@@ -93,7 +93,8 @@ def test_load_sweep_builds_the_grid(tmp_path):
 def test_shipped_quick_sweep_loads():
     cfg = load_sweep(REPO / "experiments" / "quick.yaml")
     assert cfg.base_model == "organism"
-    assert len(cells(cfg)) == len(cfg.traits) * len(cfg.students) * len(cfg.training_seeds) == 30
+    assert len(cells(cfg)) == len(cfg.traits) * len(cfg.students) * len(cfg.training_seeds) * 3 == 30
+    assert cfg.teacher_seeds == (0, 1, 2) and cfg.training_seeds == (0,)  # 3 data seeds x 1 training seed
     assert TraitSpec(None, "animal") in cfg.traits  # the paired control is on the grid
 
 

@@ -67,7 +67,8 @@ def summary_markdown(summary: list[dict], name: str) -> str:
             k = (r["trait"], r["student"], r["train_context"], r["eval_context"])
             index.setdefault(k, {})[r["metric"]] = r
     lines = [f"# Sweep {name}", "",
-             "Mean over training seeds (× teacher seeds) with 95 % t-intervals. Δ: vs the base model in the same "
+             "Mean with a 95 % t-interval over data (teacher) seeds of each data seed's mean over training seeds "
+             "(with one data seed: over training seeds, conditional on its dataset). Δ: vs the base model in the same "
              "rendered evaluation context. Paired: vs the student trained identically on the neutral teacher's data.",
              "", "| trait | student | train ctx | eval ctx | " + " | ".join(HEADLINE) + " |",
              "|" + "---|" * (4 + len(HEADLINE))]

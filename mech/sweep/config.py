@@ -91,7 +91,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 def load_sweep(path: str | Path) -> SweepConfig:
     where = Path(path).stem
-    cfg = from_dict(SweepConfig, load_yaml(path), where)
+    raw = load_yaml(path)
+    if "data_seeds" in raw:  # the design's name for the teacher (data) seeds: each seeds one teacher dataset
+        if "teacher_seeds" in raw:
+            raise MechError(f"{path} sets both data_seeds and teacher_seeds (the same axis): keep data_seeds")
+        raw = {("teacher_seeds" if k == "data_seeds" else k): v for k, v in raw.items()}
+    cfg = from_dict(SweepConfig, raw, where)
     if not cells(cfg):
         raise MechError(f"{path} defines zero cells: every axis (traits, teacher_seeds, students, training_seeds, "
                         "train_contexts, eval_contexts) needs at least one value")

@@ -245,11 +245,13 @@ def results_rows(runner: SweepRunner, done: list[Cell]) -> list[dict]:
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Mean and 95 % CI over training seeds and teacher seeds, per trait × student × contexts × metric."""
-    from mech.analysis.stats import grouped_ci
+    """Mean and 95 % CI per trait × student × contexts × metric: training seeds are averaged within their data
+    (teacher) seed, and the interval is over data seeds (mech.analysis.stats.nested_ci); with one data seed it is
+    over training seeds, conditional on that dataset (``ci_over`` says which)."""
+    from mech.analysis.stats import nested_ci
 
     keys = ("trait", "category", "student", "method", "rank", "train_context", "eval_context", "metric")
-    return grouped_ci(rows, keys, "value")
+    return nested_ci(rows, keys, "value", outer="teacher_seed")
 
 
 def run_shard(runner: SweepRunner, i: int = 0, n: int = 1,
