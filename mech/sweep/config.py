@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mech.analysis.hypotheses import HypothesisSpec
 from mech.config import from_dict, load_yaml
 from mech.errors import MechError
 from mech.store import content_hash
@@ -84,6 +85,7 @@ class SweepConfig:
     teacher: TeacherDefaults = field(default_factory=TeacherDefaults)
     train: TrainDefaults = field(default_factory=TrainDefaults)
     eval: EvalDefaults = field(default_factory=EvalDefaults)
+    hypotheses: tuple[HypothesisSpec, ...] = ()  # declared tests (mech.analysis.hypotheses), run by mech sweep
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -161,6 +163,34 @@ def _validate(cfg: SweepConfig, where: str) -> None:
         teacher_config(cfg, trait, 0)
     for ctx in cfg.eval_contexts:
         eval_config(cfg, ctx)
+    _check_hypotheses(cfg, where)
+
+
+def _check_hypotheses(cfg: SweepConfig, where: str) -> None:
+    """Every declared test must name this sweep's students, traits, contexts and metrics."""
+    from mech.sweep.runner import METRICS
+
+    kinds = {(s.name or _student_name(s)): s for s in cfg.students}
+    metrics = {f"{p}{m}" for m in METRICS for p in ("", "delta_", "paired_")}
+    traits = [t.target or "neutral" for t in cfg.traits]
+    names = [h.name for h in cfg.hypotheses]
+    _check_unique(names, names, "hypotheses", where)
+    for i, h in enumerate(cfg.hypotheses):
+        at = f"{where}.hypotheses[{i}] ({h.name})"
+        unknown = [a for a in h.arms if a not in kinds]
+        if unknown:
+            raise MechError(f"{at}: arm {unknown[0]!r} is no student of this sweep: choose from {', '.join(kinds)}")
+        if h.test in ("trend", "inverted_u") and any(kinds[a].method != "lora" for a in h.arms):
+            raise MechError(f"{at}: a {h.test} test runs over LoRA ranks: every arm must be a LoRA student")
+        if h.metric not in metrics:
+            raise MechError(f"{at}: unknown metric {h.metric!r}: choose from {', '.join(sorted(metrics))}")
+        if (h.trait or cfg.eval.target) not in traits:
+            raise MechError(f"{at}: trait {h.trait or cfg.eval.target!r} is not a teacher of this sweep: choose "
+                            f"from {', '.join(traits)}")
+        for axis, value in (("train_contexts", h.train_context), ("eval_contexts", h.eval_context)):
+            if value is not None and value not in getattr(cfg, axis):
+                raise MechError(f"{at}: {axis[:-1]} {value!r} is not in the sweep's {axis}: choose from "
+                                f"{', '.join(getattr(cfg, axis))}")
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,21 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return nested_ci(rows, keys, "value", outer="teacher_seed")
 
 
+def hypothesis_rows(cfg: SweepConfig, rows: list[dict], seed: int = 0) -> list[dict]:
+    """The sweep's declared tests (mech.analysis.hypotheses) on its results rows, Holm / BH adjusted over all:
+    each on its trait's rows (default eval.target) in its contexts (default the sweep's first)."""
+    from mech.analysis.hypotheses import run_declared
+
+    ranks = {(s.name or Cell(cfg.traits[0], 0, s, 0, "", "").labels()["student"]): s.rank for s in cfg.students
+             if s.method == "lora"}
+    pairs = []
+    for h in cfg.hypotheses:
+        want = (h.trait or cfg.eval.target, h.train_context or cfg.train_contexts[0],
+                h.eval_context or cfg.eval_contexts[0])
+        pairs.append((h, [r for r in rows if (r["trait"], r["train_context"], r["eval_context"]) == want]))
+    return run_declared(pairs, ranks, seed=seed)
+
+
 def run_shard(runner: SweepRunner, i: int = 0, n: int = 1,
               cell_progress: Callable[[int, int], None] | None = None) -> dict:
     """Compute (or find cached) every cell of shard ``i`` of ``n``; returns run statistics."""
@@ -288,6 +303,8 @@ def finished_tables(runner: SweepRunner) -> dict:
     done = [c for c in cells(runner.cfg) if runner.is_done(c)]
     rows = results_rows(runner, done)
     out = {"rows": rows, "summary": summary_rows(rows), "done_cells": len(done)}
+    if runner.cfg.hypotheses and len(done) == len(cells(runner.cfg)):  # a test runs on the whole design only
+        out["tests"] = hypothesis_rows(runner.cfg, rows)
     if runner.cfg.eval.cross_trait:
         out["cross_trait"] = cross_trait(runner, done)
     return out
