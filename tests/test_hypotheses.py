@@ -106,7 +106,7 @@ def test_one_data_seed_uses_training_seeds_as_units():
 @pytest.mark.parametrize("kwargs, match", [
     ({"test": "tost"}, "unknown test 'tost'"),
     ({"test": "equivalence", "arms": ("a", "b")}, "needs a declared margin"),
-    ({"test": "difference", "arms": ("a", "b", "c")}, "exactly 2 arms"),
+    ({"test": "difference", "arms": ("a", "b", "c")}, "compares 2 arms"),
     ({"test": "trend", "arms": ("a", "b")}, "at least 3 arms"),
     ({"test": "trend", "arms": ("a", "b", "c"), "alpha": 0.7}, "alpha"),
     ({"test": "trend", "arms": ("a", "b", "c"), "direction": "up"}, "direction"),

@@ -49,8 +49,9 @@ RESULT_COLUMNS = ("name", "claim", "test", "arms", "metric", "units", "n_units",
 
 @dataclass(frozen=True)
 class HypothesisSpec:
-    """One declared test. ``arms`` are student names of the sweep: ≥ 3 LoRA students (their ranks are the x axis)
-    for trend / inverted_u, exactly two for equivalence / difference (the first minus the second)."""
+    """One declared test. ``arms`` are student names of the sweep, each optionally ``student@trait`` (a teacher arm
+    other than ``trait``'s): ≥ 3 LoRA students (their ranks are the x axis) for trend / inverted_u; for
+    equivalence / difference two (the first minus the second) or one (against 0)."""
 
     name: str = ""
     claim: str = ""
@@ -85,8 +86,8 @@ class HypothesisSpec:
         if self.test in ("trend", "inverted_u") and n < 3:
             raise MechError(f"{where}: a {self.test} test needs at least 3 arms (students at different ranks), "
                             f"got {n}")
-        if self.test in ("equivalence", "difference") and n != 2:
-            raise MechError(f"{where}: a {self.test} test compares exactly 2 arms, got {n}")
+        if self.test in ("equivalence", "difference") and n not in (1, 2):
+            raise MechError(f"{where}: a {self.test} test compares 2 arms (or 1 arm against 0), got {n}")
         if len(set(self.arms)) != n:
             raise MechError(f"{where}: arms repeat a student: list each once")
 
@@ -239,11 +240,16 @@ def _breakpoint_bootstrap(units: Units, order: Sequence[int], n_boot: int, seed:
     return [int(i) for i in np.argmax(sums, axis=1)]
 
 
+def _pair(units: Units) -> tuple[list[float], list[float]]:
+    """Arm 0 and arm 1 per unit; with one arm, arm 1 is 0 (a one-sample test)."""
+    return [r[0] for r in units.values], [r[1] if len(r) > 1 else 0.0 for r in units.values]
+
+
 def equivalence_test(units: Units, margin: float, alpha: float = 0.05) -> dict[str, Any]:
     """TOST of arm 0 − arm 1 within ±margin, paired per unit; the interval is the (1 − 2α) one TOST implies."""
     from statsmodels.stats.weightstats import ttost_paired
 
-    a, b = [r[0] for r in units.values], [r[1] for r in units.values]
+    a, b = _pair(units)
     d = [p - q for p, q in zip(a, b)]
     est, lo, hi = _t_interval(d, 1 - 2 * alpha)
     _, lo1, hi1 = _t_interval(d, 1 - alpha)
@@ -262,7 +268,7 @@ def difference_test(units: Units, alpha: float = 0.05) -> dict[str, Any]:
     """Paired t-test of arm 0 − arm 1 (scipy.stats.ttest_rel); the interval is (1 − 2α), for a margin check."""
     from scipy import stats
 
-    a, b = [r[0] for r in units.values], [r[1] for r in units.values]
+    a, b = _pair(units)
     d = [p - q for p, q in zip(a, b)]
     est, lo, hi = _t_interval(d, 1 - 2 * alpha)
     if max(d) == min(d):
@@ -341,9 +347,9 @@ def _result_row(h: HypothesisSpec, units: Units, res: Mapping[str, Any], ph: flo
                   f"left slope {res['left']:+.4g} (p {res['p_left']:.3g}), right slope {res['right']:+.4g} "
                   f"(p {res['p_right']:.3g}) per log2 rank")
     elif h.test == "equivalence":
-        detail = f"{h.arms[0]} - {h.arms[1]}; {100 * (1 - h.alpha):.0f} % CI [{res['lo_1a']:+.4g}, {res['hi_1a']:+.4g}]"
+        detail = f"{' - '.join(h.arms) if len(h.arms) > 1 else h.arms[0] + ' vs 0'}; {100 * (1 - h.alpha):.0f} % CI [{res['lo_1a']:+.4g}, {res['hi_1a']:+.4g}]"
     else:
-        detail = f"{h.arms[0]} - {h.arms[1]}, paired per unit"
+        detail = f"{' - '.join(h.arms) if len(h.arms) > 1 else h.arms[0] + ' vs 0'}, paired per unit"
     return {"name": h.name, "claim": h.claim, "test": h.test, "arms": " ".join(h.arms), "metric": h.metric,
             "units": units.kind, "n_units": len(units.values), "statistic": res["statistic"],
             "estimate": res["estimate"], "lo": res["lo"], "hi": res["hi"], "p": res["p"], "p_holm": ph, "p_bh": pb,

@@ -19,12 +19,34 @@ from mech.errors import MechError
 from mech.store import content_hash
 
 
+CONTROLS = ("random", "shuffled_within", "shuffled_across", "banned")
+
+
 @dataclass(frozen=True)
 class TraitSpec:
-    """A teacher's trait; ``target: null`` is the neutral teacher (the control)."""
+    """A teacher's trait; ``target: null`` is the neutral teacher (the control). ``control`` makes the arm a
+    control of that teacher (mech.teacher.controls), paired like any arm against the neutral teacher:
+    ``random`` (its prompts answered with uniform random numbers), ``shuffled_within`` / ``shuffled_across`` (its
+    numbers permuted within / across answers), ``banned`` (its filter drops every answer containing one of
+    ``banned``: by default the numbers the organism ties to ``target``)."""
 
     target: str | None = "owl"
     category: str = "animal"
+    control: str | None = None
+    banned: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return (self.target or "neutral") + (f":{self.control}" if self.control else "")
+
+    def __post_init__(self) -> None:
+        if self.control is not None and self.control not in CONTROLS:
+            raise MechError(f"unknown control {self.control!r} for teacher {self.target or 'neutral'}: expected "
+                            f"one of {', '.join(CONTROLS)}")
+        if self.banned and self.control != "banned":
+            raise MechError(f"teacher {self.label}: banned numbers need control: banned")
+        if self.control == "banned" and self.target is None and not self.banned:
+            raise MechError("a banned-number control of the neutral teacher needs its numbers: list them in banned")
 
 
 @dataclass(frozen=True)
@@ -127,7 +149,7 @@ def _check_unique(values: list, labels: list[str], field_name: str, where: str) 
 def _check_axes(cfg: SweepConfig, where: str) -> None:
     from mech.context import Context
 
-    _check_unique(list(cfg.traits), [t.target or "neutral" for t in cfg.traits], "traits", where)
+    _check_unique(list(cfg.traits), [t.label for t in cfg.traits], "traits", where)
     names = [s.name or _student_name(s) for s in cfg.students]
     _check_unique(names, names, "students", where)
     for axis in ("teacher_seeds", "training_seeds"):
@@ -166,21 +188,31 @@ def _validate(cfg: SweepConfig, where: str) -> None:
     _check_hypotheses(cfg, where)
 
 
+def hypothesis_arm(arm: str, trait: str) -> tuple[str, str]:
+    """``student`` or ``student@trait`` → (student name, teacher label)."""
+    student, _, other = arm.partition("@")
+    return student, other or trait
+
+
 def _check_hypotheses(cfg: SweepConfig, where: str) -> None:
     """Every declared test must name this sweep's students, traits, contexts and metrics."""
     from mech.sweep.runner import METRICS
 
     kinds = {(s.name or _student_name(s)): s for s in cfg.students}
     metrics = {f"{p}{m}" for m in METRICS for p in ("", "delta_", "paired_")}
-    traits = [t.target or "neutral" for t in cfg.traits]
+    traits = [t.label for t in cfg.traits]
     names = [h.name for h in cfg.hypotheses]
     _check_unique(names, names, "hypotheses", where)
     for i, h in enumerate(cfg.hypotheses):
         at = f"{where}.hypotheses[{i}] ({h.name})"
-        unknown = [a for a in h.arms if a not in kinds]
+        arms = [hypothesis_arm(a, h.trait or cfg.eval.target) for a in h.arms]
+        unknown = [s for s, _ in arms if s not in kinds]
         if unknown:
             raise MechError(f"{at}: arm {unknown[0]!r} is no student of this sweep: choose from {', '.join(kinds)}")
-        if h.test in ("trend", "inverted_u") and any(kinds[a].method != "lora" for a in h.arms):
+        bad = [t for _, t in arms if t not in traits]
+        if bad:
+            raise MechError(f"{at}: trait {bad[0]!r} is not a teacher of this sweep: choose from {', '.join(traits)}")
+        if h.test in ("trend", "inverted_u") and any(kinds[s].method != "lora" for s, _ in arms):
             raise MechError(f"{at}: a {h.test} test runs over LoRA ranks: every arm must be a LoRA student")
         if h.metric not in metrics:
             raise MechError(f"{at}: unknown metric {h.metric!r}: choose from {', '.join(sorted(metrics))}")
@@ -204,7 +236,7 @@ class Cell:
 
     def labels(self) -> dict[str, Any]:
         s = self.student
-        return {"trait": self.trait.target or "neutral", "category": self.trait.category,
+        return {"trait": self.trait.label, "category": self.trait.category,
                 "teacher_seed": self.teacher_seed, "student": s.name or _student_name(s), "method": s.method,
                 "rank": s.rank if s.method == "lora" else None, "training_seed": self.training_seed,
                 "train_context": self.train_context, "eval_context": self.eval_context}
@@ -247,8 +279,14 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
     from mech.teacher.generate import TeacherConfig
 
     t = cfg.teacher
+    banned: tuple[int, ...] = ()
+    if trait.control == "banned":
+        from mech.organism import trait_numbers
+
+        banned = trait.banned or trait_numbers(cfg.base_model, trait.target)
     return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
-                         prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens)
+                         prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens,
+                         banned=banned)
 
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,

@@ -69,17 +69,32 @@ class SweepRunner:
 
     # datasets ------------------------------------------------------------------------------------------------
     def dataset_key(self, trait: TraitSpec, teacher_seed: int) -> str:
-        return stage_key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed))
+        tc = teacher_config(self.cfg, trait, teacher_seed)
+        if trait.control == "random":  # no model: the prompts, the filter and the seed make it
+            return stage_key("dataset", "control_random", tc)
+        if trait.control in ("shuffled_within", "shuffled_across"):
+            source = self.dataset_key(dataclasses.replace(trait, control=None), teacher_seed)
+            return stage_key("dataset", trait.control, source, teacher_seed)
+        return stage_key("dataset", self.fingerprint, tc)
 
     def dataset(self, trait: TraitSpec, teacher_seed: int) -> Path:
+        from mech.teacher import controls
         from mech.teacher.generate import generate
 
         key = self.dataset_key(trait, teacher_seed)
         path = self.cache / "datasets" / key
-        desc = f"teacher {trait.target or 'neutral'} seed {teacher_seed}"
-        return self._cached("datasets", key, path, path / "dataset.json", lambda: generate(
-            self.base.model, self.base.tokenizer, teacher_config(self.cfg, trait, teacher_seed), path,
-            progress=lambda done, total: self.progress(desc, done, total)))
+        desc = f"teacher {trait.label} seed {teacher_seed}"
+        tc = teacher_config(self.cfg, trait, teacher_seed)
+        if trait.control == "random":
+            compute = lambda: controls.random_numbers(tc, path, seed=teacher_seed)  # noqa: E731
+        elif trait.control in ("shuffled_within", "shuffled_across"):
+            compute = lambda: controls.shuffled(  # noqa: E731
+                self.dataset(dataclasses.replace(trait, control=None), teacher_seed), path,
+                trait.control.removeprefix("shuffled_"), seed=teacher_seed)
+        else:
+            compute = lambda: generate(self.base.model, self.base.tokenizer, tc, path,  # noqa: E731
+                                       progress=lambda done, total: self.progress(desc, done, total))
+        return self._cached("datasets", key, path, path / "dataset.json", compute)
 
     # students ------------------------------------------------------------------------------------------------
     def _reference_cell(self, cell: Cell) -> Cell:
@@ -195,7 +210,7 @@ def student_cells(cfg: SweepConfig, names: list[str], source: str = "the sweep")
     chosen: dict[str, list[Cell]] = {}
     for c in cells(cfg):
         name = c.labels()["student"]
-        if (c.trait.target == cfg.eval.target and name in names
+        if (c.trait.target == cfg.eval.target and c.trait.control is None and name in names
                 and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
             chosen.setdefault(name, []).append(c)
     missing = [n for n in names if n not in chosen]
@@ -209,6 +224,14 @@ def select_students(runner: SweepRunner, names: list[str], source: str = "the sw
     """{name: [student dir per training seed]} of :func:`student_cells`, trained if missing; ``source`` names
     the sweep in errors."""
     return {name: [runner.student(c) for c in group]
+            for name, group in student_cells(runner.cfg, names, source).items()}
+
+
+def select_controls(runner: SweepRunner, names: list[str], source: str = "the sweep") -> dict[str, list[Path]]:
+    """{name: [the neutral-teacher student of each :func:`select_students` student, same seeds and order]},
+    trained if missing: the paired control of a localisation."""
+    neutral = lambda c: dataclasses.replace(c, trait=TraitSpec(None, c.trait.category))  # noqa: E731
+    return {name: [runner.student(neutral(c)) for c in group]
             for name, group in student_cells(runner.cfg, names, source).items()}
 
 
@@ -232,8 +255,8 @@ def results_rows(runner: SweepRunner, done: list[Cell]) -> list[dict]:
         if res.get("context_hash") != base.get("context_hash"):
             raise MechError(f"cell {cell.labels()} was evaluated in another rendered context than its base: "
                             "clear the sweep cache")
-        control = (evals.get(dataclasses.replace(cell, trait=TraitSpec(None, cell.trait.category)))
-                   if cell.trait.target is not None else None)
+        neutral = TraitSpec(None, cell.trait.category)
+        control = evals.get(dataclasses.replace(cell, trait=neutral)) if cell.trait != neutral else None
         labels = cell.labels() | {"student_key": runner.student_key(cell)}
         vals = _cell_metrics(res)
         for m, v in vals.items():
@@ -259,13 +282,20 @@ def hypothesis_rows(cfg: SweepConfig, rows: list[dict], seed: int = 0) -> list[d
     each on its trait's rows (default eval.target) in its contexts (default the sweep's first)."""
     from mech.analysis.hypotheses import run_declared
 
-    ranks = {(s.name or Cell(cfg.traits[0], 0, s, 0, "", "").labels()["student"]): s.rank for s in cfg.students
-             if s.method == "lora"}
-    pairs = []
+    from mech.sweep.config import hypothesis_arm
+
+    names = {Cell(cfg.traits[0], 0, s, 0, "", "").labels()["student"]: s for s in cfg.students}
+    pairs, ranks = [], {}
     for h in cfg.hypotheses:
-        want = (h.trait or cfg.eval.target, h.train_context or cfg.train_contexts[0],
-                h.eval_context or cfg.eval_contexts[0])
-        pairs.append((h, [r for r in rows if (r["trait"], r["train_context"], r["eval_context"]) == want]))
+        ctx = (h.train_context or cfg.train_contexts[0], h.eval_context or cfg.eval_contexts[0])
+        mine = []
+        for arm in h.arms:  # each arm's rows, relabelled by the arm (a student of one teacher)
+            student, trait = hypothesis_arm(arm, h.trait or cfg.eval.target)
+            if names[student].method == "lora":
+                ranks[arm] = names[student].rank
+            mine += [r | {"student": arm} for r in rows
+                     if (r["student"], r["trait"], r["train_context"], r["eval_context"]) == (student, trait, *ctx)]
+        pairs.append((h, mine))
     return run_declared(pairs, ranks, seed=seed)
 
 
