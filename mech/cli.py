@@ -373,20 +373,23 @@ def cmd_localise(a) -> int:
     from mech.report.localise import run_localise
     from mech.students.store import load_student
     from mech.sweep import SweepRunner, load_sweep, select_students, student_cells
+    from mech.sweep.runner import select_controls
 
     # every input is checked before the base model loads and before a missing student is trained
     sw = load_sweep(a.sweep)
     cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
-                         train_context=sw.train_contexts[0], n_questions=a.n_questions)
+                         train_context=sw.train_contexts[0], n_questions=a.n_questions, null_sets=a.null_sets,
+                         seed=a.seed)
     _check_out(a.out, "--out")
     student_cells(sw, a.students, a.sweep)
     bar, stage = _stage_bar("localise")
     try:  # close the bar before main() prints an error, so the error stays the last stderr line
         runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
         groups = select_students(runner, a.students, a.sweep)
+        controls = None if a.unpaired else select_controls(runner, a.students, a.sweep)
         base = runner.base.model
         res = run_localise(base, runner.base.tokenizer, groups, cfg, a.out,
-                           lambda d: load_student(base, d, trust_remote_code=a.trust_remote_code), stage)
+                           lambda d: load_student(base, d, trust_remote_code=a.trust_remote_code), stage, controls)
     finally:
         bar.close()
     print(Path(a.out, "localise.md").read_text())
@@ -438,6 +441,11 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", default="runs/localise")
     lo.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     lo.add_argument("--n-questions", type=int, default=50)
+    lo.add_argument("--null-sets", type=int, default=200,
+                    help="random same-size position sets per region for the 'beats random' p (0: none)")
+    lo.add_argument("--seed", type=int, default=0, help="seeds the null sets and the bootstrap")
+    lo.add_argument("--unpaired", action="store_true",
+                    help="effects vs the base instead of vs each student's neutral-teacher student")
     _add_trust_flag(lo)
     lo.set_defaults(func=cmd_localise)
 
