@@ -73,7 +73,7 @@ def test_crossed_bootstrap_known_answers():
     assert lo < v.mean() < hi and hi - lo < 0.5
 
 
-def test_planted_readout_student_paired_and_null(organism):
+def test_planted_readout_student_paired_and_null(organism, tmp_path):
     """Update only in the last layer's MLP: position-wise and with no later layer, so only the readout can move
     the metric. Readout recovers all of it, shared minus readout none; 'shared beats random' is then p = 1: every
     same-size random set holds the readout too. The neutral student is the base's own LoRA (B = 0)."""
@@ -99,6 +99,13 @@ def test_planted_readout_student_paired_and_null(organism):
     assert nulls["shared"]["p"] == 1.0 and nulls["shared"]["null_mean"] == pytest.approx(nulls["shared"]["observed"],
                                                                                           abs=1e-5)
     assert nulls["shared_minus_readout"]["observed"] == pytest.approx(0.0, abs=1e-5)
+    from mech.report.localise import write_localise
+
+    write_localise(loc, tmp_path)
+    md = (tmp_path / "localise.md").read_text()
+    assert "| g | non_shared | all | all | = shared/all/all/necessity | = shared/all/all/sufficiency |" in md
+    assert "## Paired effects, each region once" in md and "| g | shared | " in md.split("beat random")[1]
+    assert {"localise_tests.csv", "localise_null.csv"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_paired_against_itself_is_zero(organism):

@@ -31,6 +31,11 @@ from mech.report import heatmaps
 from mech.store import atomic_write_text
 
 
+def _cell(name: str) -> str:
+    """A mask name inside a Markdown table cell: its '|' separators would split the cell."""
+    return name.replace("|", "/")
+
+
 def localise_markdown(summary: list[dict], cfg: LocaliseConfig, duplicates: dict[str, str] | None = None,
                       tests: list[dict] | None = None, nulls: list[dict] | None = None) -> str:
     lines = [f"# Localisation of the {cfg.target} trait", "",
@@ -47,7 +52,7 @@ def localise_markdown(summary: list[dict], cfg: LocaliseConfig, duplicates: dict
         if r is None:
             return "–"
         if r["name"] in dup:  # the same cells switched on as an earlier row: one region, one number
-            return f"= {dup[r['name']]}"
+            return f"= {_cell(dup[r['name']])}"
         return f"{r['fraction']:+.2f}" + (f" [{r['lo']:+.2f}, {r['hi']:+.2f}]" if r["n"] > 1 else "")
 
     for (g, p, c, l, m) in sorted({k[:4] + ("",) for k in idx}):
@@ -62,9 +67,9 @@ def localise_markdown(summary: list[dict], cfg: LocaliseConfig, duplicates: dict
                   "| group | mask | paired Δ [95 % CI] | fraction | p | p Holm | p BH | equals |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in tests:
-            lines.append(f"| {t['group']} | {t['name']} | {t['paired']:+.3f} [{t['paired_lo']:+.3f}, "
+            lines.append(f"| {t['group']} | {_cell(t['name'])} | {t['paired']:+.3f} [{t['paired_lo']:+.3f}, "
                          f"{t['paired_hi']:+.3f}] | {t['paired_fraction']:+.2f} | {t['p']:.3g} | {t['p_holm']:.3g} | "
-                         f"{t['p_bh']:.3g} | {t['equals'] or '–'} |")
+                         f"{t['p_bh']:.3g} | {_cell(t['equals']) or '–'} |")
     if nulls:
         lines += ["", "## Does the region beat random positions?", "",
                   "The update on at the region's positions only (all components and layers) against the same "

@@ -126,7 +126,8 @@ def tests_markdown(tests: list[dict], name: str) -> str:
              "| name | claim | test | arms | units (n) | statistic | estimate [CI] | breakpoint [CI] | p | p Holm | "
              "p BH | verdict |", "|" + "---|" * 12]
     for t in tests:
-        est = f"{t['estimate']:+.4g}" + (f" [{t['lo']:+.4g}, {t['hi']:+.4g}]" if t["lo"] == t["lo"] else "")
+        est = "–" if t["estimate"] != t["estimate"] else \
+            f"{t['estimate']:+.4g}" + (f" [{t['lo']:+.4g}, {t['hi']:+.4g}]" if t["lo"] == t["lo"] else "")
         bp = "–" if t["breakpoint"] != t["breakpoint"] else \
             f"r{t['breakpoint']:g} [r{t['breakpoint_lo']:g}, r{t['breakpoint_hi']:g}]"
         lines.append(f"| {t['name']} | {t['claim']} | {t['test']} (α {t['alpha']:g}"
