@@ -247,8 +247,9 @@ def test_run_sweep_writes_the_tables(baseline):
     assert res["cells"] == res["shard_cells"] == res["done_cells"] == 4
     # 2 datasets (owl, neutral), 4 students, 4 student evals + 1 base eval
     assert res["computed"] == {"datasets": 2, "students": 4, "evals": 5}
-    assert sorted(Path(p).name for p in res["written"]) == sorted(TABLES)
-    assert all((out / name).is_file() for name in TABLES)
+    power = ("power.csv", "power.md")  # the sweep samples, so the sampled rate's power is reported
+    assert sorted(Path(p).name for p in res["written"]) == sorted(TABLES + power)
+    assert all((out / name).is_file() for name in TABLES + power)
     assert len(finished_students(cache)) == 4
     assert leftovers(cache) == []
 

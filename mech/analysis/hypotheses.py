@@ -216,7 +216,8 @@ def two_lines_test(units: Units, x: Sequence[float], alpha: float = 0.05, n_boot
     ml, mr = math.fsum(left) / len(left), math.fsum(right) / len(right)
     # the estimate is the weaker of the two slopes (signed so that > 0 is the U's side): the U is as clear as it
     return bp | {"statistic": min(ml, -mr), "p": max(p_left, p_right), "estimate": min(ml, -mr), "lo": math.nan,
-                 "hi": math.nan, "left": ml, "right": mr, "p_left": p_left, "p_right": p_right, "p_left_wrong": _one_sample(left, "less"),
+                 "hi": math.nan, "left": ml, "right": mr, "p_left": p_left, "p_right": p_right,
+                 "p_left_wrong": _one_sample(left, "less"),
                  "p_right_wrong": _one_sample(right, "greater"), "at_end": False}
 
 
@@ -347,7 +348,8 @@ def _result_row(h: HypothesisSpec, units: Units, res: Mapping[str, Any], ph: flo
                   f"left slope {res['left']:+.4g} (p {res['p_left']:.3g}), right slope {res['right']:+.4g} "
                   f"(p {res['p_right']:.3g}) per log2 rank")
     elif h.test == "equivalence":
-        detail = f"{' - '.join(h.arms) if len(h.arms) > 1 else h.arms[0] + ' vs 0'}; {100 * (1 - h.alpha):.0f} % CI [{res['lo_1a']:+.4g}, {res['hi_1a']:+.4g}]"
+        arms = " - ".join(h.arms) if len(h.arms) > 1 else h.arms[0] + " vs 0"
+        detail = f"{arms}; {100 * (1 - h.alpha):.0f} % CI [{res['lo_1a']:+.4g}, {res['hi_1a']:+.4g}]"
     else:
         detail = f"{' - '.join(h.arms) if len(h.arms) > 1 else h.arms[0] + ' vs 0'}, paired per unit"
     return {"name": h.name, "claim": h.claim, "test": h.test, "arms": " ".join(h.arms), "metric": h.metric,

@@ -28,8 +28,8 @@ def report_markdown(rep: Reproduction, figure_paths: list[str]) -> str:
     parts = [check_markdown(rep.check, title=f"mech reproduce: {rep.model}"),
              _demote(summary_markdown(c["summary"], rep.sweep_cfg.name)),
              *([_demote(tests_markdown(c["tests"], rep.sweep_cfg.name))] if c.get("tests") else []),
-             _demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg, rep.localisation.duplicates,
-                                       rep.localisation.tests, rep.localisation.nulls)),
+             _demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg,
+                                       *(getattr(rep.localisation, k, None) for k in ("duplicates", "tests", "nulls")))),
              "## Figures\n\n" + "\n".join(f"- [{p}]({p})" for p in figure_paths) + "\n",
              f"Sweep cells: {c['done_cells']}/{c['cells']} (computed this run: {c['computed']}). "
              f"Wall time: {rep.seconds / 60:.1f} min.\n"]
@@ -48,7 +48,7 @@ def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
                 "quick_rank": plots.rank_figure(rep.sweep["summary"], trait=rep.sweep_cfg.eval.target)}
         written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
         write_tables(tmp / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name,
-                     rep.sweep.get("cross_trait"), rep.sweep.get("tests"))
+                     rep.sweep.get("cross_trait"), rep.sweep.get("tests"), rep.sweep.get("power"))
         written += [Path(f) for f in write_localise(rep.localisation, tmp / "localise")["figures"]]
         md = report_markdown(rep, [str(p.relative_to(tmp)) for p in written])
         atomic_write_text(tmp / "report.md", md)

@@ -335,6 +335,12 @@ def finished_tables(runner: SweepRunner) -> dict:
     out = {"rows": rows, "summary": summary_rows(rows), "done_cells": len(done)}
     if runner.cfg.hypotheses and len(done) == len(cells(runner.cfg)):  # a test runs on the whole design only
         out["tests"] = hypothesis_rows(runner.cfg, rows)
+    if not runner.cfg.eval.first_token_only:  # the sampled rate's SE and the samples it would need
+        from mech.analysis.power import power_rows
+        from mech.resources import questions
+
+        n = runner.cfg.eval.n_samples * len(questions(runner.cfg.eval.category))
+        out["power"] = power_rows(out["summary"], n)
     if runner.cfg.eval.cross_trait:
         out["cross_trait"] = cross_trait(runner, done)
     return out
