@@ -188,3 +188,33 @@ def test_sweep_rows_give_tests_and_tests_md(tmp_path):
     md = (tmp_path / "out" / "tests.md").read_text()
     assert "| grows |" in md and "**supported**" in md and "Verdict rule:" in md
     assert (tmp_path / "out" / "tests.csv").read_text().startswith("name,claim,test")
+
+
+def test_context_arms_pair_within_seeds_and_the_shipped_yamls_load(tmp_path):
+    """The paper's contrast as a declared paired test: train default -> eval none vs train default -> eval default."""
+    from mech.sweep.config import hypothesis_arm
+
+    p = tmp_path / "g.yaml"
+    p.write_text("name: g\ntraits: [{target: owl}, {target: null}]\ndata_seeds: [0, 1, 2, 3]\n"
+                 "students: [{method: lora, rank: 16}]\ntraining_seeds: [0]\ntrain_contexts: [default, none]\n"
+                 "eval_contexts: [default, none]\nhypotheses:\n"
+                 "  - {name: c, claim: c, test: difference, arms: [lora_r16@@default@none, lora_r16@@default@default]}\n")
+    cfg = load_sweep(p)
+    assert hypothesis_arm("lora_r16@@default@none", cfg, cfg.hypotheses[0]) == ("lora_r16", "owl", "default", "none")
+    rng = np.random.default_rng(9)
+    rows = []
+    for d in range(4):
+        shared = rng.normal(0, 1.0)  # a data seed moves both cells alike: pairing removes it
+        for ec, mean in (("default", 0.10), ("none", 0.02)):
+            rows.append({"trait": "owl", "student": "lora_r16", "teacher_seed": d, "training_seed": 0,
+                         "train_context": "default", "eval_context": ec, "metric": "paired_logp_first",
+                         "value": mean + shared + rng.normal(0, 0.005)})
+    (t,) = hypothesis_rows(cfg, rows)
+    assert t["verdict"] == "supported" and t["estimate"] == pytest.approx(-0.08, abs=0.02)
+    bad = p.read_text().replace("lora_r16@@default@none", "lora_r16@@default@empty")
+    p.write_text(bad)
+    with pytest.raises(MechError, match="eval_context 'empty' is not in the sweep's eval_contexts"):
+        load_sweep(p)
+    for name in ("context_grid", "full_ft_controls"):
+        shipped = load_sweep(REPO / "experiments" / f"{name}.yaml")
+        assert shipped.teacher_seeds == (0, 1, 2) and shipped.training_seeds == (0,) and shipped.hypotheses

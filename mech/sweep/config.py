@@ -188,10 +188,13 @@ def _validate(cfg: SweepConfig, where: str) -> None:
     _check_hypotheses(cfg, where)
 
 
-def hypothesis_arm(arm: str, trait: str) -> tuple[str, str]:
-    """``student`` or ``student@trait`` → (student name, teacher label)."""
-    student, _, other = arm.partition("@")
-    return student, other or trait
+def hypothesis_arm(arm: str, cfg: SweepConfig, h: HypothesisSpec) -> tuple[str, str, str, str]:
+    """``student[@trait[@train_context[@eval_context]]]`` → (student name, teacher label, train context, eval
+    context); a part left out or empty takes the hypothesis's own (else eval.target and the sweep's first contexts),
+    so ``lora_r16@@default@none`` is LoRA r16 of the default teacher trained in default and evaluated in none."""
+    parts = arm.split("@", 3) + [""] * 3
+    return (parts[0], parts[1] or h.trait or cfg.eval.target, parts[2] or h.train_context or cfg.train_contexts[0],
+            parts[3] or h.eval_context or cfg.eval_contexts[0])
 
 
 def _check_hypotheses(cfg: SweepConfig, where: str) -> None:
@@ -205,14 +208,19 @@ def _check_hypotheses(cfg: SweepConfig, where: str) -> None:
     _check_unique(names, names, "hypotheses", where)
     for i, h in enumerate(cfg.hypotheses):
         at = f"{where}.hypotheses[{i}] ({h.name})"
-        arms = [hypothesis_arm(a, h.trait or cfg.eval.target) for a in h.arms]
-        unknown = [s for s, _ in arms if s not in kinds]
+        arms = [hypothesis_arm(a, cfg, h) for a in h.arms]
+        unknown = [a[0] for a in arms if a[0] not in kinds]
         if unknown:
             raise MechError(f"{at}: arm {unknown[0]!r} is no student of this sweep: choose from {', '.join(kinds)}")
-        bad = [t for _, t in arms if t not in traits]
+        bad = [a[1] for a in arms if a[1] not in traits]
         if bad:
             raise MechError(f"{at}: trait {bad[0]!r} is not a teacher of this sweep: choose from {', '.join(traits)}")
-        if h.test in ("trend", "inverted_u") and any(kinds[s].method != "lora" for s, _ in arms):
+        for axis, k in (("train_contexts", 2), ("eval_contexts", 3)):
+            off = [a[k] for a in arms if a[k] not in getattr(cfg, axis)]
+            if off:
+                raise MechError(f"{at}: {axis[:-1]} {off[0]!r} is not in the sweep's {axis}: choose from "
+                                f"{', '.join(getattr(cfg, axis))}")
+        if h.test in ("trend", "inverted_u") and any(kinds[a[0]].method != "lora" for a in arms):
             raise MechError(f"{at}: a {h.test} test runs over LoRA ranks: every arm must be a LoRA student")
         if h.metric not in metrics:
             raise MechError(f"{at}: unknown metric {h.metric!r}: choose from {', '.join(sorted(metrics))}")

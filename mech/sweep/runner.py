@@ -279,22 +279,21 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def hypothesis_rows(cfg: SweepConfig, rows: list[dict], seed: int = 0) -> list[dict]:
     """The sweep's declared tests (mech.analysis.hypotheses) on its results rows, Holm / BH adjusted over all:
-    each on its trait's rows (default eval.target) in its contexts (default the sweep's first)."""
+    each arm on its trait's rows (default eval.target) in its contexts (default the sweep's first); arms in other
+    contexts pair with them within the same data and training seed."""
     from mech.analysis.hypotheses import run_declared
-
     from mech.sweep.config import hypothesis_arm
 
     names = {Cell(cfg.traits[0], 0, s, 0, "", "").labels()["student"]: s for s in cfg.students}
     pairs, ranks = [], {}
     for h in cfg.hypotheses:
-        ctx = (h.train_context or cfg.train_contexts[0], h.eval_context or cfg.eval_contexts[0])
         mine = []
-        for arm in h.arms:  # each arm's rows, relabelled by the arm (a student of one teacher)
-            student, trait = hypothesis_arm(arm, h.trait or cfg.eval.target)
-            if names[student].method == "lora":
-                ranks[arm] = names[student].rank
+        for arm in h.arms:  # each arm's rows (a student of one teacher in one context pair), relabelled by the arm
+            want = hypothesis_arm(arm, cfg, h)
+            if names[want[0]].method == "lora":
+                ranks[arm] = names[want[0]].rank
             mine += [r | {"student": arm} for r in rows
-                     if (r["student"], r["trait"], r["train_context"], r["eval_context"]) == (student, trait, *ctx)]
+                     if (r["student"], r["trait"], r["train_context"], r["eval_context"]) == want]
         pairs.append((h, mine))
     return run_declared(pairs, ranks, seed=seed)
 
