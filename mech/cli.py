@@ -369,6 +369,9 @@ def _add_pipeline_parsers(sub) -> None:
 
 
 def cmd_localise(a) -> int:
+    import dataclasses
+
+    from mech.context import Context
     from mech.interventions.battery import LocaliseConfig
     from mech.report.localise import run_localise
     from mech.students.store import load_student
@@ -377,7 +380,15 @@ def cmd_localise(a) -> int:
 
     # every input is checked before the base model loads and before a missing student is trained
     sw = load_sweep(a.sweep)
-    cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
+    if a.train_context is not None:  # the students trained in that context: put it first (keys do not change)
+        if a.train_context not in sw.train_contexts:
+            raise MechError(f"--train-context {a.train_context!r} is not in {a.sweep}'s train_contexts: choose from "
+                            f"{', '.join(sw.train_contexts)}")
+        sw = dataclasses.replace(sw, train_contexts=(a.train_context,
+                                                     *(c for c in sw.train_contexts if c != a.train_context)))
+    eval_context = a.eval_context or sw.eval_contexts[0]
+    Context.parse(eval_context)  # a bad spec fails here, before any model loads
+    cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=eval_context,
                          train_context=sw.train_contexts[0], n_questions=a.n_questions, null_sets=a.null_sets,
                          seed=a.seed)
     _check_out(a.out, "--out")
@@ -446,6 +457,10 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--seed", type=int, default=0, help="seeds the null sets and the bootstrap")
     lo.add_argument("--unpaired", action="store_true",
                     help="effects vs the base instead of vs each student's neutral-teacher student")
+    lo.add_argument("--train-context", help="localise the students trained in this context of the sweep (default: "
+                    "its first); with another --eval-context, tokens never seen in training are non-shared")
+    lo.add_argument("--eval-context", help="evaluate in this context (default | none | empty | custom:<text>; "
+                    "default: the sweep's first eval context)")
     _add_trust_flag(lo)
     lo.set_defaults(func=cmd_localise)
 

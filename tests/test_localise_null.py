@@ -126,3 +126,19 @@ def test_cli_localise_options_validate(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("mech: error:") and "null_sets" in last
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--train-context", "none"], "--train-context 'none' is not in"),
+    (["--eval-context", "custom:"], "custom"),
+])
+def test_cli_context_options_validate(tmp_path, capsys, args, match):
+    from mech.cli import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("name: s\nteacher: {n_prompts: 8}\nstudents: [{method: lora, rank: 2}]\ntraining_seeds: [0]\n")
+    code = main(["localise", str(cfg), "--students", "lora_r2", *args, "--cache", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("mech: error:") and match in last
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
