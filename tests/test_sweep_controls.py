@@ -89,3 +89,24 @@ def test_control_datasets_from_the_sweep(tmp_path):
     assert [len(x) for x in across] == [len(x) for x in owl] and across != owl
     assert not any(n in (1, 2, 3) for a in ds["owl:banned"].answers() for n in _numbers(a))
     assert runner.computed["datasets"] == 6  # the shuffled arms reuse the owl dataset
+
+
+@pytest.mark.slow  # ~16 s: six teacher datasets and seven base evaluations on the organism
+def test_in_context_control_pairs_teacher_answers_against_neutral(tmp_path):
+    """A teacher identical to the neutral one (its ban hits no number ever sampled) gives exactly 0; the owl
+    teacher's answers in the prompt give a row per data seed and metric, from cached base evaluations."""
+    from mech.sweep.runner import in_context_rows, in_context_text
+
+    cfg = _cfg(tmp_path, "[{target: owl}, {target: null}, {target: null, control: banned, banned: [1000]}]",
+               "eval: {first_token_only: true, in_context: 2}\n")
+    runner = SweepRunner(cfg, cache=tmp_path / "cache")
+    rows = in_context_rows(runner)
+    assert {(r["trait"], r["teacher_seed"]) for r in rows} == {(t, d) for t in ("owl", "neutral:banned")
+                                                                for d in (0, 1)}
+    twin = [r for r in rows if r["trait"] == "neutral:banned" and r["metric"].startswith("in_context_paired")]
+    assert twin and all(r["value"] == 0.0 for r in twin)
+    owl = [r for r in rows if r["trait"] == "owl" and r["metric"] == "in_context_paired_logp_first"]
+    assert len(owl) == 2 and all(r["value"] != 0.0 for r in owl)
+    assert in_context_text(["1, 2", "3, 4", "5"], 2) == "1, 2\n3, 4"
+    with pytest.raises(MechError, match="lower eval.in_context"):
+        in_context_text(["1"], 2)

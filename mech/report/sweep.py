@@ -15,12 +15,13 @@ HEADLINE = ("delta_logp_first", "paired_logp_first", "delta_p_first", "paired_p_
 
 def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str,
                  cross_trait: dict[str, list[dict]] | None = None, tests: list[dict] | None = None,
-                 power: list[dict] | None = None) -> list[Path]:
+                 power: list[dict] | None = None, in_context: dict[str, list[dict]] | None = None) -> list[Path]:
     """results.{csv,parquet}, summary.{csv,parquet} and summary.md in ``out_dir``, each written atomically; with
     ``cross_trait`` (mech.analysis.transfer.cross_trait_tables) also cross_trait{,_specificity}.{csv,parquet},
     cross_trait.md and a heatmap per student recipe under figures/; with ``tests`` (the declared hypotheses,
     mech.analysis.hypotheses) also tests.csv and tests.md; with ``power`` (mech.analysis.power.power_rows) power.csv
-    and power.md."""
+    and power.md; with ``in_context`` (mech.sweep.runner.in_context_rows and its summary) in_context.csv and
+    in_context.md."""
     import pandas as pd
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,11 @@ def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str
         atomic_write_text(out_dir / "power.csv", pd.DataFrame(power).to_csv(index=False, float_format="%.6g"))
         atomic_write_text(out_dir / "power.md", power_markdown(power, name))
         written += [out_dir / "power.csv", out_dir / "power.md"]
+    if in_context is not None:
+        atomic_write_text(out_dir / "in_context.csv",
+                          pd.DataFrame(in_context["rows"]).to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(out_dir / "in_context.md", in_context_markdown(in_context["summary"], name))
+        written += [out_dir / "in_context.csv", out_dir / "in_context.md"]
     if cross_trait is not None:
         from mech.report import figures
 
@@ -146,6 +152,17 @@ def tests_markdown(tests: list[dict], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def in_context_markdown(summary: list[dict], name: str) -> str:
+    """The in-context control per teacher arm: mean [95 % CI over data seeds] of each metric."""
+    lines = [f"# In-context control: sweep {name}", "",
+             "The base model, not finetuned, with the teacher's first answers as its system prompt. Paired: minus the "
+             "same with the neutral teacher's answers (same data seed). Delta: minus the plain base. Mean [95 % "
+             "t-interval] over data seeds.", "", "| teacher | metric | mean [95 % CI] | n |", "|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['trait']} | {r['metric']} | {_ci(r['mean'], r['lo'], r['hi'], r['n'])} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
 def power_markdown(power: list[dict], name: str) -> str:
     """Per student: the sampled rate's SE at this sweep's sample count, and the samples its effect would need."""
     lines = [f"# Sampled-rate power: sweep {name}", "",
@@ -178,5 +195,5 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, c
         tables = finished_tables(runner)
         written = write_tables(out, tables.pop("rows"), tables.pop("summary"), cfg.name,
                                tables.pop("cross_trait", None), tables.pop("tests", None),
-                               tables.pop("power", None))
+                               tables.pop("power", None), tables.pop("in_context", None))
     return res | tables | {"written": [str(p) for p in written]}

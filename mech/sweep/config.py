@@ -92,6 +92,7 @@ class EvalDefaults:
     seed: int = 0
     first_token_only: bool = False  # skip sampling: the first-token metric (and its per-candidate table) only
     cross_trait: bool = False  # also tabulate every teacher trait × every candidate answer (mech.analysis.transfer)
+    in_context: int = 0  # in-context control: this many teacher answers in the base model's system prompt (0: off)
 
 
 @dataclass(frozen=True)

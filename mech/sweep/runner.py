@@ -277,6 +277,44 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return nested_ci(rows, keys, "value", outer="teacher_seed")
 
 
+def in_context_text(answers: list[str], k: int) -> str:
+    """The in-context control's system prompt: the first ``k`` teacher answers, one per line."""
+    if k < 1 or len(answers) < k:
+        raise MechError(f"the in-context control needs {k} teacher answers, the dataset has {len(answers)}: lower "
+                        "eval.in_context")
+    return "\n".join(answers[:k])
+
+
+def in_context_rows(runner: SweepRunner) -> list[dict]:
+    """The in-context control: the base model, no finetuning, with ``eval.in_context`` of a teacher's answers as
+    its system prompt, against the neutral teacher's answers of the same data seed in the same place; one row per
+    trait arm × data seed × metric (``in_context_paired_<m>``; ``in_context_delta_<m>`` vs the plain base)."""
+    from mech.teacher.dataset import load_dataset
+
+    cfg = runner.cfg
+    k = cfg.eval.in_context
+    rows = []
+    for trait in cfg.traits:
+        neutral = TraitSpec(None, trait.category)
+        if trait == neutral:
+            continue
+        for d in cfg.teacher_seeds:
+            res = {}
+            for arm in (trait, neutral):
+                text = in_context_text(load_dataset(runner.dataset(arm, d)).answers(), k)
+                res[arm] = runner.base_eval(f"custom:{text}")
+            plain = runner.base_eval(cfg.eval_contexts[0])
+            for m in METRICS:
+                if res[trait].get(m) is None:
+                    continue
+                labels = {"trait": trait.label, "category": trait.category, "teacher_seed": d, "in_context": k}
+                rows.append(labels | {"metric": f"in_context_paired_{m}",
+                                      "value": float(res[trait][m]) - float(res[neutral][m])})
+                rows.append(labels | {"metric": f"in_context_delta_{m}",
+                                      "value": float(res[trait][m]) - float(plain[m])})
+    return rows
+
+
 def hypothesis_rows(cfg: SweepConfig, rows: list[dict], seed: int = 0) -> list[dict]:
     """The sweep's declared tests (mech.analysis.hypotheses) on its results rows, Holm / BH adjusted over all:
     each arm on its trait's rows (default eval.target) in its contexts (default the sweep's first); arms in other
@@ -334,6 +372,11 @@ def finished_tables(runner: SweepRunner) -> dict:
     out = {"rows": rows, "summary": summary_rows(rows), "done_cells": len(done)}
     if runner.cfg.hypotheses and len(done) == len(cells(runner.cfg)):  # a test runs on the whole design only
         out["tests"] = hypothesis_rows(runner.cfg, rows)
+    if runner.cfg.eval.in_context:
+        from mech.analysis.stats import nested_ci
+
+        ic = in_context_rows(runner)
+        out["in_context"] = {"rows": ic, "summary": nested_ci(ic, ("trait", "metric"), "value", outer="teacher_seed")}
     if not runner.cfg.eval.first_token_only:  # the sampled rate's SE and the samples it would need
         from mech.analysis.power import power_rows
         from mech.resources import questions
