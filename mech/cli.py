@@ -390,7 +390,7 @@ def cmd_localise(a) -> int:
     Context.parse(eval_context)  # a bad spec fails here, before any model loads
     cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=eval_context,
                          train_context=sw.train_contexts[0], n_questions=a.n_questions, null_sets=a.null_sets,
-                         seed=a.seed)
+                         seed=a.seed, rest_from=a.rest_from)
     _check_out(a.out, "--out")
     student_cells(sw, a.students, a.sweep)
     bar, stage = _stage_bar("localise")
@@ -459,6 +459,9 @@ def parser() -> argparse.ArgumentParser:
                     help="effects vs the base instead of vs each student's neutral-teacher student")
     lo.add_argument("--train-context", help="localise the students trained in this context of the sweep (default: "
                     "its first); with another --eval-context, tokens never seen in training are non-shared")
+    lo.add_argument("--rest-from", choices=("student", "base"), default="student",
+                    help="full-FT students: take embeddings, norms and lm_head from the base, so only the projections "
+                    "are grafted and no mask is offset by the student's trained embeddings")
     lo.add_argument("--eval-context", help="evaluate in this context (default | none | empty | custom:<text>; "
                     "default: the sweep's first eval context)")
     _add_trust_flag(lo)

@@ -142,3 +142,25 @@ def test_cli_context_options_validate(tmp_path, capsys, args, match):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("mech: error:") and match in last
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_full_ft_rest_from_base_removes_the_embedding_offset(organism):
+    """A full-FT student that differs from the base only in its (tied) embeddings: with the rest from the student
+    every mask, even the empty one, is the student (fraction 1); with the rest from the base every mask is the
+    base (the change lives outside the grafted projections)."""
+    import copy
+
+    from mech.interventions.battery import dwg_questions
+
+    base, tok = organism.model, organism.tokenizer
+    student = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    emb = student.get_input_embeddings().weight
+    emb.data.add_(torch.randn(emb.shape, generator=g) * 0.05)
+    cfg = LocaliseConfig(positions=("shared", "user"), components=("all",), layers=("all",), n_questions=2,
+                         patch_sites=())
+    for rest, expect in (("student", "student"), ("base", "base")):
+        qm = dwg_questions(student, base, tok, LocaliseConfig(**{**cfg.__dict__, "rest_from": rest}))
+        ref = qm.student if expect == "student" else qm.base
+        assert torch.allclose(qm.mask, ref[:, None].expand_as(qm.mask), atol=1e-5), rest
+    assert not torch.allclose(qm.student, qm.base, atol=1e-3)  # the embedding change moves the metric

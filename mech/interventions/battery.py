@@ -59,6 +59,10 @@ class LocaliseConfig:
     null_positions: tuple[str, ...] = ("shared", "shared_minus_readout")
     seed: int = 0  # the null sets and the bootstrap
     n_boot: int = 2000
+    # full-FT students: where embeddings, norms and lm_head come from (mech.interventions.graft). "base" keeps the
+    # student's trained embeddings and norms out of every mask, so a full-FT fraction is not offset by them (the
+    # all-on mask then shows how much of the effect the projections carry); LoRA students are unaffected
+    rest_from: str = "student"
 
     def __post_init__(self) -> None:
         # checked here, before any student is trained or loaded; a count beyond the list was once clipped silently
@@ -66,6 +70,8 @@ class LocaliseConfig:
         if not 1 <= self.n_questions <= n:
             raise MechError(f"n_questions must be between 1 and {n} (the {self.category} questions), got "
                             f"{self.n_questions}: pass --n-questions in that range")
+        if self.rest_from not in ("student", "base"):
+            raise MechError(f"rest_from must be 'student' or 'base', got {self.rest_from!r}")
         if self.null_sets < 0 or self.n_boot < 1:
             raise MechError(f"null_sets must be >= 0 and n_boot >= 1, got {self.null_sets} and {self.n_boot}: pass "
                             "e.g. --null-sets 200")
@@ -124,7 +130,8 @@ def dwg_questions(student: Any, base: Any, tok, cfg: LocaliseConfig,
     grafted_base = None if is_lora_student(student) else base
     per_q = []
     for i, r in enumerate(rendered):
-        per_q.append(graft_metric(student, grafted_base, r, masks, ids, train_rendered=train_r))
+        per_q.append(graft_metric(student, grafted_base, r, masks, ids, train_rendered=train_r,
+                                  rest_from=cfg.rest_from))
         if progress:
             progress(i + 1, len(rendered))
     return QuestionMetrics(masks, target_logp(lp_base, ids), target_logp(lp_student, ids), torch.stack(per_q))
@@ -270,7 +277,8 @@ def null_test(owl: list[Any], neutral: list[Any] | None, base: Any, tok, cfg: Lo
 
     def run(student: Any) -> Any:  # [Q, 1 + n]
         gb = None if is_lora_student(student) else base
-        return np.stack([graft_metric(student, gb, r, [named, *ns], ids, train_rendered=train_r, batch_size=64)
+        return np.stack([graft_metric(student, gb, r, [named, *ns], ids, train_rendered=train_r, batch_size=64,
+                                      rest_from=cfg.rest_from)
                          .numpy() for r, ns in zip(rendered, nulls)])
 
     vals = np.stack([run(s) for s in owl])  # [S, Q, 1 + n]
