@@ -30,10 +30,10 @@ class Reproduction:
 
 def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache: Path | None = None,
                   n_samples: int = 200, oracle_rows: int = 300, check_progress: Callable[[str], None] | None = None,
-                  stage: Stage | None = None, null_sets: int = 200) -> Reproduction:
+                  stage: Stage | None = None, null_sets: int = 0) -> Reproduction:
     """Check the organism at ``model``, run the sweep at ``sweep_path`` on it (cached), and localise the trait in
     ``students`` (names from the sweep's summary), paired against their neutral-teacher students, with
-    ``null_sets`` random position sets per null region. The base model is loaded once and shared by all three."""
+    ``null_sets`` random position sets per null region (0: none; ``mech localise --null-sets`` runs them). The base model is loaded once and shared by all three."""
     from mech import organism
     from mech.interventions.battery import LocaliseConfig, compute_localise
     from mech.models import load_model

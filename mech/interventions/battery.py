@@ -57,6 +57,7 @@ class LocaliseConfig:
     patch_sites: tuple[str, ...] = ("resid", "attn", "mlp")
     null_sets: int = 0  # random same-size position sets per named set in null_positions (0: no null)
     null_positions: tuple[str, ...] = ("shared", "shared_minus_readout")
+    null_questions: int = 10  # the null runs on the first this-many questions: 200 sets x 50 questions is too slow
     seed: int = 0  # the null sets and the bootstrap
     n_boot: int = 2000
     # full-FT students: where embeddings, norms and lm_head come from (mech.interventions.graft). "base" keeps the
@@ -72,9 +73,9 @@ class LocaliseConfig:
                             f"{self.n_questions}: pass --n-questions in that range")
         if self.rest_from not in ("student", "base"):
             raise MechError(f"rest_from must be 'student' or 'base', got {self.rest_from!r}")
-        if self.null_sets < 0 or self.n_boot < 1:
-            raise MechError(f"null_sets must be >= 0 and n_boot >= 1, got {self.null_sets} and {self.n_boot}: pass "
-                            "e.g. --null-sets 200")
+        if self.null_sets < 0 or self.n_boot < 1 or self.null_questions < 1:
+            raise MechError(f"null_sets must be >= 0, n_boot and null_questions >= 1, got {self.null_sets}, "
+                            f"{self.n_boot} and {self.null_questions}: pass e.g. --null-sets 200")
         if not 0 <= self.heatmap_question < n:
             raise MechError(f"heatmap_question must be between 0 and {n - 1} (the {self.category} questions), got "
                             f"{self.heatmap_question}")
@@ -266,12 +267,13 @@ def null_test(owl: list[Any], neutral: list[Any] | None, base: Any, tok, cfg: Lo
               group: str) -> dict:
     """"``spec`` beats random": the effect recovered by the update at ``spec``'s positions alone (all components
     and layers; paired against the neutral students when given, else vs the base) against ``cfg.null_sets``
-    random same-size position sets; p = (1 + #null >= observed) / (1 + n)."""
+    random same-size position sets, on the first ``cfg.null_questions`` questions; p = (1 + #null >= observed) /
+    (1 + n)."""
     import numpy as np
 
     ids = first_token_ids(tok, cfg.target).ids
     train_r = _train_rendered(tok, cfg)
-    rendered = _rendered_questions(tok, cfg)
+    rendered = _rendered_questions(tok, cfg)[: cfg.null_questions]
     nulls = null_sets(spec, rendered, train_r, cfg.null_sets, cfg.seed)
     named = Mask(positions=spec, name=spec)
 
