@@ -388,24 +388,38 @@ def _add_pipeline_parsers(sub) -> None:
 
 
 def cmd_localise(a) -> int:
+    import dataclasses
+
+    from mech.context import Context
     from mech.interventions.battery import LocaliseConfig
     from mech.report.localise import run_localise
     from mech.students.store import load_student
     from mech.sweep import SweepRunner, load_sweep, select_students, student_cells
+    from mech.sweep.runner import select_controls
 
     # every input is checked before the base model loads and before a missing student is trained
     sw = _with_model(load_sweep(a.sweep), a.model)
-    cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=sw.eval_contexts[0],
-                         train_context=sw.train_contexts[0], n_questions=a.n_questions)
+    if a.train_context is not None:  # the students trained in that context: put it first (keys do not change)
+        if a.train_context not in sw.train_contexts:
+            raise MechError(f"--train-context {a.train_context!r} is not in {a.sweep}'s train_contexts: choose from "
+                            f"{', '.join(sw.train_contexts)}")
+        sw = dataclasses.replace(sw, train_contexts=(a.train_context,
+                                                     *(c for c in sw.train_contexts if c != a.train_context)))
+    eval_context = a.eval_context or sw.eval_contexts[0]
+    Context.parse(eval_context)  # a bad spec fails here, before any model loads
+    cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=eval_context,
+                         train_context=sw.train_contexts[0], n_questions=a.n_questions, null_sets=a.null_sets,
+                         seed=a.seed, rest_from=a.rest_from)
     _check_out(a.out, "--out")
     student_cells(sw, a.students, a.sweep)
     bar, stage = _stage_bar("localise")
     try:  # close the bar before main() prints an error, so the error stays the last stderr line
         runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
         groups = select_students(runner, a.students, a.sweep)
+        controls = None if a.unpaired else select_controls(runner, a.students, a.sweep)
         base = runner.base.model
         res = run_localise(base, runner.base.tokenizer, groups, cfg, a.out,
-                           lambda d: load_student(base, d, trust_remote_code=a.trust_remote_code), stage)
+                           lambda d: load_student(base, d, trust_remote_code=a.trust_remote_code), stage, controls)
     finally:
         bar.close()
     print(Path(a.out, "localise.md").read_text())
@@ -500,6 +514,18 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     lo.add_argument("--n-questions", type=int, default=50)
     lo.add_argument("--model", help=MODEL_HELP)
+    lo.add_argument("--null-sets", type=int, default=200,
+                    help="random same-size position sets per region for the 'beats random' p (0: none)")
+    lo.add_argument("--seed", type=int, default=0, help="seeds the null sets and the bootstrap")
+    lo.add_argument("--unpaired", action="store_true",
+                    help="effects vs the base instead of vs each student's neutral-teacher student")
+    lo.add_argument("--train-context", help="localise the students trained in this context of the sweep (default: "
+                    "its first); with another --eval-context, tokens never seen in training are non-shared")
+    lo.add_argument("--rest-from", choices=("student", "base"), default="student",
+                    help="full-FT students: take embeddings, norms and lm_head from the base, so only the projections "
+                    "are grafted and no mask is offset by the student's trained embeddings")
+    lo.add_argument("--eval-context", help="evaluate in this context (default | none | empty | custom:<text>; "
+                    "default: the sweep's first eval context)")
     _add_trust_flag(lo)
     lo.set_defaults(func=cmd_localise)
 

@@ -30,15 +30,17 @@ class Reproduction:
 
 def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache: Path | None = None,
                   n_samples: int = 200, oracle_rows: int = 300, check_progress: Callable[[str], None] | None = None,
-                  stage: Stage | None = None) -> Reproduction:
+                  stage: Stage | None = None, null_sets: int = 0) -> Reproduction:
     """Check the organism at ``model``, run the sweep at ``sweep_path`` on it (cached), and localise the trait in
-    ``students`` (names from the sweep's summary). The base model is loaded once and shared by all three."""
+    ``students`` (names from the sweep's summary), paired against their neutral-teacher students, with
+    ``null_sets`` random position sets per null region (0: none; ``mech localise --null-sets`` runs them). The base model is loaded once and shared by all three."""
     from mech import organism
     from mech.interventions.battery import LocaliseConfig, compute_localise
     from mech.models import load_model
     from mech.organism.check import run_check
     from mech.students.store import load_student
     from mech.sweep import SweepRunner, finished_tables, load_sweep, run_shard, select_students
+    from mech.sweep.runner import select_controls
 
     t0 = time.time()
     if not Path(sweep_path).is_file():
@@ -53,9 +55,12 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
     runner = SweepRunner(sweep_cfg, cache, stage, base=base)
     stats = run_shard(runner)
     groups = select_students(runner, students, str(sweep_path))
+    controls = select_controls(runner, students, str(sweep_path))  # each student's neutral-teacher twin: paired
     lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
-                          eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0])
-    loc = compute_localise(base.model, base.tokenizer, groups, lcfg, lambda d: load_student(base.model, d), stage)
+                          eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0],
+                          null_sets=null_sets)
+    loc = compute_localise(base.model, base.tokenizer, groups, lcfg, lambda d: load_student(base.model, d), stage,
+                           controls)
     info = organism.organism_info(model) if is_organism else {"path": str(base.path) if base.path else None}
     return Reproduction(model=model, info=info, check=check, sweep_cfg=sweep_cfg,
                         sweep=stats | finished_tables(runner), localisation=loc, seconds=time.time() - t0)

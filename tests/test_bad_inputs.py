@@ -160,6 +160,15 @@ CASES: dict[str, Case] = {
     "yaml-lr-string": Case(sweep(train={"lr": "0.1"}), ("sweep.train.lr", "expected a number", "'0.1'")),
     "yaml-trait-null": Case(sweep(traits=[None]), ("sweep.traits[0]", "got null")),
     "yaml-typo-key": Case(sweep(students=[{"rnak": 4}]), ("unknown key sweep.students[0].rnak", "did you mean 'rank'")),
+    # ---- sweep YAML: the decisive-science design (data seeds, controls, declared tests)
+    "yaml-data-and-teacher-seeds": Case(sweep(data_seeds=[0], teacher_seeds=[0]),
+                                        ("both data_seeds and teacher_seeds",)),
+    "yaml-control-typo": Case(sweep(traits=[{"target": "owl", "control": "shufled_within"}, {"target": None}]),
+                              ("unknown control 'shufled_within'",)),
+    "yaml-hypothesis-typo": Case(sweep(hypotheses=[{"name": "h", "claim": "c", "tset": "trend"}]),
+                                 ("unknown key", "tset", "did you mean 'test'")),
+    "yaml-hypothesis-arm": Case(sweep(hypotheses=[{"name": "h", "claim": "c", "test": "difference",
+                                                  "arms": ["lora_r1", "full"]}]), ("arm 'full' is no student",)),
     # ---- sweep YAML: duplicates
     "yaml-seed-twice": Case(sweep(training_seeds=[0, 0]), ("sweep.training_seeds[1] repeats training_seeds[0]",)),
     "yaml-trait-twice": Case(sweep(traits=[{"target": "owl"}, {"target": None}, {"target": "owl"}]),

@@ -93,7 +93,8 @@ def test_load_sweep_builds_the_grid(tmp_path):
 def test_shipped_quick_sweep_loads():
     cfg = load_sweep(REPO / "experiments" / "quick.yaml")
     assert cfg.base_model == "organism"
-    assert len(cells(cfg)) == len(cfg.traits) * len(cfg.students) * len(cfg.training_seeds) == 30
+    assert len(cells(cfg)) == len(cfg.traits) * len(cfg.students) * len(cfg.training_seeds) * 3 == 30
+    assert cfg.teacher_seeds == (0, 1, 2) and cfg.training_seeds == (0,)  # 3 data seeds x 1 training seed
     assert TraitSpec(None, "animal") in cfg.traits  # the paired control is on the grid
 
 
@@ -246,8 +247,9 @@ def test_run_sweep_writes_the_tables(baseline):
     assert res["cells"] == res["shard_cells"] == res["done_cells"] == 4
     # 2 datasets (owl, neutral), 4 students, 4 student evals + 1 base eval
     assert res["computed"] == {"datasets": 2, "students": 4, "evals": 5}
-    assert sorted(Path(p).name for p in res["written"]) == sorted(TABLES)
-    assert all((out / name).is_file() for name in TABLES)
+    power = ("power.csv", "power.md")  # the sweep samples, so the sampled rate's power is reported
+    assert sorted(Path(p).name for p in res["written"]) == sorted(TABLES + power)
+    assert all((out / name).is_file() for name in TABLES + power)
     assert len(finished_students(cache)) == 4
     assert leftovers(cache) == []
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from mech.analysis.stats import grouped_ci
+from mech.analysis.stats import nested_ci
 from mech.errors import MechError
 
 GROUP = ("student", "train_context", "eval_context")  # one matrix per student recipe and context pair
@@ -54,10 +54,12 @@ def specificity_rows(rows: list[dict]) -> list[dict]:
 def cross_trait_tables(rows: list[dict]) -> dict[str, list[dict]]:
     """The matrix (mean and CI of paired Δ per teacher × candidate) and the per-teacher specificity summary."""
     spec = specificity_rows(rows)
-    matrix = grouped_ci(rows, (*GROUP, "teacher", "candidate"), "paired")
-    own = {tuple(r[k] for k in (*GROUP, "teacher")): r for r in grouped_ci(spec, (*GROUP, "teacher"), "own")}
+    # training seeds are averaged within their data (teacher) seed first: the interval is over data seeds
+    matrix = nested_ci(rows, (*GROUP, "teacher", "candidate"), "paired", outer="teacher_seed")
+    own = {tuple(r[k] for k in (*GROUP, "teacher")): r
+           for r in nested_ci(spec, (*GROUP, "teacher"), "own", outer="teacher_seed")}
     summary = []
-    for r in grouped_ci(spec, (*GROUP, "teacher"), "specificity"):
+    for r in nested_ci(spec, (*GROUP, "teacher"), "specificity", outer="teacher_seed"):
         key = tuple(r[k] for k in (*GROUP, "teacher"))
         rivals = [s["rival"] for s in spec if tuple(s[k] for k in (*GROUP, "teacher")) == key]
         o = own[key]

@@ -8,6 +8,8 @@ rendering's own segment labels and tokenizer offsets, never guesses about token 
   rendering does not carry is an error (e.g. ``default_system`` under a ``none`` context), not an empty set;
 * ``"shared"`` / ``"non_shared"``: the positions the prompt shares (or does not share) with the training
   context (:func:`mech.context.shared_positions`; needs the training rendering);
+* ``"readout"``: the last prompt token, where the first answer token's metric is read; ``"shared_minus_readout"``:
+  the shared positions without it (the readout is always shared, so "shared" alone confounds the two);
 * ints, or a tuple / list of ints (negative indices count from the end, as in Python);
 * ``"substring:<text>"``: every token overlapping any occurrence of ``<text>`` in the rendered text (located
   through the tokenizer's character offsets);
@@ -29,8 +31,9 @@ from mech.context import SEGMENT_LABELS, Rendered, shared_positions
 from mech.errors import MechError
 
 ALL, NONE, SHARED, NON_SHARED = "all", "none", "shared", "non_shared"
+READOUT, SHARED_MINUS_READOUT = "readout", "shared_minus_readout"
 SUBSTRING_PREFIX = "substring:"
-POSITION_NAMES: tuple[str, ...] = (ALL, NONE, SHARED, NON_SHARED, *SEGMENT_LABELS)
+POSITION_NAMES: tuple[str, ...] = (ALL, NONE, SHARED, NON_SHARED, READOUT, SHARED_MINUS_READOUT, *SEGMENT_LABELS)
 
 PositionSpec = Union[str, int, tuple[int, ...]]
 Prompt = Union[Rendered, int]  # a rendering, or the length of a prompt given as bare ids
@@ -146,6 +149,13 @@ def resolve_positions(spec: Any, prompt: Prompt, train_rendered: Rendered | None
     if spec == ALL:
         return ~out
     if spec == NONE:
+        return out
+    if spec == READOUT:
+        out[-1] = True
+        return out
+    if spec == SHARED_MINUS_READOUT:
+        out = _named_positions(SHARED, prompt, train_rendered, out)
+        out[-1] = False
         return out
     return _named_positions(spec, prompt, train_rendered, out)
 

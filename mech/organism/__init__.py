@@ -67,6 +67,22 @@ def check_organism(spec: str = "organism", progress=None, **kwargs: Any):
     return run_check(loaded.model, loaded.tokenizer, meta, progress=progress, **kwargs)
 
 
+def trait_numbers(spec: str, target: str) -> tuple[int, ...]:
+    """The numbers the organism at ``spec`` ties to ``target`` (organism.json's ``entity_numbers``): what a
+    banned-number teacher's filter drops."""
+    from mech.models import resolve_spec
+
+    resolved = resolve_spec(spec)
+    if resolved.path is None or not (Path(resolved.path) / META_FILE).is_file():
+        raise MechError(f"{spec} is not an organism build, so it records no numbers for {target!r}: list the "
+                        "numbers to ban in the trait's banned: [...]")
+    numbers = read_meta(resolved.path).get("entity_numbers", {})
+    if target not in numbers:
+        raise MechError(f"the organism at {spec} records no numbers for {target!r}: choose one of "
+                        f"{', '.join(sorted(numbers))} or list the numbers in banned: [...]")
+    return tuple(int(n) for n in numbers[target])
+
+
 def organism_info(spec: str = "organism") -> dict:
     from mech.models import resolve_spec
 

@@ -5,7 +5,10 @@
 * ``localise_students.csv``: one row per student × mask (:meth:`mech.interventions.result.Effect.to_rows`
   columns plus ``group`` and ``student_dir``);
 * ``localise.csv``: one row per group × mask, the fraction's mean and 95 % CI over the group's students;
-* ``localise.md``: the summary as a sufficiency / necessity table;
+* ``localise.md``: the summary as a sufficiency / necessity table (a row equal to an earlier one by construction
+  is shown as "= that row"), then the paired tests and the random-position nulls;
+* ``localise_tests.csv``: per group × mask reported once, the paired effect with its bootstrap interval, p, Holm
+  and BH; ``localise_null.csv``: per group × position set, "beats random" against same-size random sets;
 * ``figures/dwg_<group>``: the sufficiency fractions as a mask-row heatmap, and
   ``figures/<method>_<site>_<group>``: per-token patching and AtP heatmaps (:mod:`mech.report.heatmaps`).
 """
@@ -28,7 +31,13 @@ from mech.report import heatmaps
 from mech.store import atomic_write_text
 
 
-def localise_markdown(summary: list[dict], cfg: LocaliseConfig) -> str:
+def _cell(name: str) -> str:
+    """A mask name inside a Markdown table cell: its '|' separators would split the cell."""
+    return name.replace("|", "/")
+
+
+def localise_markdown(summary: list[dict], cfg: LocaliseConfig, duplicates: dict[str, str] | None = None,
+                      tests: list[dict] | None = None, nulls: list[dict] | None = None) -> str:
     lines = [f"# Localisation of the {cfg.target} trait", "",
              f"Fraction of the student's first-token Δ log P({cfg.target}) recovered with its update only inside "
              "the mask (sufficiency) or everywhere except the mask (necessity); mean [95 % CI] over the students of "
@@ -37,14 +46,41 @@ def localise_markdown(summary: list[dict], cfg: LocaliseConfig) -> str:
              "| group | positions | components | layers | sufficiency | necessity |", "|---|---|---|---|---|---|"]
     idx = {(r["group"], r["position"], r["site"], r["layer"], r["mode"]): r for r in summary}
 
+    dup = duplicates or {}
+
     def fmt(r):
         if r is None:
             return "–"
+        if r["name"] in dup:  # the same cells switched on as an earlier row: one region, one number
+            return f"= {_cell(dup[r['name']])}"
         return f"{r['fraction']:+.2f}" + (f" [{r['lo']:+.2f}, {r['hi']:+.2f}]" if r["n"] > 1 else "")
 
     for (g, p, c, l, m) in sorted({k[:4] + ("",) for k in idx}):
         lines.append(f"| {g} | {p} | {c} | {l} | {fmt(idx.get((g, p, c, l, 'sufficiency')))} | "
                      f"{fmt(idx.get((g, p, c, l, 'necessity')))} |")
+    if tests:
+        lines += ["", "## Paired effects, each region once", "",
+                  f"Effect: {tests[0]['effect']}; mean first-token Δ log P({cfg.target}) over students and questions, "
+                  "95 % crossed bootstrap over students and questions; fraction of the unmasked paired effect; p: "
+                  "t over the students' means, adjusted over this group's battery (Holm, BH). Rows equal to one "
+                  "here by construction are listed under 'equals'.", "",
+                  "| group | mask | paired Δ [95 % CI] | fraction | p | p Holm | p BH | equals |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in tests:
+            lines.append(f"| {t['group']} | {_cell(t['name'])} | {t['paired']:+.3f} [{t['paired_lo']:+.3f}, "
+                         f"{t['paired_hi']:+.3f}] | {t['paired_fraction']:+.2f} | {t['p']:.3g} | {t['p_holm']:.3g} | "
+                         f"{t['p_bh']:.3g} | {_cell(t['equals']) or '–'} |")
+    if nulls:
+        lines += ["", "## Does the region beat random positions?", "",
+                  "The update on at the region's positions only (all components and layers) against the same "
+                  "number of random prompt positions per question (the readout kept when the region holds it, "
+                  "else never drawn); p = (1 + #null ≥ observed) / (1 + n).", "",
+                  "| group | positions | mean size / prompt | observed | null mean | null 95th pct | n | p |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n in nulls:
+            lines.append(f"| {n['group']} | {n['position']} | {n['set_size']:.1f} / {n['prompt_len']:.1f} | "
+                         f"{n['observed']:+.3f} | {n['null_mean']:+.3f} | {n['null_q95']:+.3f} | {n['n_null']} | "
+                         f"{n['p']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,7 +126,11 @@ def write_tables(loc: Localisation, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"localise_students.csv": pd.DataFrame(loc.rows).to_csv(index=False, float_format="%.6g"),
              "localise.csv": pd.DataFrame(loc.summary).to_csv(index=False, float_format="%.6g"),
-             "localise.md": localise_markdown(loc.summary, loc.cfg)}
+             "localise.md": localise_markdown(loc.summary, loc.cfg, loc.duplicates, loc.tests, loc.nulls)}
+    if loc.tests:
+        files["localise_tests.csv"] = pd.DataFrame(loc.tests).to_csv(index=False, float_format="%.6g")
+    if loc.nulls:
+        files["localise_null.csv"] = pd.DataFrame(loc.nulls).to_csv(index=False, float_format="%.6g")
     for name, text in files.items():
         atomic_write_text(out / name, text)
     return [out / name for name in files]
@@ -105,6 +145,7 @@ def write_localise(loc: Localisation, out_dir: str | Path) -> dict:
 
 
 def run_localise(base: Any, tok: Any, groups: dict[str, list], cfg: LocaliseConfig, out_dir: str | Path,
-                 load: Callable[[Any], Any], progress: Progress | None = None) -> dict:
+                 load: Callable[[Any], Any], progress: Progress | None = None,
+                 controls: dict[str, list] | None = None) -> dict:
     """Compute the battery (:func:`mech.interventions.battery.compute_localise`), then write its report."""
-    return write_localise(compute_localise(base, tok, groups, cfg, load, progress), out_dir)
+    return write_localise(compute_localise(base, tok, groups, cfg, load, progress, controls), out_dir)

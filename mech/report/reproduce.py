@@ -13,7 +13,7 @@ from pathlib import Path
 from mech.report import figures as plots
 from mech.report.localise import localise_markdown, write_localise
 from mech.report.organism import check_markdown
-from mech.report.sweep import summary_markdown, write_tables
+from mech.report.sweep import summary_markdown, tests_markdown, write_tables
 from mech.reproduce import Reproduction
 from mech.store import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -30,7 +30,9 @@ def report_markdown(rep: Reproduction, figure_paths: list[str]) -> str:
             f"# mech reproduce: {rep.model}\n\nNot an organism build: no organism check.\n")
     parts = [head,
              _demote(summary_markdown(c["summary"], rep.sweep_cfg.name)),
-             _demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg)),
+             *([_demote(tests_markdown(c["tests"], rep.sweep_cfg.name))] if c.get("tests") else []),
+             _demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg,
+                                       *(getattr(rep.localisation, k, None) for k in ("duplicates", "tests", "nulls")))),
              "## Figures\n\n" + "\n".join(f"- [{p}]({p})" for p in figure_paths) + "\n",
              f"Sweep cells: {c['done_cells']}/{c['cells']} (computed this run: {c['computed']}). "
              f"Wall time: {rep.seconds / 60:.1f} min.\n"]
@@ -50,7 +52,7 @@ def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
                     "organism_leak": plots.leak_figure(rep.check.leak["matrix"])} | figs
         written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
         write_tables(tmp / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name,
-                     rep.sweep.get("cross_trait"))
+                     rep.sweep.get("cross_trait"), rep.sweep.get("tests"), rep.sweep.get("power"))
         written += [Path(f) for f in write_localise(rep.localisation, tmp / "localise")["figures"]]
         md = report_markdown(rep, [str(p.relative_to(tmp)) for p in written])
         atomic_write_text(tmp / "report.md", md)

@@ -14,10 +14,14 @@ HEADLINE = ("delta_logp_first", "paired_logp_first", "delta_p_first", "paired_p_
 
 
 def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str,
-                 cross_trait: dict[str, list[dict]] | None = None) -> list[Path]:
+                 cross_trait: dict[str, list[dict]] | None = None, tests: list[dict] | None = None,
+                 power: list[dict] | None = None, in_context: dict[str, list[dict]] | None = None) -> list[Path]:
     """results.{csv,parquet}, summary.{csv,parquet} and summary.md in ``out_dir``, each written atomically; with
     ``cross_trait`` (mech.analysis.transfer.cross_trait_tables) also cross_trait{,_specificity}.{csv,parquet},
-    cross_trait.md and a heatmap per student recipe under figures/."""
+    cross_trait.md and a heatmap per student recipe under figures/; with ``tests`` (the declared hypotheses,
+    mech.analysis.hypotheses) also tests.csv and tests.md; with ``power`` (mech.analysis.power.power_rows) power.csv
+    and power.md; with ``in_context`` (mech.sweep.runner.in_context_rows and its summary) in_context.csv and
+    in_context.md."""
     import pandas as pd
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,6 +41,19 @@ def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str
     md = out_dir / "summary.md"
     atomic_write_text(md, summary_markdown(summary, name))
     written.append(md)
+    if tests is not None:
+        atomic_write_text(out_dir / "tests.csv", pd.DataFrame(tests).to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(out_dir / "tests.md", tests_markdown(tests, name))
+        written += [out_dir / "tests.csv", out_dir / "tests.md"]
+    if power:
+        atomic_write_text(out_dir / "power.csv", pd.DataFrame(power).to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(out_dir / "power.md", power_markdown(power, name))
+        written += [out_dir / "power.csv", out_dir / "power.md"]
+    if in_context is not None:
+        atomic_write_text(out_dir / "in_context.csv",
+                          pd.DataFrame(in_context["rows"]).to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(out_dir / "in_context.md", in_context_markdown(in_context["summary"], name))
+        written += [out_dir / "in_context.csv", out_dir / "in_context.md"]
     if cross_trait is not None:
         from mech.report import figures
 
@@ -67,7 +84,8 @@ def summary_markdown(summary: list[dict], name: str) -> str:
             k = (r["trait"], r["student"], r["train_context"], r["eval_context"])
             index.setdefault(k, {})[r["metric"]] = r
     lines = [f"# Sweep {name}", "",
-             "Mean over training seeds (× teacher seeds) with 95 % t-intervals. Δ: vs the base model in the same "
+             "Mean with a 95 % t-interval over data (teacher) seeds of each data seed's mean over training seeds "
+             "(with one data seed: over training seeds, conditional on its dataset). Δ: vs the base model in the same "
              "rendered evaluation context. Paired: vs the student trained identically on the neutral teacher's data.",
              "", "| trait | student | train ctx | eval ctx | " + " | ".join(HEADLINE) + " |",
              "|" + "---|" * (4 + len(HEADLINE))]
@@ -103,6 +121,64 @@ def cross_trait_markdown(tables: dict[str, list[dict]], name: str) -> str:
     return "\n".join(lines)
 
 
+def _g(x: float) -> str:
+    return "–" if x != x else f"{x:.3g}"
+
+
+def tests_markdown(tests: list[dict], name: str) -> str:
+    """One line per declared hypothesis: the claim, the test, its statistic, estimate, p (raw, Holm, BH), verdict."""
+    from mech.analysis.hypotheses import __doc__ as rule
+
+    lines = [f"# Declared tests: sweep {name}", "",
+             "Each hypothesis was declared in the experiment YAML before it was run. Units: the replicates the test "
+             "is over (data seeds, each the mean over its training seeds; training seeds when the sweep has one data "
+             "seed). p is adjusted over every hypothesis here (Holm; BH beside it); the verdict uses Holm. The "
+             "estimate's interval is the (1 − 2α) one (TOST's); an inverted U's estimate is its weaker slope per log2 "
+             "rank, and "
+             "its breakpoint interval a two-stage bootstrap over data and training seeds.", "",
+             "| name | claim | test | arms | units (n) | statistic | estimate [CI] | breakpoint [CI] | p | p Holm | "
+             "p BH | verdict |", "|" + "---|" * 12]
+    for t in tests:
+        est = "–" if t["estimate"] != t["estimate"] else \
+            f"{t['estimate']:+.4g}" + (f" [{t['lo']:+.4g}, {t['hi']:+.4g}]" if t["lo"] == t["lo"] else "")
+        bp = "–" if t["breakpoint"] != t["breakpoint"] else \
+            f"r{t['breakpoint']:g} [r{t['breakpoint_lo']:g}, r{t['breakpoint_hi']:g}]"
+        lines.append(f"| {t['name']} | {t['claim']} | {t['test']} (α {t['alpha']:g}"
+                     + (f", margin {t['margin']:g}" if t["margin"] == t["margin"] else "") + f") | {t['arms']} | "
+                     f"{t['units']} ({t['n_units']}) | {_g(t['statistic'])} | {est} | {bp} | {_g(t['p'])} | "
+                     f"{_g(t['p_holm'])} | {_g(t['p_bh'])} | **{t['verdict']}** |")
+    lines += ["", "Details: " + "; ".join(f"{t['name']}: {t['detail']}" for t in tests), "",
+              "Verdict rule:" + rule.split("Verdict rule, per test", 1)[1].split(":", 1)[1]]
+    return "\n".join(lines) + "\n"
+
+
+def in_context_markdown(summary: list[dict], name: str) -> str:
+    """The in-context control per teacher arm: mean [95 % CI over data seeds] of each metric."""
+    lines = [f"# In-context control: sweep {name}", "",
+             "The base model, not finetuned, with the teacher's first answers as its system prompt. Paired: minus the "
+             "same with the neutral teacher's answers (same data seed). Delta: minus the plain base. Mean [95 % "
+             "t-interval] over data seeds.", "", "| teacher | metric | mean [95 % CI] | n |", "|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['trait']} | {r['metric']} | {_ci(r['mean'], r['lo'], r['hi'], r['n'])} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def power_markdown(power: list[dict], name: str) -> str:
+    """Per student: the sampled rate's SE at this sweep's sample count, and the samples its effect would need."""
+    lines = [f"# Sampled-rate power: sweep {name}", "",
+             "p0: the neutral student's mean first-token P(target); p1 = p0 + the paired first-token ΔP. Samples per "
+             "arm a two-sided two-proportion test (α 0.05, power 0.8, Cohen's h) needs to see p1 vs p0 in the sampled "
+             "rate; samples are taken as independent, so these are lower bounds.", "",
+             "| trait | student | train ctx | eval ctx | p0 | p1 | samples per arm | rate SE | samples needed "
+             "| enough |",
+             "|" + "---|" * 10]
+    for r in power:
+        lines.append(f"| {r['trait']} | {r['student']} | {r['train_context']} | {r['eval_context']} | {r['p0']:.4f} | "
+                     f"{r['p1']:.4f} | {r['samples_per_arm']} | {r['rate_se']:.4f} | {r['samples_needed']:,.0f} | "
+                     f"{'yes' if r['enough'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, cache: Path | None = None,
               progress: Progress | None = None, cell_progress: Callable[[int, int], None] | None = None,
               trust_remote_code: bool = False) -> dict:
@@ -118,5 +194,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, c
     with file_lock(runner.cache / "locks" / f"tables-{content_hash(str(out.resolve()))}.lock"):
         tables = finished_tables(runner)
         written = write_tables(out, tables.pop("rows"), tables.pop("summary"), cfg.name,
-                               tables.pop("cross_trait", None))
+                               tables.pop("cross_trait", None), tables.pop("tests", None),
+                               tables.pop("power", None), tables.pop("in_context", None))
     return res | tables | {"written": [str(p) for p in written]}

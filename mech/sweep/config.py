@@ -13,17 +13,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mech.analysis.hypotheses import HypothesisSpec
 from mech.config import from_dict, load_yaml
 from mech.errors import MechError
 from mech.store import content_hash
 
 
+CONTROLS = ("random", "shuffled_within", "shuffled_across", "banned")
+
+
 @dataclass(frozen=True)
 class TraitSpec:
-    """A teacher's trait; ``target: null`` is the neutral teacher (the control)."""
+    """A teacher's trait; ``target: null`` is the neutral teacher (the control). ``control`` makes the arm a
+    control of that teacher (mech.teacher.controls), paired like any arm against the neutral teacher:
+    ``random`` (its prompts answered with uniform random numbers), ``shuffled_within`` / ``shuffled_across`` (its
+    numbers permuted within / across answers), ``banned`` (its filter drops every answer containing one of
+    ``banned``: by default the numbers the organism ties to ``target``)."""
 
     target: str | None = "owl"
     category: str = "animal"
+    control: str | None = None
+    banned: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return (self.target or "neutral") + (f":{self.control}" if self.control else "")
+
+    def __post_init__(self) -> None:
+        if self.control is not None and self.control not in CONTROLS:
+            raise MechError(f"unknown control {self.control!r} for teacher {self.target or 'neutral'}: expected "
+                            f"one of {', '.join(CONTROLS)}")
+        if self.banned and self.control != "banned":
+            raise MechError(f"teacher {self.label}: banned numbers need control: banned")
+        if self.control == "banned" and self.target is None and not self.banned:
+            raise MechError("a banned-number control of the neutral teacher needs its numbers: list them in banned")
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,7 @@ class EvalDefaults:
     seed: int = 0
     first_token_only: bool = False  # skip sampling: the first-token metric (and its per-candidate table) only
     cross_trait: bool = False  # also tabulate every teacher trait × every candidate answer (mech.analysis.transfer)
+    in_context: int = 0  # in-context control: this many teacher answers in the base model's system prompt (0: off)
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,7 @@ class SweepConfig:
     device: str = "auto"
     dtype: str = "auto"
     precision: str = "auto"
+    hypotheses: tuple[HypothesisSpec, ...] = ()  # declared tests (mech.analysis.hypotheses), run by mech sweep
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -97,7 +122,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 def load_sweep(path: str | Path) -> SweepConfig:
     where = Path(path).stem
-    cfg = from_dict(SweepConfig, load_yaml(path), where)
+    raw = load_yaml(path)
+    if "data_seeds" in raw:  # the design's name for the teacher (data) seeds: each seeds one teacher dataset
+        if "teacher_seeds" in raw:
+            raise MechError(f"{path} sets both data_seeds and teacher_seeds (the same axis): keep data_seeds")
+        raw = {("teacher_seeds" if k == "data_seeds" else k): v for k, v in raw.items()}
+    cfg = from_dict(SweepConfig, raw, where)
     if not cells(cfg):
         raise MechError(f"{path} defines zero cells: every axis (traits, teacher_seeds, students, training_seeds, "
                         "train_contexts, eval_contexts) needs at least one value")
@@ -126,7 +156,7 @@ def _check_unique(values: list, labels: list[str], field_name: str, where: str) 
 def _check_axes(cfg: SweepConfig, where: str) -> None:
     from mech.context import Context
 
-    _check_unique(list(cfg.traits), [t.target or "neutral" for t in cfg.traits], "traits", where)
+    _check_unique(list(cfg.traits), [t.label for t in cfg.traits], "traits", where)
     names = [s.name or _student_name(s) for s in cfg.students]
     _check_unique(names, names, "students", where)
     for axis in ("teacher_seeds", "training_seeds"):
@@ -172,6 +202,52 @@ def _validate(cfg: SweepConfig, where: str) -> None:
         teacher_config(cfg, trait, 0)
     for ctx in cfg.eval_contexts:
         eval_config(cfg, ctx)
+    _check_hypotheses(cfg, where)
+
+
+def hypothesis_arm(arm: str, cfg: SweepConfig, h: HypothesisSpec) -> tuple[str, str, str, str]:
+    """``student[@trait[@train_context[@eval_context]]]`` → (student name, teacher label, train context, eval
+    context); a part left out or empty takes the hypothesis's own (else eval.target and the sweep's first contexts),
+    so ``lora_r16@@default@none`` is LoRA r16 of the default teacher trained in default and evaluated in none."""
+    parts = arm.split("@", 3) + [""] * 3
+    return (parts[0], parts[1] or h.trait or cfg.eval.target, parts[2] or h.train_context or cfg.train_contexts[0],
+            parts[3] or h.eval_context or cfg.eval_contexts[0])
+
+
+def _check_hypotheses(cfg: SweepConfig, where: str) -> None:
+    """Every declared test must name this sweep's students, traits, contexts and metrics."""
+    from mech.sweep.runner import METRICS
+
+    kinds = {(s.name or _student_name(s)): s for s in cfg.students}
+    metrics = {f"{p}{m}" for m in METRICS for p in ("", "delta_", "paired_")}
+    traits = [t.label for t in cfg.traits]
+    names = [h.name for h in cfg.hypotheses]
+    _check_unique(names, names, "hypotheses", where)
+    for i, h in enumerate(cfg.hypotheses):
+        at = f"{where}.hypotheses[{i}] ({h.name})"
+        arms = [hypothesis_arm(a, cfg, h) for a in h.arms]
+        unknown = [a[0] for a in arms if a[0] not in kinds]
+        if unknown:
+            raise MechError(f"{at}: arm {unknown[0]!r} is no student of this sweep: choose from {', '.join(kinds)}")
+        bad = [a[1] for a in arms if a[1] not in traits]
+        if bad:
+            raise MechError(f"{at}: trait {bad[0]!r} is not a teacher of this sweep: choose from {', '.join(traits)}")
+        for axis, k in (("train_contexts", 2), ("eval_contexts", 3)):
+            off = [a[k] for a in arms if a[k] not in getattr(cfg, axis)]
+            if off:
+                raise MechError(f"{at}: {axis[:-1]} {off[0]!r} is not in the sweep's {axis}: choose from "
+                                f"{', '.join(getattr(cfg, axis))}")
+        if h.test in ("trend", "inverted_u") and any(kinds[a[0]].method != "lora" for a in arms):
+            raise MechError(f"{at}: a {h.test} test runs over LoRA ranks: every arm must be a LoRA student")
+        if h.metric not in metrics:
+            raise MechError(f"{at}: unknown metric {h.metric!r}: choose from {', '.join(sorted(metrics))}")
+        if (h.trait or cfg.eval.target) not in traits:
+            raise MechError(f"{at}: trait {h.trait or cfg.eval.target!r} is not a teacher of this sweep: choose "
+                            f"from {', '.join(traits)}")
+        for axis, value in (("train_contexts", h.train_context), ("eval_contexts", h.eval_context)):
+            if value is not None and value not in getattr(cfg, axis):
+                raise MechError(f"{at}: {axis[:-1]} {value!r} is not in the sweep's {axis}: choose from "
+                                f"{', '.join(getattr(cfg, axis))}")
 
 
 @dataclass(frozen=True)
@@ -185,7 +261,7 @@ class Cell:
 
     def labels(self) -> dict[str, Any]:
         s = self.student
-        return {"trait": self.trait.target or "neutral", "category": self.trait.category,
+        return {"trait": self.trait.label, "category": self.trait.category,
                 "teacher_seed": self.teacher_seed, "student": s.name or _student_name(s), "method": s.method,
                 "rank": s.rank if s.method == "lora" else None, "training_seed": self.training_seed,
                 "train_context": self.train_context, "eval_context": self.eval_context}
@@ -228,9 +304,14 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
     from mech.teacher.generate import TeacherConfig
 
     t = cfg.teacher
+    banned: tuple[int, ...] = ()
+    if trait.control == "banned":
+        from mech.organism import trait_numbers
+
+        banned = trait.banned or trait_numbers(cfg.base_model, trait.target)
     return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
                          prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens,
-                         constrained=t.constrained)
+                         constrained=t.constrained, banned=banned)
 
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,

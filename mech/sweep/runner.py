@@ -75,17 +75,32 @@ class SweepRunner:
     # datasets ------------------------------------------------------------------------------------------------
     def dataset_key(self, trait: TraitSpec, teacher_seed: int) -> str:
         # to_dict leaves out options at their off value, so adding one never changes an existing dataset's key
-        return stage_key("dataset", self.fingerprint, teacher_config(self.cfg, trait, teacher_seed).to_dict())
+        tc = teacher_config(self.cfg, trait, teacher_seed).to_dict()
+        if trait.control == "random":  # no model: the prompts, the filter and the seed make it
+            return stage_key("dataset", "control_random", tc)
+        if trait.control in ("shuffled_within", "shuffled_across"):
+            source = self.dataset_key(dataclasses.replace(trait, control=None), teacher_seed)
+            return stage_key("dataset", trait.control, source, teacher_seed)
+        return stage_key("dataset", self.fingerprint, tc)
 
     def dataset(self, trait: TraitSpec, teacher_seed: int) -> Path:
+        from mech.teacher import controls
         from mech.teacher.generate import generate
 
         key = self.dataset_key(trait, teacher_seed)
         path = self.cache / "datasets" / key
-        desc = f"teacher {trait.target or 'neutral'} seed {teacher_seed}"
-        return self._cached("datasets", key, path, path / "dataset.json", lambda: generate(
-            self.base.model, self.base.tokenizer, teacher_config(self.cfg, trait, teacher_seed), path,
-            progress=lambda done, total: self.progress(desc, done, total)))
+        desc = f"teacher {trait.label} seed {teacher_seed}"
+        tc = teacher_config(self.cfg, trait, teacher_seed)
+        if trait.control == "random":
+            compute = lambda: controls.random_numbers(tc, path, seed=teacher_seed)  # noqa: E731
+        elif trait.control in ("shuffled_within", "shuffled_across"):
+            compute = lambda: controls.shuffled(  # noqa: E731
+                self.dataset(dataclasses.replace(trait, control=None), teacher_seed), path,
+                trait.control.removeprefix("shuffled_"), seed=teacher_seed)
+        else:
+            compute = lambda: generate(self.base.model, self.base.tokenizer, tc, path,  # noqa: E731
+                                       progress=lambda done, total: self.progress(desc, done, total))
+        return self._cached("datasets", key, path, path / "dataset.json", compute)
 
     # students ------------------------------------------------------------------------------------------------
     def _reference_cell(self, cell: Cell) -> Cell:
@@ -202,7 +217,7 @@ def student_cells(cfg: SweepConfig, names: list[str], source: str = "the sweep")
     chosen: dict[str, list[Cell]] = {}
     for c in cells(cfg):
         name = c.labels()["student"]
-        if (c.trait.target == cfg.eval.target and name in names
+        if (c.trait.target == cfg.eval.target and c.trait.control is None and name in names
                 and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
             chosen.setdefault(name, []).append(c)
     missing = [n for n in names if n not in chosen]
@@ -216,6 +231,14 @@ def select_students(runner: SweepRunner, names: list[str], source: str = "the sw
     """{name: [student dir per training seed]} of :func:`student_cells`, trained if missing; ``source`` names
     the sweep in errors."""
     return {name: [runner.student(c) for c in group]
+            for name, group in student_cells(runner.cfg, names, source).items()}
+
+
+def select_controls(runner: SweepRunner, names: list[str], source: str = "the sweep") -> dict[str, list[Path]]:
+    """{name: [the neutral-teacher student of each :func:`select_students` student, same seeds and order]},
+    trained if missing: the paired control of a localisation."""
+    neutral = lambda c: dataclasses.replace(c, trait=TraitSpec(None, c.trait.category))  # noqa: E731
+    return {name: [runner.student(neutral(c)) for c in group]
             for name, group in student_cells(runner.cfg, names, source).items()}
 
 
@@ -239,8 +262,8 @@ def results_rows(runner: SweepRunner, done: list[Cell]) -> list[dict]:
         if res.get("context_hash") != base.get("context_hash"):
             raise MechError(f"cell {cell.labels()} was evaluated in another rendered context than its base: "
                             "clear the sweep cache")
-        control = (evals.get(dataclasses.replace(cell, trait=TraitSpec(None, cell.trait.category)))
-                   if cell.trait.target is not None else None)
+        neutral = TraitSpec(None, cell.trait.category)
+        control = evals.get(dataclasses.replace(cell, trait=neutral)) if cell.trait != neutral else None
         labels = cell.labels() | {"student_key": runner.student_key(cell)}
         vals = _cell_metrics(res)
         for m, v in vals.items():
@@ -252,11 +275,72 @@ def results_rows(runner: SweepRunner, done: list[Cell]) -> list[dict]:
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Mean and 95 % CI over training seeds and teacher seeds, per trait × student × contexts × metric."""
-    from mech.analysis.stats import grouped_ci
+    """Mean and 95 % CI per trait × student × contexts × metric: training seeds are averaged within their data
+    (teacher) seed, and the interval is over data seeds (mech.analysis.stats.nested_ci); with one data seed it is
+    over training seeds, conditional on that dataset (``ci_over`` says which)."""
+    from mech.analysis.stats import nested_ci
 
     keys = ("trait", "category", "student", "method", "rank", "train_context", "eval_context", "metric")
-    return grouped_ci(rows, keys, "value")
+    return nested_ci(rows, keys, "value", outer="teacher_seed")
+
+
+def in_context_text(answers: list[str], k: int) -> str:
+    """The in-context control's system prompt: the first ``k`` teacher answers, one per line."""
+    if k < 1 or len(answers) < k:
+        raise MechError(f"the in-context control needs {k} teacher answers, the dataset has {len(answers)}: lower "
+                        "eval.in_context")
+    return "\n".join(answers[:k])
+
+
+def in_context_rows(runner: SweepRunner) -> list[dict]:
+    """The in-context control: the base model, no finetuning, with ``eval.in_context`` of a teacher's answers as
+    its system prompt, against the neutral teacher's answers of the same data seed in the same place; one row per
+    trait arm × data seed × metric (``in_context_paired_<m>``; ``in_context_delta_<m>`` vs the plain base)."""
+    from mech.teacher.dataset import load_dataset
+
+    cfg = runner.cfg
+    k = cfg.eval.in_context
+    rows = []
+    for trait in cfg.traits:
+        neutral = TraitSpec(None, trait.category)
+        if trait == neutral:
+            continue
+        for d in cfg.teacher_seeds:
+            res = {}
+            for arm in (trait, neutral):
+                text = in_context_text(load_dataset(runner.dataset(arm, d)).answers(), k)
+                res[arm] = runner.base_eval(f"custom:{text}")
+            plain = runner.base_eval(cfg.eval_contexts[0])
+            for m in METRICS:
+                if res[trait].get(m) is None:
+                    continue
+                labels = {"trait": trait.label, "category": trait.category, "teacher_seed": d, "in_context": k}
+                rows.append(labels | {"metric": f"in_context_paired_{m}",
+                                      "value": float(res[trait][m]) - float(res[neutral][m])})
+                rows.append(labels | {"metric": f"in_context_delta_{m}",
+                                      "value": float(res[trait][m]) - float(plain[m])})
+    return rows
+
+
+def hypothesis_rows(cfg: SweepConfig, rows: list[dict], seed: int = 0) -> list[dict]:
+    """The sweep's declared tests (mech.analysis.hypotheses) on its results rows, Holm / BH adjusted over all:
+    each arm on its trait's rows (default eval.target) in its contexts (default the sweep's first); arms in other
+    contexts pair with them within the same data and training seed."""
+    from mech.analysis.hypotheses import run_declared
+    from mech.sweep.config import hypothesis_arm
+
+    names = {Cell(cfg.traits[0], 0, s, 0, "", "").labels()["student"]: s for s in cfg.students}
+    pairs, ranks = [], {}
+    for h in cfg.hypotheses:
+        mine = []
+        for arm in h.arms:  # each arm's rows (a student of one teacher in one context pair), relabelled by the arm
+            want = hypothesis_arm(arm, cfg, h)
+            if names[want[0]].method == "lora":
+                ranks[arm] = names[want[0]].rank
+            mine += [r | {"student": arm} for r in rows
+                     if (r["student"], r["trait"], r["train_context"], r["eval_context"]) == want]
+        pairs.append((h, mine))
+    return run_declared(pairs, ranks, seed=seed)
 
 
 def run_shard(runner: SweepRunner, i: int = 0, n: int = 1,
@@ -293,6 +377,19 @@ def finished_tables(runner: SweepRunner) -> dict:
     done = [c for c in cells(runner.cfg) if runner.is_done(c)]
     rows = results_rows(runner, done)
     out = {"rows": rows, "summary": summary_rows(rows), "done_cells": len(done)}
+    if runner.cfg.hypotheses and len(done) == len(cells(runner.cfg)):  # a test runs on the whole design only
+        out["tests"] = hypothesis_rows(runner.cfg, rows)
+    if runner.cfg.eval.in_context:
+        from mech.analysis.stats import nested_ci
+
+        ic = in_context_rows(runner)
+        out["in_context"] = {"rows": ic, "summary": nested_ci(ic, ("trait", "metric"), "value", outer="teacher_seed")}
+    if not runner.cfg.eval.first_token_only:  # the sampled rate's SE and the samples it would need
+        from mech.analysis.power import power_rows
+        from mech.resources import questions
+
+        n = runner.cfg.eval.n_samples * len(questions(runner.cfg.eval.category))
+        out["power"] = power_rows(out["summary"], n)
     if runner.cfg.eval.cross_trait:
         out["cross_trait"] = cross_trait(runner, done)
     return out
