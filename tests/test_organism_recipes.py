@@ -305,3 +305,5 @@ def test_reproduce_report_writes_the_leak_figure(tiny, monkeypatch, tmp_path):
     md = rr.write_reproduce(repro, tmp_path / "report")
     assert (tmp_path / "report" / "figures" / "organism_leak.html").is_file()
     assert "figures/organism_leak.html" in md and "## Leak matrix" in md
+    page = (tmp_path / "report" / "report.html").read_text()  # one page, every figure inline
+    assert 'id="fig-organism_leak"' in page and 'id="fig-quick_rank"' in page and "<h2>Leak matrix" in page

@@ -107,15 +107,20 @@ def token_figures(grids: GroupGrids, cfg: LocaliseConfig, group: str) -> dict[st
     return out
 
 
-def write_figures(loc: Localisation, out_dir: str | Path) -> list[Path]:
-    """Every localisation figure of every group under ``out_dir/figures``; the files written."""
-    fig_dir = Path(out_dir) / "figures"
-    written = []
+def localise_figures(loc: Localisation) -> dict[str, Any]:
+    """Every localisation figure of every group, by file stem (``dwg_<group>``, ``<method>_<site>_<group>``)."""
+    figs: dict[str, Any] = {}
     for group, grids in loc.grids.items():
-        written += plots.save_figure(mask_rows_figure(loc, group), fig_dir / f"dwg_{group}")
-        for stem, fig in token_figures(grids, loc.cfg, group).items():
-            written += plots.save_figure(fig, fig_dir / f"{stem}_{group}")
-    return written
+        figs[f"dwg_{group}"] = mask_rows_figure(loc, group)
+        figs.update({f"{stem}_{group}": fig for stem, fig in token_figures(grids, loc.cfg, group).items()})
+    return figs
+
+
+def write_figures(loc: Localisation, out_dir: str | Path, figs: dict[str, Any] | None = None) -> list[Path]:
+    """Every localisation figure of every group (``figs``, computed when not given) under ``out_dir/figures``; the
+    files written."""
+    figs = localise_figures(loc) if figs is None else figs
+    return [p for stem, fig in figs.items() for p in plots.save_figure(fig, Path(out_dir) / "figures" / stem)]
 
 
 def write_tables(loc: Localisation, out_dir: str | Path) -> list[Path]:
@@ -137,11 +142,13 @@ def write_tables(loc: Localisation, out_dir: str | Path) -> list[Path]:
 
 
 def write_localise(loc: Localisation, out_dir: str | Path) -> dict:
-    """Tables and figures of a computed battery; ``{"rows", "summary", "tables", "figures"}``."""
+    """Tables and figures of a computed battery; ``{"rows", "summary", "tables", "figures", "figure_objects"}``
+    (the last for a report that inlines them)."""
     tables = write_tables(loc, out_dir)
-    figs = write_figures(loc, out_dir)
+    objects = localise_figures(loc)
+    figs = write_figures(loc, out_dir, objects)
     return {"rows": len(loc.rows), "summary": loc.summary, "tables": [str(t) for t in tables],
-            "figures": [str(f) for f in figs]}
+            "figures": [str(f) for f in figs], "figure_objects": objects}
 
 
 def run_localise(base: Any, tok: Any, groups: dict[str, list], cfg: LocaliseConfig, out_dir: str | Path,

@@ -1,9 +1,9 @@
 """The ``mech reproduce`` report: one directory, written atomically, with report.md, every table and figure.
 
-Layout of ``out_dir``: ``report.md``; ``check.json`` (the organism check and the build's provenance; organism
-builds only);
-``sweep/`` (mech.report.sweep's tables); ``localise/`` (mech.report.localise's tables and figures);
-``figures/`` (the organism's and the rank figure).
+Layout of ``out_dir``: ``report.md``; ``report.html`` (the same report as one self-contained page, figures
+inline); ``check.json`` (the organism check and the build's provenance; organism builds only); ``sweep/``
+(mech.report.sweep's tables); ``localise/`` (mech.report.localise's tables and figures); ``figures/`` (the
+organism's and the rank figure).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mech.report import figures as plots
+from mech.report.html import render_html
 from mech.report.localise import localise_markdown, write_localise
 from mech.report.organism import check_markdown
 from mech.report.sweep import summary_markdown, tests_markdown, write_tables
@@ -23,8 +24,10 @@ def _demote(markdown: str) -> str:
     return "\n".join("#" + line if line.startswith("# ") else line for line in markdown.splitlines()) + "\n"
 
 
-def report_markdown(rep: Reproduction, figure_paths: list[str]) -> str:
-    """report.md from the computed parts: the organism check, the sweep summary, the localisation battery."""
+def report_markdown(rep: Reproduction, figure_paths: list[str], inline: bool = False) -> str:
+    """report.md from the computed parts: the organism check, the sweep summary, the localisation battery. With
+    ``inline`` the figures section places each figure (mech.report.html) instead of linking its file; there
+    ``figure_paths`` are figure names."""
     c = rep.sweep
     head = (check_markdown(rep.check, title=f"mech reproduce: {rep.model}") if rep.check is not None else
             f"# mech reproduce: {rep.model}\n\nNot an organism build: no organism check.\n")
@@ -33,15 +36,17 @@ def report_markdown(rep: Reproduction, figure_paths: list[str]) -> str:
              *([_demote(tests_markdown(c["tests"], rep.sweep_cfg.name))] if c.get("tests") else []),
              _demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg,
                                        *(getattr(rep.localisation, k, None) for k in ("duplicates", "tests", "nulls")))),
-             "## Figures\n\n" + "\n".join(f"- [{p}]({p})" for p in figure_paths) + "\n",
+             "## Figures\n\n" + ("\n\n".join(f"{{{{figure:{p}}}}}" for p in figure_paths) if inline else
+                                 "\n".join(f"- [{p}]({p})" for p in figure_paths)) + "\n",
              f"Sweep cells: {c['done_cells']}/{c['cells']} (computed this run: {c['computed']}). "
              f"Wall time: {rep.seconds / 60:.1f} min.\n"]
     return "\n".join(parts)
 
 
 def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
-    """Write the whole report into ``out_dir`` (replaced atomically: a failure leaves the old one); returns
-    report.md's text."""
+    """Write the whole report into ``out_dir`` (replaced atomically: a failure leaves the old one): report.md with
+    its figures as files, and report.html, one self-contained page with every figure inline. Returns report.md's
+    text."""
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         figs = {"quick_rank": plots.rank_figure(rep.sweep["summary"], trait=rep.sweep_cfg.eval.target)}
         if rep.check is not None:  # an organism build: its check and its figures
@@ -53,7 +58,11 @@ def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
         written = [p for name, fig in figs.items() for p in plots.save_figure(fig, tmp / "figures" / name)]
         write_tables(tmp / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name,
                      rep.sweep.get("cross_trait"), rep.sweep.get("tests"), rep.sweep.get("power"))
-        written += [Path(f) for f in write_localise(rep.localisation, tmp / "localise")["figures"]]
+        loc = write_localise(rep.localisation, tmp / "localise")
+        written += [Path(f) for f in loc["figures"]]
         md = report_markdown(rep, [str(p.relative_to(tmp)) for p in written])
         atomic_write_text(tmp / "report.md", md)
+        inline = figs | {f"localise_{k}": v for k, v in loc.get("figure_objects", {}).items()}
+        atomic_write_text(tmp / "report.html", render_html(report_markdown(rep, list(inline), inline=True), inline,
+                                                           title=f"mech reproduce: {rep.model}"))
     return md
