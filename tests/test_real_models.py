@@ -140,6 +140,7 @@ def test_reproduce_skips_the_organism_check_for_other_models(tiny_qwen_dir, tmp_
     monkeypatch.setattr(sweep, "SweepRunner", lambda cfg, cache, stage, base: SimpleNamespace(cfg=cfg, base=base))
     monkeypatch.setattr(sweep, "run_shard", lambda runner: {"cells": 0, "computed": {}})
     monkeypatch.setattr(sweep, "select_students", lambda *a: {})
+    monkeypatch.setattr(sweep.runner, "select_controls", lambda *a: {})
     monkeypatch.setattr(sweep, "finished_tables", lambda runner: {"rows": [], "summary": [], "done_cells": 0})
     monkeypatch.setattr(battery, "compute_localise", lambda *a: SimpleNamespace(summary=None, cfg=None))
     rep = run_reproduce(str(tiny_qwen_dir), write_cfg(tmp_path / "s.yaml"), ["lora_r1"])
