@@ -92,4 +92,6 @@ def test_reproduce_end_to_end_on_a_tiny_sweep(tmp_path, monkeypatch):
         assert heading in md
     assert (out / "sweep" / "results.parquet").is_file() and (out / "localise" / "localise.csv").is_file()
     assert (out / "localise" / "figures" / "dwg_lora_r1.html").is_file()
+    page = (out / "report.html").read_text()  # the same report as one page, localisation figures inline
+    assert 'id="fig-localise_dwg_lora_r1"' in page and 'id="fig-organism_leak"' in page
     assert len(loads) == 1, f"the base model was loaded {len(loads)} times"
