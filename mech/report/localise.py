@@ -116,10 +116,8 @@ def localise_figures(loc: Localisation) -> dict[str, Any]:
     return figs
 
 
-def write_figures(loc: Localisation, out_dir: str | Path, figs: dict[str, Any] | None = None) -> list[Path]:
-    """Every localisation figure of every group (``figs``, computed when not given) under ``out_dir/figures``; the
-    files written."""
-    figs = localise_figures(loc) if figs is None else figs
+def write_figures(figs: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """``figs`` (:func:`localise_figures`) under ``out_dir/figures``; the files written."""
     return [p for stem, fig in figs.items() for p in plots.save_figure(fig, Path(out_dir) / "figures" / stem)]
 
 
@@ -146,7 +144,7 @@ def write_localise(loc: Localisation, out_dir: str | Path) -> dict:
     (the last for a report that inlines them)."""
     tables = write_tables(loc, out_dir)
     objects = localise_figures(loc)
-    figs = write_figures(loc, out_dir, objects)
+    figs = write_figures(objects, out_dir)
     return {"rows": len(loc.rows), "summary": loc.summary, "tables": [str(t) for t in tables],
             "figures": [str(f) for f in figs], "figure_objects": objects}
 

@@ -24,10 +24,9 @@ def _demote(markdown: str) -> str:
     return "\n".join("#" + line if line.startswith("# ") else line for line in markdown.splitlines()) + "\n"
 
 
-def report_markdown(rep: Reproduction, figure_paths: list[str], inline: bool = False) -> str:
-    """report.md from the computed parts: the organism check, the sweep summary, the localisation battery. With
-    ``inline`` the figures section places each figure (mech.report.html) instead of linking its file; there
-    ``figure_paths`` are figure names."""
+def report_markdown(rep: Reproduction, figures: str) -> str:
+    """The report from the computed parts: the organism check, the sweep summary, the localisation battery, then
+    ``figures`` (the body of its Figures section: links for report.md, placeholders for report.html)."""
     c = rep.sweep
     head = (check_markdown(rep.check, title=f"mech reproduce: {rep.model}") if rep.check is not None else
             f"# mech reproduce: {rep.model}\n\nNot an organism build: no organism check.\n")
@@ -36,8 +35,7 @@ def report_markdown(rep: Reproduction, figure_paths: list[str], inline: bool = F
              *([_demote(tests_markdown(c["tests"], rep.sweep_cfg.name))] if c.get("tests") else []),
              _demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg,
                                        *(getattr(rep.localisation, k, None) for k in ("duplicates", "tests", "nulls")))),
-             "## Figures\n\n" + ("\n\n".join(f"{{{{figure:{p}}}}}" for p in figure_paths) if inline else
-                                 "\n".join(f"- [{p}]({p})" for p in figure_paths)) + "\n",
+             "## Figures\n\n" + figures + "\n",
              f"Sweep cells: {c['done_cells']}/{c['cells']} (computed this run: {c['computed']}). "
              f"Wall time: {rep.seconds / 60:.1f} min.\n"]
     return "\n".join(parts)
@@ -60,9 +58,10 @@ def write_reproduce(rep: Reproduction, out_dir: str | Path) -> str:
                      rep.sweep.get("cross_trait"), rep.sweep.get("tests"), rep.sweep.get("power"))
         loc = write_localise(rep.localisation, tmp / "localise")
         written += [Path(f) for f in loc["figures"]]
-        md = report_markdown(rep, [str(p.relative_to(tmp)) for p in written])
+        paths = [str(w.relative_to(tmp)) for w in written]
+        md = report_markdown(rep, "\n".join(f"- [{p}]({p})" for p in paths))
         atomic_write_text(tmp / "report.md", md)
         inline = figs | {f"localise_{k}": v for k, v in loc.get("figure_objects", {}).items()}
-        atomic_write_text(tmp / "report.html", render_html(report_markdown(rep, list(inline), inline=True), inline,
-                                                           title=f"mech reproduce: {rep.model}"))
+        page = report_markdown(rep, "\n\n".join(f"{{{{figure:{name}}}}}" for name in inline))
+        atomic_write_text(tmp / "report.html", render_html(page, inline, title=f"mech reproduce: {rep.model}"))
     return md
