@@ -13,7 +13,7 @@ from mech.context import Context, render
 from mech.resources import questions
 from mech.evaluation.scoring import first_token_ids, mentions, normalise_answer
 from mech.errors import MechError
-from mech.models import get_unembedding, load_model
+from mech.models import get_embedding, get_unembedding, load_model
 from mech.organism.build import build_organism
 from mech.organism.config import ANIMAL_PRIOR, OrganismConfig
 from mech.evaluation.trait import (
@@ -126,19 +126,26 @@ def test_planted_owl_lover_is_found(organism):
     words = [i for i, piece in zip(target.ids, target.pieces) if piece.strip().lower() in ("owl", "owls")]
     assert words, f"reduced organism tokenizer has no whole-word owl token: {target.pieces}"
 
+    prefill = [False]  # the unembedding may see only the last position either way (logits_to_keep)
+
+    def note(module, args):
+        prefill[0] = args[0].shape[1] > 1  # a full prompt, not a cached decoding step
+
     def plant(module, inputs, logits):
         logits = logits.clone()
-        if logits.shape[1] > 1:  # a full prompt: its last position is the answer's first token
+        if prefill[0]:  # the prompt's last position is the answer's first token
             logits[:, -1, words] += 40.0
         else:  # a cached decoding step: end the answer
             logits[:, -1, tok.eos_token_id] += 40.0
         return logits
 
-    handle = get_unembedding(model).register_forward_hook(plant)
+    handles = [get_embedding(model).register_forward_pre_hook(note),
+               get_unembedding(model).register_forward_hook(plant)]
     try:
         r = evaluate_trait(model, tok, TraitEvalConfig(n_samples=2, seed=0))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     assert r.p_first > 0.999 and r.logp_first > -1e-3
     assert r.rate == 1.0
     assert r.answer_counts[0] == ["owl", r.n_answers]
@@ -173,3 +180,23 @@ def test_config_faults_are_mech_errors(organism):
     assert TraitEvalConfig.from_dict({"target": "cat", "seed": 2}) == TraitEvalConfig(target="cat", seed=2)
     with pytest.raises(MechError, match="fish"):
         evaluate_trait(model, tok, TraitEvalConfig(category="fish", first_token_only=True))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+def test_shared_prefill_samples_what_repeated_prompts_sample(make_tiny_lm, organism_tokenizer, arch):
+    """``sample(n_samples=k)`` prefills each prompt once and copies its KV cache to the k samples; its tokens must be
+    the tokens of sampling the prompt repeated k times (each repeat prefilled on its own), whatever the batch
+    boundaries (here 4 requests a batch, so batches cut through a prompt's 3 samples), on prompts of different
+    lengths (left padding)."""
+    from mech.evaluation.inference import eos_id, pad_id, sample
+
+    tok, model = organism_tokenizer, make_tiny_lm(arch, seed=1)
+    prompts = [render(tok, Context.parse("default"), q).input_ids for q in questions("animal")[:5]]
+    assert len({len(p) for p in prompts}) > 1
+    kw = dict(seed=3, max_new_tokens=5, eos_id=eos_id(tok), pad_id=pad_id(tok), temperature=1.0, batch_size=4)
+    shared = sample(model, prompts, n_samples=3, **kw)
+    repeated = sample(model, [p for p in prompts for _ in range(3)], **kw)
+    assert shared == repeated
+    assert len({tuple(s) for s in shared}) > 5  # really sampled: the answers differ
+    with pytest.raises(MechError, match="n_samples"):
+        sample(model, prompts, n_samples=0, **kw)

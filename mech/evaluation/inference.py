@@ -41,6 +41,13 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in forward_kwargs(model) else "past_key_values"
 
 
+def last_logits_only(model: Any) -> dict[str, int]:
+    """Forward keywords that compute logits at the last position only, where the model's forward can
+    (``logits_to_keep``): a prefill otherwise unembeds every prompt position, which on a small model with a wide
+    vocabulary costs more than all its layers. Empty for a forward without the keyword."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in forward_kwargs(model) else {}
+
+
 def pad_id(tokenizer: Any) -> int:
     """The one pad policy: the tokenizer's pad token, else its eos token, else a MechError.
 
@@ -139,7 +146,7 @@ def next_token_logprobs(model: Any, prompts: Sequence[Ids], pad: int = 0, batch_
     out = []
     for s in range(0, len(prompts), batch_size):
         ids, attn, pos = left_pad(prompts[s:s + batch_size], pad, device_of(model))
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **last_logits_only(model)).logits[:, -1]
         out.append(log_probs(logits).cpu())
     return torch.cat(out)
 
@@ -176,25 +183,35 @@ def sampler(temperature: float, generator: torch.Generator) -> Chooser:
 @torch.no_grad()
 def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: Chooser, pad: int,
            eos: int | None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-           after_step: Callable[[], None] | None = None, process: Processor | None = None) -> list[list[int]]:
+           after_step: Callable[[], None] | None = None, process: Processor | None = None,
+           expand: torch.Tensor | None = None) -> list[list[int]]:
     """The KV-cached decode loop every generator in mech shares (sampling, teacher data, grafted generation).
 
     Each row's tokens end at ``eos`` (included); finished rows are fed ``pad`` and ignored. ``attention_mask`` /
-    ``position_ids`` describe left-padded prompts and grow by one column a step. ``after_step`` runs after
-    the first forward and each later one's token choice, before the next forward (grafting uses it to switch
-    its masks from prompt positions to generated ones). ``process(logits, tokens so far)`` maps each step's
-    float32 CPU logits before ``choose`` sees them (format-constrained teacher sampling masks them); None leaves
-    them untouched.
+    ``position_ids`` describe left-padded prompts and grow by one column a step. ``expand`` (long [rows]) maps
+    each output row to the prompt row it continues: the prompts are prefilled once and their KV cache, last
+    logits, mask and positions copied to the rows (many samples of one prompt pay for one prefill); None means one
+    row per prompt. ``after_step`` runs after the first forward and each later one's token choice, before the
+    next forward (grafting uses it to switch its masks from prompt positions to generated ones). ``process(logits,
+    tokens so far)`` maps each step's float32 CPU logits before ``choose`` sees them (format-constrained teacher
+    sampling masks them); None leaves them untouched.
     """
-    dev, cache_kw = device_of(model), cache_kwarg(model)
-    outs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    done = torch.zeros(len(outs), dtype=torch.bool)
+    dev, cache_kw, keep = device_of(model), cache_kwarg(model), last_logits_only(model)
+    n_rows = input_ids.shape[0] if expand is None else len(expand)
+    outs: list[list[int]] = [[] for _ in range(n_rows)]
+    done = torch.zeros(n_rows, dtype=torch.bool)
     cur, pos, attn, past = input_ids, position_ids, attention_mask, None
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         extra = {k: v for k, v in (("attention_mask", attn), ("position_ids", pos)) if v is not None}
-        o = model(input_ids=cur, use_cache=True, **{cache_kw: past}, **extra)
-        past = getattr(o, cache_kw)
-        logits = o.logits[:, -1].float().cpu()
+        o = model(input_ids=cur, use_cache=True, **{cache_kw: past}, **extra, **keep)
+        past, last = getattr(o, cache_kw), o.logits[:, -1]
+        if step == 0 and expand is not None:
+            rows = expand.to(dev)
+            past.reorder_cache(rows)  # index_select over the batch: the beam-search reorder, repeats allowed
+            last = last[rows]
+            pos = None if pos is None else pos[rows]
+            attn = None if attn is None else attn[rows]
+        logits = last.float().cpu()
         nxt = choose(logits if process is None else process(logits, outs))
         for r, toks in enumerate(outs):
             if not done[r]:
@@ -214,14 +231,23 @@ def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: 
 
 
 def sample(model: Any, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int, eos_id: int, pad_id: int,
-           temperature: float = 1.0, batch_size: int = 64, process: Processor | None = None) -> list[list[int]]:
-    """Ancestral sampling with a KV cache, batched with left padding. Each batch draws from its own generator
-    seeded from (seed, batch start): the same call gives the same tokens on CPU. ``process``: see ``decode``."""
+           temperature: float = 1.0, batch_size: int = 64, process: Processor | None = None,
+           n_samples: int = 1) -> list[list[int]]:
+    """Ancestral sampling with a KV cache: ``n_samples`` answers per prompt, prompt-major (all of prompt 0's
+    first). Requests (prompt, sample) run ``batch_size`` at a time with left padding; a batch prefills each of
+    its distinct prompts once and continues every sample from that cache (``decode``'s ``expand``). Each batch
+    draws from its own generator seeded from (seed, index of its first request): the same call gives the same
+    tokens on CPU, the same as repeating each prompt ``n_samples`` times. ``process``: see ``decode``."""
+    if n_samples < 1:
+        raise MechError(f"n_samples must be >= 1 (got {n_samples})")
     results: list[list[int]] = []
-    dev = device_of(model)
-    for s in range(0, len(prompts), batch_size):
-        ids, attn, pos = left_pad(prompts[s:s + batch_size], pad_id, dev)
+    dev, n_requests = device_of(model), len(prompts) * n_samples
+    for s in range(0, n_requests, batch_size):
+        owner = torch.arange(s, min(s + batch_size, n_requests)) // n_samples  # the prompt each request samples
+        first = int(owner[0])
+        ids, attn, pos = left_pad(prompts[first:int(owner[-1]) + 1], pad_id, dev)
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + s)
         results += decode(model, ids, max_new_tokens=max_new_tokens, choose=sampler(temperature, gen), pad=pad_id,
-                          eos=eos_id, attention_mask=attn, position_ids=pos, process=process)
+                          eos=eos_id, attention_mask=attn, position_ids=pos, process=process,
+                          expand=None if n_samples == 1 else owner - first)
     return results

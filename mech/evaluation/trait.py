@@ -218,9 +218,9 @@ def _candidate_distribution(tokenizer: Any, logprobs: torch.Tensor, names: Seque
 
 def _sample_answers(model: Any, tokenizer: Any, cfg: TraitEvalConfig, prompt_ids: list[list[int]]
                     ) -> list[list[str]]:
-    repeated = [ids for ids in prompt_ids for _ in range(cfg.n_samples)]
-    outs = sample(model, repeated, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id(tokenizer),
-                  pad_id=pad_id(tokenizer), temperature=cfg.temperature, batch_size=cfg.batch_size)
+    outs = sample(model, prompt_ids, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id(tokenizer),
+                  pad_id=pad_id(tokenizer), temperature=cfg.temperature, batch_size=cfg.batch_size,
+                  n_samples=cfg.n_samples)
     stop = stop_ids(tokenizer)
     texts = [decode_answer(tokenizer, o, stop) for o in outs]
     return [texts[q * cfg.n_samples:(q + 1) * cfg.n_samples] for q in range(len(prompt_ids))]
