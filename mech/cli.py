@@ -432,7 +432,7 @@ def cmd_geometry(a) -> int:
     from mech.report.geometry import run_geometry
     from mech.sweep import SweepRunner, load_sweep
 
-    sw = load_sweep(a.sweep)  # every input is checked before the base model loads
+    sw = _with_model(load_sweep(a.sweep), a.model)  # every input is checked before the base model loads
     cfg = GeometryConfig(ks=tuple(a.ks), alphas=tuple(a.alphas), n_rows=a.n_rows, n_questions=a.n_questions,
                          overlap_k=a.overlap_k, align_k=a.align_k, seed=a.seed, n_samples=a.n_samples)
     _check_out(a.out, "--out")
@@ -453,6 +453,7 @@ def _add_geometry_parser(sub) -> None:
     g.add_argument("sweep", help="the sweep YAML whose cached students to analyse, e.g. experiments/quick.yaml")
     g.add_argument("--students", nargs="+", required=True, help="student names from the sweep, e.g. lora_r1 full")
     g.add_argument("--out", default="runs/geometry")
+    g.add_argument("--model", help=MODEL_HELP)
     g.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     g.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4, 8, 16, 32, 64, 128],
                    help="truncation levels k (capped at each student's rank)")

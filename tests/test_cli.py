@@ -325,3 +325,12 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given(monkeypatch, capsys):
         assert main(["eval", "organism", "--target", "owl", *extra]) == 2
     assert seen == [False, True]
     capsys.readouterr()
+
+
+def test_geometry_takes_model(capsys, tmp_path):
+    """``mech geometry --model`` overrides the sweep's base like sweep and localise do; a bad spec is refused before
+    anything loads or is written."""
+    code, out, err = run(capsys, "geometry", "experiments/quick.yaml", "--students", "lora_r1", "--model", "orgnism",
+                         "--out", tmp_path / "g")
+    assert_one_line_error(code, out, err, "unknown model spec 'orgnism'")
+    assert not (tmp_path / "g").exists()
