@@ -8,7 +8,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mech.errors import MechError
 
@@ -26,14 +26,30 @@ class Reproduction:
     sweep: dict[str, Any]  # rows, summary, cells, done_cells, computed (mech.sweep.run_shard + finished_tables)
     localisation: Any  # mech.interventions.battery.Localisation
     seconds: float
+    more_sweeps: list[tuple[Any, dict[str, Any]]] = dataclasses.field(default_factory=list)  # (config, tables)
+    role: str = ""  # what this model's results are evidence of (mech.analysis.paper.model_role)
+
+    def tests(self) -> list[dict[str, Any]]:
+        """Every declared test of every sweep run, each labelled with its experiment."""
+        return [t | {"experiment": cfg.name} for cfg, tables in [(self.sweep_cfg, self.sweep), *self.more_sweeps]
+                for t in tables.get("tests") or []]
+
+    def evidence(self) -> dict[str, list[dict[str, Any]]]:
+        """Per paper claim, this run's tests and localisation nulls bearing on it (mech.analysis.paper)."""
+        from mech.analysis.paper import claim_evidence
+
+        return claim_evidence(self.tests(), getattr(self.localisation, "nulls", None) or [])
 
 
 def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache: Path | None = None,
                   n_samples: int = 200, oracle_rows: int = 300, check_progress: Callable[[str], None] | None = None,
-                  stage: Stage | None = None, null_sets: int = 0) -> Reproduction:
+                  stage: Stage | None = None, null_sets: int = 0,
+                  more_sweeps: Sequence[str | Path] = ()) -> Reproduction:
     """Check the organism at ``model``, run the sweep at ``sweep_path`` on it (cached), and localise the trait in
     ``students`` (names from the sweep's summary), paired against their neutral-teacher students, with
-    ``null_sets`` random position sets per null region (0: none; ``mech localise --null-sets`` runs them). The base model is loaded once and shared by all three."""
+    ``null_sets`` random position sets per null region (0: none; ``mech localise --null-sets`` runs them); then run
+    ``more_sweeps`` (their tables and declared tests join the report; nothing is localised in them). The base
+    model is loaded once and shared by all of it."""
     from mech import organism
     from mech.interventions.battery import LocaliseConfig, compute_localise
     from mech.models import load_model
@@ -42,11 +58,15 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
     from mech.sweep import SweepRunner, finished_tables, load_sweep, run_shard, select_students
     from mech.sweep.runner import select_controls
 
+    from mech.analysis.paper import model_role
+
     t0 = time.time()
-    if not Path(sweep_path).is_file():
-        raise MechError(f"sweep file {sweep_path} not found: run from the repository root or pass --sweep PATH")
-    # the sweep runs on the model being reproduced, whatever base its YAML names
+    for path in (sweep_path, *more_sweeps):
+        if not Path(path).is_file():
+            raise MechError(f"sweep file {path} not found: run from the repository root or pass --sweep PATH")
+    # every sweep runs on the model being reproduced, whatever base its YAML names; all are checked before any work
     sweep_cfg = dataclasses.replace(load_sweep(sweep_path), base_model=model)
+    extra_cfgs = [dataclasses.replace(load_sweep(p), base_model=model) for p in more_sweeps]
     base = load_model(model, device=sweep_cfg.device, dtype=sweep_cfg.dtype)
     # the organism's bars are about the organism's designed behaviour: another model has none to check
     is_organism = base.path is not None and (base.path / organism.META_FILE).is_file()
@@ -58,9 +78,14 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
     controls = select_controls(runner, students, str(sweep_path))  # each student's neutral-teacher twin: paired
     lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
                           eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0],
-                          null_sets=null_sets)
+                          null_sets=null_sets, null_positions=("shared",))  # the region the verdict reads
     loc = compute_localise(base.model, base.tokenizer, groups, lcfg, lambda d: load_student(base.model, d), stage,
                            controls)
+    extra = []
+    for cfg in extra_cfgs:
+        more = SweepRunner(cfg, cache, stage, base=base)
+        extra.append((cfg, run_shard(more) | finished_tables(more)))
     info = organism.organism_info(model) if is_organism else {"path": str(base.path) if base.path else None}
     return Reproduction(model=model, info=info, check=check, sweep_cfg=sweep_cfg,
-                        sweep=stats | finished_tables(runner), localisation=loc, seconds=time.time() - t0)
+                        sweep=stats | finished_tables(runner), localisation=loc, seconds=time.time() - t0,
+                        more_sweeps=extra, role=model_role(info, is_organism))

@@ -334,3 +334,15 @@ def test_geometry_takes_model(capsys, tmp_path):
                          "--out", tmp_path / "g")
     assert_one_line_error(code, out, err, "unknown model spec 'orgnism'")
     assert not (tmp_path / "g").exists()
+
+
+def test_reproduce_refuses_bad_models_before_any_work(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert_one_line_error(*run(capsys, "reproduce", "--model", "organism", "organism", "--out", out),
+                          "lists a model twice")
+    assert_one_line_error(*run(capsys, "reproduce", "--model", "organism", "orgnism", "--out", out),
+                          "unknown model spec 'orgnism'")
+    assert_one_line_error(*run(capsys, "reproduce", "--sweep", "experiments/quick.yaml", tmp_path / "no.yaml",
+                               "--out", out), "not found")
+    assert_one_line_error(*run(capsys, "reproduce", "--null-sets", "-1", "--out", out), "--null-sets must be >= 0")
+    assert not out.exists()

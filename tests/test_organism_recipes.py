@@ -303,7 +303,7 @@ def test_reproduce_report_writes_the_leak_figure(tiny, monkeypatch, tmp_path):
         summary=None, cfg=None), sweep={"summary": [], "rows": [], "cells": 0, "done_cells": 0, "computed": 0},
         seconds=1.0)
     md = rr.write_reproduce(repro, tmp_path / "report")
-    assert (tmp_path / "report" / "figures" / "organism_leak.html").is_file()
-    assert "figures/organism_leak.html" in md and "## Leak matrix" in md
+    assert (tmp_path / "report" / "tiny" / "figures" / "organism_leak.html").is_file()
+    assert "tiny/figures/organism_leak.html" in md and "### Leak matrix" in md
     page = (tmp_path / "report" / "report.html").read_text()  # one page, every figure inline
-    assert 'id="fig-organism_leak"' in page and 'id="fig-quick_rank"' in page and "<h2>Leak matrix" in page
+    assert 'id="fig-tiny_organism_leak"' in page and 'id="fig-tiny_quick_rank"' in page and "<h3>Leak matrix" in page

@@ -84,14 +84,19 @@ def test_reproduce_end_to_end_on_a_tiny_sweep(tmp_path, monkeypatch):
         "name: tiny\nteacher: {n_prompts: 24}\nstudents: [{method: lora, rank: 1}, {method: full}]\n"
         "training_seeds: [0, 1]\ntrain: {epochs: 1, lr: 0.002, full_lr: 0.0001}\neval: {n_samples: 2}\n")
     out = tmp_path / "report"
-    code = main(["reproduce", "--sweep", str(sweep), "--students", "lora_r1", "full", "--cache", str(tmp_path / "c"),
-                 "--out", str(out), "--n-samples", "40", "--oracle-rows", "40"])
+    code = main(["reproduce", "--model", "organism", "--sweep", str(sweep), "--students", "lora_r1", "full",
+                 "--cache", str(tmp_path / "c"), "--out", str(out), "--n-samples", "40", "--oracle-rows", "40",
+                 "--null-sets", "3"])
     md = (out / "report.md").read_text()
-    assert code == (0 if json.loads((out / "check.json").read_text())["passed"] else 1)  # 1 exactly on a failed bar
-    for heading in ("## Sweep tiny", "## Localisation of the owl trait", "## Figures"):
+    model = out / "organism"  # one folder per model
+    assert code == (0 if json.loads((model / "check.json").read_text())["passed"] else 1)  # 1 exactly on a failed bar
+    assert md.startswith("# mech reproduce: the paper's claims")  # the verdict table first
+    assert "positive control" in md  # the organism is labelled as what it is
+    assert "null: shared vs 3 random sets" in md  # the localisation null reaches the C4 / R3 verdicts
+    for heading in ("### Sweep tiny", "### Localisation of the owl trait", "### Figures"):
         assert heading in md
-    assert (out / "sweep" / "results.parquet").is_file() and (out / "localise" / "localise.csv").is_file()
-    assert (out / "localise" / "figures" / "dwg_lora_r1.html").is_file()
+    assert (model / "sweep" / "results.parquet").is_file() and (model / "localise" / "localise.csv").is_file()
+    assert (model / "localise" / "figures" / "dwg_lora_r1.html").is_file()
     page = (out / "report.html").read_text()  # the same report as one page, localisation figures inline
-    assert 'id="fig-localise_dwg_lora_r1"' in page and 'id="fig-organism_leak"' in page
+    assert 'id="fig-organism_localise_dwg_lora_r1"' in page and 'id="fig-organism_organism_leak"' in page
     assert len(loads) == 1, f"the base model was loaded {len(loads)} times"

@@ -112,8 +112,10 @@ def test_model_flag_overrides_the_yaml(tmp_path, capsys, tiny_llama_dir):
     cfg = load_sweep(write_cfg(tmp_path / "s.yaml"))
     assert _with_model(cfg, None) is cfg
     assert _with_model(cfg, str(tiny_llama_dir)).base_model == str(tiny_llama_dir)
-    for command in (["sweep", "x.yaml"], ["localise", "x.yaml"], ["reproduce"]):
+    for command in (["sweep", "x.yaml"], ["localise", "x.yaml"], ["geometry", "x.yaml", "--students", "full"]):
         assert parser().parse_args(command + ["--model", "smollm2-135m"]).model == "smollm2-135m"
+    assert parser().parse_args(["reproduce", "--model", "smollm2-135m"]).model == ["smollm2-135m"]  # one or more
+    assert parser().parse_args(["reproduce"]).model == ["organism", "organism-free"]  # both organisms, side by side
     for command in ("sweep", "localise"):
         code = main([command, str(tmp_path / "s.yaml"), "--model", str(tmp_path / "no" / "such"), "--out",
                      str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
@@ -150,5 +152,7 @@ def test_reproduce_skips_the_organism_check_for_other_models(tiny_qwen_dir, tmp_
     monkeypatch.setattr(rr, "write_tables", lambda *a, **k: None)
     monkeypatch.setattr(rr, "write_localise", lambda *a, **k: {"figures": []})
     md = rr.write_reproduce(rep, tmp_path / "report")
-    assert "Not an organism build" in md and not (tmp_path / "report" / "check.json").exists()
-    assert not any((tmp_path / "report" / "figures").glob("organism_*"))
+    folder = tmp_path / "report" / rr.model_slugs([rep.model])[0]
+    assert "Not an organism build" in md and folder.is_dir() and not (folder / "check.json").exists()
+    assert not any((folder / "figures").glob("organism_*"))
+    assert "model (evidence about the paper)" in md

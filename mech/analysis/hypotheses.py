@@ -44,7 +44,7 @@ DIRECTIONS = ("increasing", "decreasing")
 VERDICTS = ("supported", "not supported", "inconclusive")
 RESULT_COLUMNS = ("name", "claim", "test", "arms", "metric", "units", "n_units", "statistic", "estimate", "lo", "hi",
                   "p", "p_holm", "p_bh", "alpha", "margin", "breakpoint", "breakpoint_lo", "breakpoint_hi",
-                  "verdict", "detail")
+                  "verdict", "detail", "paper", "agrees_if")
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,15 @@ class HypothesisSpec:
     trait: str | None = None
     train_context: str | None = None
     eval_context: str | None = None
+    # the paper's claim this test bears on (mech.analysis.paper.PAPER_CLAIMS) and the verdict that agrees with it
+    paper: str | None = None
+    agrees_if: str | None = None
 
     def __post_init__(self) -> None:
+        from mech.analysis.paper import check_claim
+
         where = f"hypothesis {self.name!r}"
+        check_claim(self.paper, self.agrees_if, where)
         if not self.name:
             raise MechError("a hypothesis needs a name: add name: <short id>")
         if not self.claim:
@@ -356,4 +362,5 @@ def _result_row(h: HypothesisSpec, units: Units, res: Mapping[str, Any], ph: flo
             "units": units.kind, "n_units": len(units.values), "statistic": res["statistic"],
             "estimate": res["estimate"], "lo": res["lo"], "hi": res["hi"], "p": res["p"], "p_holm": ph, "p_bh": pb,
             "alpha": h.alpha, "margin": h.margin if h.margin is not None else math.nan, **bp,
-            "verdict": verdict(h.test, res, ph, h.alpha, h.margin), "detail": detail}
+            "verdict": verdict(h.test, res, ph, h.alpha, h.margin), "detail": detail, "paper": h.paper or "",
+            "agrees_if": h.agrees_if or ""}
