@@ -219,6 +219,14 @@ def get_projection(layer: Any, kind: str) -> nn.Module:
     return _get_path(parent, name, f"{kind} projection")
 
 
+def set_projection(layer: Any, kind: str, module: nn.Module) -> None:
+    """Put ``module`` where :func:`get_projection` finds a layer's projection of one kind (e.g. a wrapper of it)."""
+    block, name = _layer_arch(layer).projection(_check_kind(kind))
+    parent = get_attention(layer) if block == "attn" else get_mlp(layer)
+    _get_path(parent, name, f"{kind} projection")  # a layout without this projection fails here, not silently
+    setattr(_wrapped_module(parent), name, module)
+
+
 def paired_projections(a: Any, b: Any, fix: str) -> Iterator[tuple[int, str, nn.Module, nn.Module]]:
     """(layer, kind, a's projection, b's projection) for every projection both models have, layer by layer.
     Models with different layer counts raise MechError ending with ``fix``."""

@@ -39,14 +39,20 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], batches: Iterable[An
         loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+        clip_and_step(optimizer, params, grad_clip)
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, losses)
     model.eval()
     return losses
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], grad_clip: float) -> None:
+    """One optimizer step on the gradients in place, their global norm over ``params`` first capped at
+    ``grad_clip`` (0: no clipping). Batched students (mech.students.batched) take it once per student."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
 
 
 # --------------------------------------------------------------------------------------------- optimizer, lr
@@ -73,10 +79,20 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear") -> f
 # --------------------------------------------------------------------------------------------- losses
 
 
-def completion_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits [N, vocab] predicting each labelled token, and those N target ids (row-major order)."""
-    logits = model(input_ids=batch.ids, attention_mask=batch.attn).logits[:, :-1]
+def completion_logits(model, batch: Batch, labelled_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits [N, vocab] predicting each labelled token, and those N target ids (row-major order).
+
+    ``labelled_only``: the unembedding runs at those N positions only (transformers' boolean ``logits_to_keep``,
+    which keeps any logit softcapping), not at every position: the same logits up to float rounding, without
+    the [batch, seq, vocab] tensor. Solo students keep the dense form, whose weights are promised to the bit.
+    """
     mask = batch.labels[:, 1:] != IGNORE_INDEX
+    if labelled_only:
+        keep = torch.zeros_like(batch.ids, dtype=torch.bool)
+        keep[:, :-1] = mask  # position t predicts token t + 1
+        logits = model(input_ids=batch.ids, attention_mask=batch.attn, logits_to_keep=keep).logits
+        return logits.float(), batch.labels[:, 1:][mask]
+    logits = model(input_ids=batch.ids, attention_mask=batch.attn).logits[:, :-1]
     return logits[mask].float(), batch.labels[:, 1:][mask]
 
 

@@ -161,17 +161,24 @@ def _epochs(n_rows: int, cfg: StudentConfig) -> Iterator[list[int]]:
         yield from batch_order(n_rows, cfg.batch_size, cfg.seed, epoch)
 
 
-def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, distill: _Distill | None,
-         progress: Progress | None, on_epoch: OnEpoch | None) -> list[float]:
-    """A student's batches, loss, lr schedule and hooks, handed to the one loop."""
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+def _schedule(n_rows: int, cfg: StudentConfig) -> tuple[int, int, Callable[[int], float]]:
+    """(steps per epoch, total steps, the lr of each 0-based step) of a student on ``n_rows`` rows."""
+    per_epoch = math.ceil(n_rows / cfg.batch_size)
     total = per_epoch * cfg.epochs
-
-    def student_loss(m, batch: list[int]) -> torch.Tensor:
-        return _batch_loss(m, batch, examples, distill, pad)
 
     def lr_at(step: int) -> float:
         return cfg.lr * lr_factor(step, total, cfg.warmup_steps, cfg.schedule)
+
+    return per_epoch, total, lr_at
+
+
+def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, distill: _Distill | None,
+         progress: Progress | None, on_epoch: OnEpoch | None) -> list[float]:
+    """A student's batches, loss, lr schedule and hooks, handed to the one loop."""
+    per_epoch, total, lr_at = _schedule(len(examples), cfg)
+
+    def student_loss(m, batch: list[int]) -> torch.Tensor:
+        return _batch_loss(m, batch, examples, distill, pad)
 
     def on_step(step: int, losses: list[float]) -> None:
         if not math.isfinite(losses[-1]):  # stop at once: every later step only spreads the NaN
@@ -316,8 +323,12 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
                           cfg, base_model, tokenizer, base_spec, references.get(k))
 
         trained = train_model(base_model, tokenizer, rows, cfg, teacher, progress, on_epoch)
-        _save_student(trained.model, tmp,
-                      meta | {"epoch": cfg.epochs, "losses": trained.losses, "n_steps": trained.n_steps,
-                              "train_seconds": trained.wall_seconds, "wall_seconds": time.perf_counter() - t0},
-                      cfg, base_model, tokenizer, base_spec, references.get("final"))
+        _save_student(trained.model, tmp, meta | _final_fields(trained, cfg, t0), cfg, base_model, tokenizer,
+                      base_spec, references.get("final"))
     return out
+
+
+def _final_fields(trained: Trained, cfg: StudentConfig, t0: float) -> dict:
+    """What the final student.json adds to :func:`_student_meta`: its history and times."""
+    return {"epoch": cfg.epochs, "losses": trained.losses, "n_steps": trained.n_steps,
+            "train_seconds": trained.wall_seconds, "wall_seconds": time.perf_counter() - t0}
