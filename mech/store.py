@@ -21,7 +21,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 
 def canonical_json(obj: Any) -> str:
@@ -194,11 +194,25 @@ def build_once(marker: str | os.PathLike, final: str | os.PathLike, lock: str | 
 
     Without the marker, take ``lock``, look again (the previous holder may just have finished it), clear a dead
     writer's leftovers and ``compute()``, which writes ``final`` atomically. Returns whether this call computed."""
-    if Path(marker).exists():
-        return False
-    with file_lock(lock):
-        if Path(marker).exists():
-            return False
-        clear_leftovers(final)
-        compute()
-        return True
+    return bool(build_many([(marker, final, lock)], lambda todo: compute()))
+
+
+def build_many(artifacts: Sequence[tuple[str | os.PathLike, str | os.PathLike, str | os.PathLike]],
+               compute: Callable[[list[int]], Any]) -> list[int]:
+    """:func:`build_once` for artifacts computed together (e.g. students trained in one batch): each is
+    ``(marker, final, lock)``; ``compute(todo)`` writes the artifacts at indices ``todo`` (each atomically).
+
+    The locks of the missing ones are taken in sorted order, so processes building overlapping sets wait on each
+    other instead of deadlocking, and held until ``compute`` returns. Returns ``todo`` (empty: nothing computed)."""
+    missing = [i for i, (marker, _, _) in enumerate(artifacts) if not Path(marker).exists()]
+    if not missing:
+        return []
+    with contextlib.ExitStack() as held:
+        for lock in sorted({str(artifacts[i][2]) for i in missing}):
+            held.enter_context(file_lock(lock))
+        todo = [i for i in missing if not Path(artifacts[i][0]).exists()]
+        for i in todo:
+            clear_leftovers(artifacts[i][1])
+        if todo:
+            compute(todo)
+        return todo

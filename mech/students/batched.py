@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mech.context import Context
 from mech.errors import MechError
 from mech.evaluation.inference import device_of, pad_id
 from mech.models import surgery
@@ -92,6 +93,12 @@ def unbatchable(cfg: StudentConfig) -> str | None:
     return None
 
 
+def batch_plan(cfg: StudentConfig) -> tuple:
+    """What fixes a student's batches given its rows (seed, context, batch size, epochs): students on the same rows
+    with the same plan get the same rows at every step, so the stack pads none of them beyond its solo batch."""
+    return cfg.seed, Context.parse(cfg.context).spec, cfg.batch_size, cfg.epochs
+
+
 # --------------------------------------------------------------------------------------------- the stacked model
 
 
@@ -100,7 +107,7 @@ class _Routing:
     row order, covering every row. Set before each forward; shared by every wrapped projection."""
 
     def __init__(self) -> None:
-        self.spans: list[tuple[int, int, int]] = []
+        self.spans: list[tuple[int, int, int, int]] = []
 
 
 class _StudentsLinear(nn.Module):
@@ -123,17 +130,24 @@ class _StudentsLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         spans = self.routing.spans
+        width = x.shape[1]
         # split, not slicing: a slice's backward writes its gradient into a zero-filled tensor of the whole
         # batch (per slice, per module), a split's backward concatenates the blocks' gradients once
-        xs = x.split([stop - start for _, start, stop in spans])
+        xs = x.split([stop - start for _, start, stop, _ in spans])
         deltas = []
-        for (k, _, _), xk in zip(spans, xs):
+        for (k, _, _, own), xk in zip(spans, xs):
             if str(k) not in self.a:  # a student that does not adapt this projection adds nothing here
                 deltas.append(xk.new_zeros(*xk.shape[:-1], result.shape[-1], dtype=result.dtype))
                 continue
             a, b = self.a[str(k)], self.b[str(k)]
+            # on the student's own width (its solo batch's), so the gradient of A and B sums over the very
+            # positions its solo run sums over, in the same order: the stack's extra padding adds nothing
+            xk = xk[:, :own].contiguous() if own < width else xk
             xk = xk if xk.dtype == a.dtype else xk.to(a.dtype)
-            deltas.append(F.linear(F.linear(xk, a), b) * self.scaling[k])
+            d = F.linear(F.linear(xk, a), b) * self.scaling[k]
+            if own < width:
+                d = torch.cat([d, d.new_zeros(d.shape[0], width - own, d.shape[2])], dim=1)
+            deltas.append(d)
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
         # PEFT's vanilla LoRA forward term for term (x cast to the adapter dtype, base + delta, cast back), so
         # each student's rows see what its solo run sees
@@ -207,7 +221,8 @@ def _fit_stack(model, routing: _Routing, students: list[_Student], pad: int,
         batch = collate([students[k].examples[i] for k in active for i in rows[k]], pad, device_of(model))
         spans, start = [], 0
         for k in active:
-            spans.append((k, start, start + len(rows[k])))
+            own = max(len(students[k].examples[i].input_ids) for i in rows[k])  # the width collate gives it alone
+            spans.append((k, start, start + len(rows[k]), own))
             start += len(rows[k])
         routing.spans = spans
         for k in active:
@@ -215,7 +230,7 @@ def _fit_stack(model, routing: _Routing, students: list[_Student], pad: int,
                 group["lr"] = students[k].lr_at(step)
         logits, targets = completion_logits(model, batch, labelled_only=True)
         labelled = (batch.labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()
-        counts = [sum(labelled[a:b]) for _, a, b in spans]
+        counts = [sum(labelled[a:b]) for _, a, b, _ in spans]
         step_losses = [F.cross_entropy(lg, t) for lg, t in zip(logits.split(counts), targets.split(counts))]
         for k in active:
             students[k].optimizer.zero_grad(set_to_none=True)

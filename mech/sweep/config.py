@@ -83,6 +83,10 @@ class TrainDefaults:
     grad_clip: float = 1.0
     objective: str = "ce"
     max_rows: int | None = None
+    batch_students: int = field(default=8, metadata={"help": (
+        "Train up to this many LoRA students of one dataset and batch plan (seed, context, batch size, epochs; "
+        "ranks, alphas and lrs may differ) together, one forward per step (mech.students.batched); each comes out "
+        "as its solo run would. 1 trains every student alone.")})
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,9 @@ def _check_sizes(cfg: SweepConfig, where: str) -> None:
         if rank_field and (rank is None or not 1 <= rank <= MAX_RANK):
             raise MechError(f"{where}.students[{i}].{rank_field} must be an integer >= 1 and <= {MAX_RANK} for "
                             f"method {s.method!r}, got {rank!r}")
+    if isinstance(cfg.train.batch_students, bool) or cfg.train.batch_students < 1:
+        raise MechError(f"{where}.train.batch_students must be an integer >= 1 (1 trains every student alone), got "
+                        f"{cfg.train.batch_students!r}")
     if cfg.train.max_rows is not None and cfg.train.max_rows < 1:
         raise MechError(f"{where}.train.max_rows must be >= 1 (or null for every row), got {cfg.train.max_rows}")
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from mech.errors import MechError
 from mech.paths import cache_root
-from mech.store import (append_jsonl, atomic_write_json, build_once, discard, file_lock,
+from mech.store import (append_jsonl, atomic_write_json, build_many, build_once, discard, file_lock,
                         is_json_object)
 from mech.sweep.config import (Cell, StudentSpec, SweepConfig, TraitSpec, cells, eval_config, load_sweep,
                                stage_key, student_config, teacher_config)
@@ -66,11 +66,14 @@ class SweepRunner:
                                   "object): recomputing it", stacklevel=2)
                     discard(path)
         if build_once(marker, path, lock, compute):
-            self.computed[stage] += 1
-            # an audit of who computed what: an artifact listed twice was computed twice
-            append_jsonl(self.cache / "computed.jsonl", {"stage": stage, "key": key, "pid": os.getpid(),
-                                                         "host": socket.gethostname(), "time": round(time.time(), 3)})
+            self._record(stage, key)
         return path
+
+    def _record(self, stage: str, key: str) -> None:
+        self.computed[stage] += 1
+        # an audit of who computed what: an artifact listed twice was computed twice
+        append_jsonl(self.cache / "computed.jsonl", {"stage": stage, "key": key, "pid": os.getpid(),
+                                                     "host": socket.gethostname(), "time": round(time.time(), 3)})
 
     # datasets ------------------------------------------------------------------------------------------------
     def dataset_key(self, trait: TraitSpec, teacher_seed: int) -> str:
@@ -119,20 +122,75 @@ class SweepRunner:
         return self._cached("students", key, path, path / "student.json", lambda: self._train(cell, path))
 
     def _train(self, cell: Cell, path: Path) -> None:
-        from mech.teacher.dataset import load_dataset
         from mech.students.train import train_student
 
         # inputs are made (under their own locks) inside this student's lock: locks are always taken from a
         # dependent to its inputs, never back, so shards waiting on each other cannot deadlock
         reference = str(self.student(self._reference_cell(cell))) if cell.student.method == "matched_norm" else None
-        rows = load_dataset(self.dataset(cell.trait, cell.teacher_seed)).rows
-        if self.cfg.train.max_rows is not None:
-            rows = rows[: self.cfg.train.max_rows]
+        rows = self._rows(cell)
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=reference)
         desc = f"train {cell.labels()['student']} seed {cell.training_seed} on {cell.labels()['trait']}"
         train_student(self.base.model, self.base.tokenizer, rows, sc, path, base_spec=self.cfg.base_model,
                       teacher=self.distill_teacher(cell) if sc.objective == "distill" else None,
                       progress=lambda step, total, *_: self.progress(desc, step, total))
+
+    def _rows(self, cell: Cell) -> list[dict]:
+        from mech.teacher.dataset import load_dataset
+
+        rows = load_dataset(self.dataset(cell.trait, cell.teacher_seed)).rows
+        return rows if self.cfg.train.max_rows is None else rows[: self.cfg.train.max_rows]
+
+    # batched students ----------------------------------------------------------------------------------------
+    def batch_groups(self, todo: list[Cell]) -> list[list[Cell]]:
+        """The uncached LoRA students of ``todo`` (and the LoRA references of its matched-norm cells) that can train
+        together, in batches of at most ``train.batch_students``: each batch shares a dataset and a batch plan
+        (mech.students.batched.batch_plan), so its students see the same rows at every step and each comes out
+        as its solo run would. Students that cannot be batched, or would be alone, are left to :meth:`student`."""
+        from mech.students.batched import batch_plan, unbatchable
+
+        size = self.cfg.train.batch_students
+        if size < 2:
+            return []
+        plans: dict[tuple, dict[str, Cell]] = {}
+        for cell in todo:
+            cell = self._reference_cell(cell) if cell.student.method == "matched_norm" else cell
+            if cell.student.method != "lora":
+                continue
+            key = self.student_key(cell)
+            sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context)
+            if unbatchable(sc) is None and not (self.cache / "students" / key / "student.json").exists():
+                plans.setdefault((self.dataset_key(cell.trait, cell.teacher_seed), batch_plan(sc)), {})[key] = cell
+        groups = []
+        for plan in sorted(plans, key=repr):  # a fixed order, so shards that share students batch them alike
+            chosen = [plans[plan][key] for key in sorted(plans[plan])]
+            groups += [chosen[i:i + size] for i in range(0, len(chosen), size) if len(chosen[i:i + size]) > 1]
+        return groups
+
+    def train_batched(self, todo: list[Cell]) -> None:
+        """Train :meth:`batch_groups` of ``todo`` one batched run per group, each student into its own cache entry
+        (under its own lock: :func:`mech.store.build_many`), so every later :meth:`student` is a cache hit."""
+        for group in self.batch_groups(todo):
+            keys = [self.student_key(c) for c in group]
+            paths = [self.cache / "students" / key for key in keys]
+            artifacts = [(p / "student.json", p, self.cache / "locks" / f"students-{key}.lock")
+                         for p, key in zip(paths, keys)]
+            for i in build_many(artifacts, lambda todo: self._train_group([group[i] for i in todo],
+                                                                          [paths[i] for i in todo])):
+                self._record("students", keys[i])
+
+    def _train_group(self, group: list[Cell], paths: list[Path]) -> None:
+        from mech.students.batched import Job, train_students
+
+        if len(group) == 1:  # the others were finished meanwhile (another shard): train it as usual
+            self._train(group[0], paths[0])
+            return
+        jobs = [Job(self._rows(c), student_config(self.cfg, c.student, c.training_seed, c.train_context))
+                for c in group]
+        c = group[0]
+        desc = (f"train {', '.join(x.labels()['student'] for x in group)} batched, seed {c.training_seed} on "
+                f"{c.labels()['trait']}")
+        train_students(self.base.model, self.base.tokenizer, jobs, paths, base_spec=self.cfg.base_model,
+                       progress=lambda step, total, *_: self.progress(desc, step, total))
 
     def distill_teacher(self, cell: Cell):
         """The model the cell's dataset was sampled from, as a distillation target: the base model in the
@@ -230,16 +288,18 @@ def student_cells(cfg: SweepConfig, names: list[str], source: str = "the sweep")
 def select_students(runner: SweepRunner, names: list[str], source: str = "the sweep") -> dict[str, list[Path]]:
     """{name: [student dir per training seed]} of :func:`student_cells`, trained if missing; ``source`` names
     the sweep in errors."""
-    return {name: [runner.student(c) for c in group]
-            for name, group in student_cells(runner.cfg, names, source).items()}
+    chosen = student_cells(runner.cfg, names, source)
+    runner.train_batched([c for group in chosen.values() for c in group])
+    return {name: [runner.student(c) for c in group] for name, group in chosen.items()}
 
 
 def select_controls(runner: SweepRunner, names: list[str], source: str = "the sweep") -> dict[str, list[Path]]:
     """{name: [the neutral-teacher student of each :func:`select_students` student, same seeds and order]},
     trained if missing: the paired control of a localisation."""
     neutral = lambda c: dataclasses.replace(c, trait=TraitSpec(None, c.trait.category))  # noqa: E731
-    return {name: [runner.student(neutral(c)) for c in group]
-            for name, group in student_cells(runner.cfg, names, source).items()}
+    chosen = {name: [neutral(c) for c in group] for name, group in student_cells(runner.cfg, names, source).items()}
+    runner.train_batched([c for group in chosen.values() for c in group])
+    return {name: [runner.student(c) for c in group] for name, group in chosen.items()}
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -349,6 +409,7 @@ def run_shard(runner: SweepRunner, i: int = 0, n: int = 1,
     all_cells = cells(runner.cfg)
     mine = runner.shard(all_cells, i, n)
     t0 = time.time()
+    runner.train_batched([c for c in mine if not runner.is_done(c)])  # a finished cell's student is not needed
     for k, cell in enumerate(mine):
         runner.base_eval(cell.eval_context)
         runner.cell_eval(cell)
