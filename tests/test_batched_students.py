@@ -227,5 +227,11 @@ def test_a_sweep_trains_unbatchable_students_alone(tmp_path, tiny_qwen_dir):
 
 
 def test_batch_students_must_be_a_positive_integer(tmp_path, tiny_qwen_dir):
+    import dataclasses
+
+    from mech.sweep import TrainDefaults
+
+    (field,) = [f for f in dataclasses.fields(TrainDefaults) if f.name == "batch_students"]
+    assert field.default == 8 and "1 trains every student alone" in field.metadata["help"]
     with pytest.raises(MechError, match=r"train.batch_students must be an integer >= 1 .*got 0"):
         sweep(tmp_path, tiny_qwen_dir, "zero", batch_students=0)

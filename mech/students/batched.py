@@ -4,7 +4,8 @@ A sweep trains many LoRA students of one base (ranks × training seeds × datase
 runs the whole frozen base on its own batch. Here the base runs once per step over all K students' batches
 stacked along the batch dimension (rows of student k form one contiguous block), and only the LoRA deltas run
 per student, each on its own block. Every student is the one :func:`mech.students.train.train_model` would
-have trained alone, up to float rounding (see *Equivalence*).
+have trained alone: bitwise when the students share their rows and batch plan, as the sweep batches them, else up
+to float rounding (see *Equivalence*).
 
 Design, and why:
 
@@ -24,7 +25,12 @@ Design, and why:
   :mod:`mech.students.train`'s own writers save. A student dir written here is an ordinary student dir.
 * **The objective is the sum of each student's own loss**: the mean cross-entropy over its own labelled tokens
   (:func:`mech.students.loop.completion_logits` split by row block). Rows never interact in a causal LM's
-  forward, so the gradient of the sum on student k's parameters is its solo gradient.
+  forward, so the gradient of the sum on student k's parameters is its solo gradient. The unembedding runs at
+  the labelled positions only (``labelled_only``): K students' dense [rows, seq, vocab] logits and their
+  zero-filled gradient cost more than the base's own projections, and gave the same bits here.
+* **Each student's LoRA runs on its own width**: the stack is padded to its longest row, but a student's delta is
+  computed on the first ``width_k`` positions only (its solo batch's width), so the gradients of A and B sum over
+  exactly the positions its solo run sums over, in the same order.
 * **Each student keeps its own data**: its rows, its context, its batch order (``batch_order`` with its seed,
   through ``train._epochs``) and its lr schedule (``train._schedule``). Students of different lengths (fewer
   rows, fewer epochs, bigger batches) need not match: a student that has taken all its steps leaves the batch,
@@ -34,15 +40,18 @@ Design, and why:
   dropout > 0 (the solo run draws its dropout masks from the global RNG in an order a stacked forward cannot
   reproduce) and ``save_every_epoch`` (students reach their epochs at different steps).
 
-Equivalence: not bitwise. The stacked batch is padded to its longest row (a solo batch to its own longest), and
-matmuls over more rows may sum in another order, so activations differ in the last bits and Adam carries the
-differences on. tests/test_batched_students.py trains three students of different ranks, seeds, data sizes and
-lr schedules both ways and bounds per-step losses and final LoRA weights by 1e-5 (absolute); the measured
-maximum is stated there.
+Equivalence. Students on the same rows with the same :func:`batch_plan` (the sweep's batches: one dataset, one
+training seed, any ranks, alphas, lrs and targets) get the same batch at every step, so every block of the stack
+has its solo batch's shape; per row, the base's matmuls and attention then compute what they compute alone, and
+the students come out bitwise equal to their solo runs (tests/test_batched_students.py checks torch.equal on
+losses and weights; benchmarks/bench_batched.py on the quick sweep's four students). Students on other rows or
+plans are padded beyond their own width for attention, whose blocked kernels then sum in another order: equal to
+their solo runs within 1e-5 (absolute, per-step losses and final LoRA weights; the measured maximum is stated in
+the test).
 
-Speed: a solo step on the organism is already compute-bound (two thirds of it in matmuls of a few thousand rows),
-so stacking K batches saves the per-op and per-step overheads, not arithmetic: benchmarks/bench_batched.py
-measures the ratio (benchmarks/results/batched.json).
+Speed: a solo step on the organism is already compute-bound (over half of it in matmuls of a few thousand rows;
+a batch of 64 rows costs 4.9x a batch of 16), so stacking K batches saves per-op and per-step overheads and the
+dense logits, not arithmetic: benchmarks/bench_batched.py measures the ratio (benchmarks/results/batched.json).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class SweepRunner:
     def _cached(self, stage: str, key: str, path: Path, marker: Path, compute: Callable[[], Any]) -> Path:
         """The one cache protocol of every stage: ``path`` is complete once ``marker`` exists; else compute it.
         A marker that is not a readable JSON object (a truncated or edited file) counts as missing."""
-        lock = self.cache / "locks" / f"{stage}-{key}.lock"
+        lock = self._lock(stage, key)
         if marker.exists() and not is_json_object(marker):
             with file_lock(lock):
                 if marker.exists() and not is_json_object(marker):  # another process may have redone it
@@ -68,6 +68,9 @@ class SweepRunner:
         if build_once(marker, path, lock, compute):
             self._record(stage, key)
         return path
+
+    def _lock(self, stage: str, key: str) -> Path:
+        return self.cache / "locks" / f"{stage}-{key}.lock"
 
     def _record(self, stage: str, key: str) -> None:
         self.computed[stage] += 1
@@ -172,8 +175,7 @@ class SweepRunner:
         for group in self.batch_groups(todo):
             keys = [self.student_key(c) for c in group]
             paths = [self.cache / "students" / key for key in keys]
-            artifacts = [(p / "student.json", p, self.cache / "locks" / f"students-{key}.lock")
-                         for p, key in zip(paths, keys)]
+            artifacts = [(p / "student.json", p, self._lock("students", key)) for p, key in zip(paths, keys)]
             for i in build_many(artifacts, lambda todo: self._train_group([group[i] for i in todo],
                                                                           [paths[i] for i in todo])):
                 self._record("students", keys[i])
