@@ -50,8 +50,12 @@ their solo runs within 1e-5 (absolute, per-step losses and final LoRA weights; t
 the test).
 
 Speed: a solo step on the organism is already compute-bound (over half of it in matmuls of a few thousand rows;
-a batch of 64 rows costs 4.9x a batch of 16), so stacking K batches saves per-op and per-step overheads and the
-dense logits, not arithmetic: benchmarks/bench_batched.py measures the ratio (benchmarks/results/batched.json).
+with PEFT's dense forward a batch of 64 rows costs 4.9x a batch of 16), so stacking K batches saves per-op and
+per-step overheads and the dense logits, not arithmetic, and the larger activations fit the caches worse. On the
+quick sweep's four LoRA students (benchmarks/bench_batched.py --rows 950, one thread, a shared 2-core machine) the
+batch trains 1.03-1.06x as fast as the four solo runs (1.10x on 160 rows). Sweeps batch by default anyway: it
+costs nothing in exactness, and the ratio at more threads or on a GPU, where a solo step is not compute-bound,
+is the benchmark's to measure.
 """
 
 from __future__ import annotations
