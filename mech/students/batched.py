@@ -116,8 +116,9 @@ def batch_plan(cfg: StudentConfig) -> tuple:
 
 
 class _Routing:
-    """Which rows of the batch in flight belong to which student: ``(student, first row, end row)`` blocks in
-    row order, covering every row. Set before each forward; shared by every wrapped projection."""
+    """Which rows of the batch in flight belong to which student: ``(student, first row, end row, width)`` blocks
+    in row order, covering every row; ``width`` is the length of the student's longest row in the step (its solo
+    batch's width). Set before each forward; shared by every wrapped projection."""
 
     def __init__(self) -> None:
         self.spans: list[tuple[int, int, int, int]] = []
