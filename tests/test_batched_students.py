@@ -212,6 +212,7 @@ def test_a_sweep_batches_its_lora_students_and_matches_training_them_alone(tmp_p
         assert mine.name == theirs.name  # the same cache key
         if cell.student.method == "lora":
             assert (mine / "adapter_model.safetensors").read_bytes() == (theirs / "adapter_model.safetensors").read_bytes()
+            assert lora_modules(load_student(batched.base.model, mine))  # loads as a PEFT student
         else:  # trained alone in both, matched to a reference batched in one sweep and not in the other
             assert "batch" not in read_student(mine)
         a, b = batched.cell_eval(cell), alone.cell_eval(cell)
