@@ -236,3 +236,15 @@ def test_batch_students_must_be_a_positive_integer(tmp_path, tiny_qwen_dir):
     assert field.default == 8 and "1 trains every student alone" in field.metadata["help"]
     with pytest.raises(MechError, match=r"train.batch_students must be an integer >= 1 .*got 0"):
         sweep(tmp_path, tiny_qwen_dir, "zero", batch_students=0)
+
+
+def test_set_projection_puts_a_module_where_get_projection_finds_it(base):
+    from mech.models import get_layers, get_projection
+    from mech.models.surgery import set_projection
+
+    layer = get_layers(base)[1]
+    wrapper = torch.nn.Sequential(get_projection(layer, "down"))
+    set_projection(layer, "down", wrapper)
+    assert get_projection(layer, "down") is wrapper and layer.mlp.down_proj is wrapper
+    with pytest.raises(MechError, match="unknown component 'out'"):
+        set_projection(layer, "out", wrapper)
