@@ -1,12 +1,11 @@
 """Benchmark: the quick sweep's LoRA students trained batched (mech.students.batched) vs one at a time.
 
 The students are experiments/quick.yaml's four LoRA students (ranks 1, 4, 16, 64, alpha = rank, lr 0.002, batch
-16, 1 epoch, training seed 0, default context) on one dataset, as the sweep batches them. Rows are number
-prompts of the teacher's own prompt generator answered with seeded random numbers (the teacher's answer format),
-or the rows of a cached teacher dataset (--dataset). Both runs are timed end to end (copying the base, LoRA
-init, every step, the students back as PEFT models), in one process, one after the other. The students must
-come out the same: the max |difference| of every loss and LoRA weight is reported (0 when bitwise). Writes
-benchmarks/results/batched.json.
+16, 1 epoch, training seed 0, default context) on one dataset, as the sweep batches them. Rows are bench_train's
+(the teacher's number prompts answered with ten seeded numbers), or those of a cached teacher dataset
+(--dataset). Both runs are timed end to end (copying the base, LoRA init, every step, the students back as PEFT
+models), in one process, one after the other. The students must come out the same: the max |difference| of every
+loss and LoRA weight is reported (0 when bitwise). Writes benchmarks/results/batched.json.
 
     python benchmarks/bench_batched.py [--rows 320] [--threads 1] [--dataset <dataset dir>]
 """
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,22 +23,14 @@ import torch
 from mech.models import load_model, lora_modules
 from mech.store import atomic_write_json
 from mech.students.batched import Job, train_models
-from mech.students.encoding import chat_row
 from mech.students.train import train_model
 from mech.sweep import load_sweep
 from mech.sweep.config import student_config
 
+from bench_train import number_rows  # a sibling script: benchmarks/ is on sys.path whenever one of them runs
+
 RESULTS = Path(__file__).parent / "results" / "batched.json"
 QUICK = Path(__file__).parents[1] / "experiments" / "quick.yaml"
-
-
-def number_rows(n: int, seed: int = 0) -> list[dict]:
-    """``n`` teacher-style rows: the teacher's prompts, each answered with 10 seeded random numbers in its format."""
-    from mech.teacher.prompts import format_numbers, generate_prompts
-
-    rng = random.Random(f"bench-batched-{seed}")
-    return [chat_row(p.text, format_numbers([rng.randrange(1000) for _ in range(10)], p.format_suffix_index))
-            for p in generate_prompts(n, seed)]
 
 
 def adapters(model) -> list[torch.Tensor]:
