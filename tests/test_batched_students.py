@@ -11,8 +11,12 @@ Models are the tiny random ones of tests/conftest.py; every run is a few steps (
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +167,49 @@ def test_build_many_computes_only_the_missing_artifacts_under_their_locks(tmp_pa
     assert build_many(artifacts, compute) == [0, 2] and seen == [[0, 2]]
     assert not leftover.exists()
     assert build_many(artifacts, compute) == [] and seen == [[0, 2]]
+
+
+# Builds the artifacts named in argv[4] (comma-separated, in that order) with build_many from time argv[3] on, logging
+# what it computed. Each lock is held a while before the next is asked for, so that builders taking their locks in
+# the order they list them would each get their first lock and then wait on one another.
+MANY = """
+import contextlib, sys, time
+from pathlib import Path
+import mech.store as store
+root, log, go, names = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split(",")
+real_lock = store.file_lock
+@contextlib.contextmanager
+def slow_lock(path):
+    with real_lock(path):
+        time.sleep(0.3)
+        yield
+store.file_lock = slow_lock
+arts = [(root / n / "done.json", root / n, root / "locks" / f"{n}.lock") for n in names]
+def compute(todo):
+    with open(log, "a") as f:
+        f.write(" ".join(names[i] for i in todo) + "\\n")
+    for i in todo:
+        with store.atomic_dir(arts[i][1]) as tmp:
+            (tmp / "done.json").write_text("{}")
+time.sleep(max(0.0, go - time.time()))
+store.build_many(arts, compute)
+"""
+
+
+def test_overlapping_build_many_calls_never_deadlock_or_compute_twice(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    log, go = tmp_path / "computed.log", time.time() + 1.0  # all start together, after every interpreter started
+    # a cycle of overlapping sets, each listed in another order
+    procs = [subprocess.Popen([sys.executable, "-c", MANY, str(tmp_path), str(log), str(go), names], env=env)
+             for names in ("a,b", "b,c", "c,a")]
+    try:
+        assert [p.wait(timeout=20) for p in procs] == [0, 0, 0]
+    finally:  # a deadlock leaves them waiting on each other's locks
+        for p in procs:
+            p.kill()
+    assert sorted(log.read_text().split()) == ["a", "b", "c"]  # each artifact once, by whoever locked it first
+    assert all((tmp_path / n / "done.json").is_file() for n in "abc")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 # ----------------------------------------------------------------------------------------------------- sweeps
