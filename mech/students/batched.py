@@ -53,7 +53,7 @@ Speed: a solo step on the organism is already compute-bound (over half of it in 
 with PEFT's dense forward a batch of 64 rows costs 4.9x a batch of 16), so stacking K batches saves per-op and
 per-step overheads and the dense logits, not arithmetic, and the larger activations fit the caches worse. On the
 quick sweep's four LoRA students (benchmarks/bench_batched.py --rows 950, one thread, a shared 2-core machine) the
-batch trains 1.03-1.06x as fast as the four solo runs (1.10x on 160 rows). Sweeps batch by default anyway: it
+batch trains 1.03-1.08x as fast as the four solo runs (three runs; 1.10x on 160 rows). Sweeps batch by default anyway: it
 costs nothing in exactness, and the ratio at more threads or on a GPU, where a solo step is not compute-bound,
 is the benchmark's to measure.
 """
