@@ -143,10 +143,22 @@ def test_reproduce_skips_the_organism_check_for_other_models(tiny_qwen_dir, tmp_
     monkeypatch.setattr(sweep, "run_shard", lambda runner: {"cells": 0, "computed": {}})
     monkeypatch.setattr(sweep, "select_students", lambda *a: {})
     monkeypatch.setattr(sweep.runner, "select_controls", lambda *a: {})
-    monkeypatch.setattr(sweep, "finished_tables", lambda runner: {"rows": [], "summary": [], "done_cells": 0})
+    from mech.analysis.hypotheses import RESULT_COLUMNS
+
+    planted = dict.fromkeys(RESULT_COLUMNS, float("nan")) | {
+        "name": "t", "claim": "full FT transfers", "test": "difference", "arms": "full", "units": "teacher_seed",
+        "verdict": "supported", "paper": "C2", "agrees_if": "not supported", "estimate": 0.3, "lo": 0.2, "hi": 0.4,
+        "detail": "planted"}
+    monkeypatch.setattr(sweep, "finished_tables", lambda runner: {"rows": [], "summary": [], "done_cells": 0,
+                                                                 "tests": [planted]})
     monkeypatch.setattr(battery, "compute_localise", lambda *a: SimpleNamespace(summary=None, cfg=None))
-    rep = run_reproduce(str(tiny_qwen_dir), write_cfg(tmp_path / "s.yaml"), ["lora_r1"])
+    more = write_cfg(tmp_path / "more.yaml", name="more")
+    rep = run_reproduce(str(tiny_qwen_dir), write_cfg(tmp_path / "s.yaml"), ["lora_r1"], more_sweeps=[more])
     assert rep.check is None and rep.sweep_cfg.base_model == str(tiny_qwen_dir)
+    # every sweep runs on the reproduced model; each one's declared tests reach the verdicts, labelled by experiment
+    assert [cfg.base_model for cfg, _ in rep.more_sweeps] == [str(tiny_qwen_dir)]
+    assert [t["experiment"] for t in rep.tests()] == [rep.sweep_cfg.name, "more"]
+    assert [e["reading"] for e in rep.evidence()["C2"]] == ["disagrees", "disagrees"]
     for name in ("summary_markdown", "localise_markdown"):
         monkeypatch.setattr(rr, name, lambda *a, **k: "# stub\n")
     monkeypatch.setattr(rr, "write_tables", lambda *a, **k: None)
@@ -156,3 +168,4 @@ def test_reproduce_skips_the_organism_check_for_other_models(tiny_qwen_dir, tmp_
     assert "Not an organism build" in md and folder.is_dir() and not (folder / "check.json").exists()
     assert not any((folder / "figures").glob("organism_*"))
     assert "model (evidence about the paper)" in md
+    assert "| C2: full finetuning does not transfer the trait | **disagrees** (2) |" in md
