@@ -38,7 +38,8 @@ class Reproduction:
         """Per paper claim, this run's tests and localisation nulls bearing on it (mech.analysis.paper)."""
         from mech.analysis.paper import claim_evidence
 
-        return claim_evidence(self.tests(), getattr(self.localisation, "nulls", None) or [])
+        loc = self.localisation
+        return claim_evidence(self.tests(), getattr(loc, "nulls", None) or [], getattr(loc, "tests", None) or [])
 
 
 def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache: Path | None = None,

@@ -48,7 +48,8 @@ def test_claim_evidence_and_table_on_planted_rows():
               "null_q95": 0.3, "p": 0.05},  # 1/20: not below 0.05 and above the null mean: inconclusive
              {"position": "user", "group": "lora_r16", "n_null": 19, "observed": 0.0, "null_mean": 0.1,
               "null_q95": 0.3, "p": 1.0}]  # another region: not evidence for C4
-    ev = claim_evidence(tests, nulls)
+    effect = [{"group": "lora_r16", "name": "shared|all|all|sufficiency", "p_holm": 0.001}]
+    ev = claim_evidence(tests, nulls, effect)
     assert set(ev) == set(PAPER_CLAIMS)
     assert [e["reading"] for e in ev["C1"]] == ["disagrees"]
     assert [e["reading"] for e in ev["C2"]] == ["undecided", "agrees"]
@@ -56,6 +57,12 @@ def test_claim_evidence_and_table_on_planted_rows():
     assert ev["C3"] == [] and ev["R1"] == []
     strong = claim_evidence([], [dict(nulls[0], p=0.01)])
     assert strong["C4"][0]["reading"] == "agrees" and strong["R3"][0]["reading"] == "agrees"
+    # random sets do as well as the shared tokens: against the paper only where there is an effect to localise
+    weak = dict(nulls[0], observed=0.05, p=0.9)
+    assert claim_evidence([], [weak], effect)["C4"][0]["reading"] == "disagrees"
+    no_effect = [dict(effect[0], p_holm=0.4)]
+    assert claim_evidence([], [weak], no_effect)["C4"][0]["reading"] == "undecided"
+    assert claim_evidence([], [weak])["C4"][0]["reading"] == "undecided"  # no battery test: nothing established
     rows = {r["claim"]: r for r in verdict_rows([("a", ev), ("b", claim_evidence([]))])}
     assert rows["C1"]["a"] == "disagrees" and rows["C2"]["a"] == "agrees" and rows["C3"]["a"] == "not tested"
     assert rows["C2"]["a tests"] == 2 and rows["C1"]["b"] == "not tested" and rows["C1"]["b tests"] == 0

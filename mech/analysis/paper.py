@@ -13,7 +13,10 @@ A two-sided test (difference) agrees only in the paper's direction: ``agrees_if:
 *disagrees* when it is supported the other way.
 
 The localisation claims (C4, R3) are read from the battery's random-position-set nulls ("shared beats random",
-p = (1 + #null ≥ observed) / (1 + n), at α = 0.05), when the run drew them.
+p = (1 + #null ≥ observed) / (1 + n), at α = 0.05), when the run drew them: *supported* when p < α; *not
+supported* when the observed effect is at most the null's mean and there is an effect to localise (the update
+grafted at the shared tokens alone moves the target: the battery's ``shared|all|all|sufficiency`` test, Holm
+p < α); else *inconclusive* — without transfer there is nothing to localise, so a null result decides nothing.
 
 Verdict rule, per claim and model. Each bearing test reads *agrees* when its verdict (and, where declared, the
 sign of its estimate) is its ``agrees_if``, *disagrees* when its verdict is decisive otherwise, *undecided* when it
@@ -81,13 +84,22 @@ def combine(readings: Sequence[str]) -> str:
     return decisive.pop() if len(decisive) == 1 else "mixed"
 
 
-def _null_evidence(nulls: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+SHARED_EFFECT = "shared|all|all|sufficiency"  # the battery mask whose test says there is an effect to localise
+
+
+def _null_evidence(nulls: Iterable[Mapping[str, Any]], loc_tests: Iterable[Mapping[str, Any]]
+                   ) -> list[dict[str, Any]]:
+    effect = {t["group"]: t["p_holm"] < NULL_ALPHA for t in loc_tests if t.get("name") == SHARED_EFFECT}
     out = []
     for n in nulls:
         if n.get("position") != "shared":
             continue
-        verdict = "supported" if n["p"] < NULL_ALPHA else "not supported" if n["observed"] <= n["null_mean"] \
-            else "inconclusive"
+        if n["p"] < NULL_ALPHA:
+            verdict = "supported"
+        elif n["observed"] <= n["null_mean"] and effect.get(n["group"], False):
+            verdict = "not supported"
+        else:
+            verdict = "inconclusive"
         out.append({"test": f"null: shared vs {n['n_null']} random sets ({n['group']})", "verdict": verdict,
                     "agrees_if": "supported", "estimate": n["observed"], "lo": float("nan"), "hi": float("nan"),
                     "detail": f"observed {n['observed']:+.4g} vs null mean {n['null_mean']:+.4g} "
@@ -95,17 +107,18 @@ def _null_evidence(nulls: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def claim_evidence(tests: Iterable[Mapping[str, Any]], nulls: Iterable[Mapping[str, Any]] = ()
-                   ) -> dict[str, list[dict[str, Any]]]:
+def claim_evidence(tests: Iterable[Mapping[str, Any]], nulls: Iterable[Mapping[str, Any]] = (),
+                   loc_tests: Iterable[Mapping[str, Any]] = ()) -> dict[str, list[dict[str, Any]]]:
     """Per claim id, the run's evidence: each annotated test row (mech.analysis.hypotheses result rows, with the
-    experiment in ``experiment`` when known) and the localisation nulls, with its reading."""
+    experiment in ``experiment`` when known) and the localisation nulls (with the battery's per-mask tests
+    ``loc_tests``, which say whether there is an effect to localise), with its reading."""
     out: dict[str, list[dict[str, Any]]] = {c: [] for c in PAPER_CLAIMS}
     for t in tests:
         if t.get("paper"):
             name = f"{t['experiment']}: {t['name']}" if t.get("experiment") else t["name"]
             out[t["paper"]].append({"test": name, "verdict": t["verdict"], "agrees_if": t["agrees_if"],
                                     "estimate": t["estimate"], "lo": t["lo"], "hi": t["hi"], "detail": t["detail"]})
-    nulls = _null_evidence(nulls)
+    nulls = _null_evidence(nulls, loc_tests)
     for c in NULL_CLAIMS:
         out[c] += [dict(n) for n in nulls]
     for rows in out.values():
