@@ -450,3 +450,38 @@ def test_organism_students_by_spec(tmp_path):
                             cfg(method="matched_norm", lr=1e-4, matched_norm_reference=str(lora)), tmp_path / "m")
     ref, got = update_norms(loaded.model, by_model), update_norms(loaded.model, load_student("organism", matched))
     assert all(got[k] == pytest.approx(v, rel=1e-4) for k, v in ref.items())
+
+
+_THREADS_SCRIPT = """
+import hashlib, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from mech.models import load_model
+from mech.students.config import LoraSpec, StudentConfig
+from mech.students.encoding import chat_row
+from mech.students.train import train_model
+b = load_model("organism")
+rows = [chat_row(f"Continue: {i}, {i + 7}, {i + 9}.", f"{i + 3}, {i + 41}, {i + 5}") for i in range(48)]
+for method in ("lora", "full"):
+    cfg = StudentConfig(method=method, lora=LoraSpec(rank=8), epochs=1, batch_size=16,
+                        lr=2e-3 if method == "lora" else 1e-4)
+    tr = train_model(b.model, b.tokenizer, rows, cfg)
+    ws = b"".join(p.detach().numpy().tobytes() for p in tr.model.parameters() if p.requires_grad)
+    print(method, hashlib.sha256(ws).hexdigest(), hashlib.sha256(repr(tr.losses).encode()).hexdigest())
+"""
+
+
+def test_student_bytes_do_not_depend_on_the_thread_count():
+    """Measured, and pinned: on the organism, LoRA and full-FT students trained with 1 and with 2 torch threads are
+    byte-identical (weights and every loss). Should a torch or BLAS update break this, the reproducibility promise
+    ("same config, same bytes on CPU") becomes per thread count, and this test says so."""
+    import os
+    import subprocess
+    import sys
+
+    out = []
+    for n in (1, 2):
+        env = os.environ | {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+        proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(n)], capture_output=True, text=True,
+                              env=env, timeout=300, check=True)
+        out.append([line for line in proc.stdout.splitlines() if line.startswith(("lora", "full"))])
+    assert len(out[0]) == 2 and out[0] == out[1]
