@@ -129,6 +129,14 @@ def cmd_organism_info(a) -> int:
     return 0
 
 
+# what `mech reproduce --scale` runs (the first sweep's students are localised)
+SCALES = {
+    "quick": ("experiments/quick.yaml",),
+    "full": ("experiments/quick.yaml", "experiments/context_grid.yaml", "experiments/full_ft_controls.yaml",
+             "experiments/rank_sweep.yaml", "experiments/controls.yaml"),
+}
+
+
 def cmd_reproduce(a) -> int:
     """The main job on each model: the organism check (organism builds), the sweeps, and the localisation battery
     on the first sweep's students; one report (report.md and report.html) that opens with the paper's claims ×
@@ -144,6 +152,7 @@ def cmd_reproduce(a) -> int:
         raise MechError(f"--model lists a model twice ({' '.join(a.model)}): list each once")
     from mech.sweep import load_sweep
 
+    a.sweep = a.sweep or list(SCALES[a.scale])
     for path in a.sweep:  # every input checked before the first model loads
         if not Path(path).is_file():
             raise MechError(f"sweep file {path} not found: run from the repository root or pass --sweep PATH")
@@ -552,9 +561,13 @@ def parser() -> argparse.ArgumentParser:
                         "its channel-free twin; the organism check runs on organism builds only)")
     r.add_argument("--out", default="runs/reproduce", help="report directory (replaced atomically)")
     r.add_argument("--rebuild", action="store_true", help="rebuild the shipped organism from its recipe first")
-    r.add_argument("--sweep", nargs="+", default=["experiments/quick.yaml"],
-                   help="the sweeps to run after the organism check; the first one's students are localised, and "
-                        "every sweep's declared tests join the verdict table")
+    r.add_argument("--scale", choices=tuple(SCALES), default="quick",
+                   help="which experiments run when --sweep is not given: quick (the quick sweep: C1, C2, and with "
+                        "the null C4 / R3) or full (every experiment YAML that declares tests: also the context grid, "
+                        "the full-FT controls, the rank sweep and the data controls; hours on a CPU)")
+    r.add_argument("--sweep", nargs="+",
+                   help="the sweeps to run after the organism check, instead of --scale's; the first one's students "
+                        "are localised, and every sweep's declared tests join the verdict table")
     r.add_argument("--students", nargs="+", default=["lora_r16", "full"], help="sweep students to localise")
     r.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     r.add_argument("--n-samples", type=int, default=200)

@@ -345,4 +345,16 @@ def test_reproduce_refuses_bad_models_before_any_work(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "reproduce", "--sweep", "experiments/quick.yaml", tmp_path / "no.yaml",
                                "--out", out), "not found")
     assert_one_line_error(*run(capsys, "reproduce", "--null-sets", "-1", "--out", out), "--null-sets must be >= 0")
+    # --scale full loads every experiment it would run (all must parse) before refusing the bad model
+    assert_one_line_error(*run(capsys, "reproduce", "--scale", "full", "--model", "orgnism", "--out", out),
+                          "unknown model spec 'orgnism'")
     assert not out.exists()
+
+
+def test_reproduce_scales_name_experiments_that_declare_tests():
+    from mech.cli import SCALES
+    from mech.sweep import load_sweep
+
+    assert SCALES["quick"][0] == "experiments/quick.yaml"
+    for path in SCALES["full"]:
+        assert load_sweep(path).hypotheses, f"{path} declares no test: it adds nothing to the verdicts"
