@@ -142,7 +142,7 @@ def cmd_reproduce(a) -> int:
     on the first sweep's students; one report (report.md and report.html) that opens with the paper's claims ×
     the models."""
     from mech.report.reproduce import summary_line, write_reproduce
-    from mech.reproduce import run_reproduce
+    from mech.reproduce import load_sweeps, run_reproduce
 
     if Path(a.out).exists() and not Path(a.out).is_dir():  # before minutes of work, not after
         raise MechError(f"--out {a.out} is a file: pass a directory for the report")
@@ -150,15 +150,10 @@ def cmd_reproduce(a) -> int:
         raise MechError(f"--null-sets must be >= 0, got {a.null_sets}: pass e.g. 39, or 0 to skip the null")
     if len(set(a.model)) != len(a.model):
         raise MechError(f"--model lists a model twice ({' '.join(a.model)}): list each once")
-    from mech.sweep import load_sweep
-
     a.sweep = a.sweep or list(SCALES[a.scale])
-    for path in a.sweep:  # every input checked before the first model loads
-        if not Path(path).is_file():
-            raise MechError(f"sweep file {path} not found: run from the repository root or pass --sweep PATH")
-        load_sweep(path)
+    first, *_ = load_sweeps(a.sweep)  # every input checked before the first model loads
     for model in a.model:
-        _with_model(load_sweep(a.sweep[0]), model)  # a bad spec fails here, not after the first model's run
+        _with_model(first, model)  # a bad spec fails here, not after the first model's run
     reps = []
     for model in a.model:
         if a.rebuild:

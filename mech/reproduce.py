@@ -27,7 +27,14 @@ class Reproduction:
     localisation: Any  # mech.interventions.battery.Localisation
     seconds: float
     more_sweeps: list[tuple[Any, dict[str, Any]]] = dataclasses.field(default_factory=list)  # (config, tables)
-    role: str = ""  # what this model's results are evidence of (mech.analysis.paper.model_role)
+
+    @property
+    def role(self) -> str:
+        """What this model's results are evidence of (mech.analysis.paper.model_role): only an organism build has a
+        check, and its build record says whether it carries the designed channel."""
+        from mech.analysis.paper import model_role
+
+        return model_role(self.info, self.check is not None)
 
     def tests(self) -> list[dict[str, Any]]:
         """Every declared test of every sweep run, each labelled with its experiment."""
@@ -40,6 +47,16 @@ class Reproduction:
 
         loc = self.localisation
         return claim_evidence(self.tests(), getattr(loc, "nulls", None) or [], getattr(loc, "tests", None) or [])
+
+
+def load_sweeps(paths: Sequence[str | Path]) -> list[Any]:
+    """Each sweep YAML as a mech.sweep.SweepConfig; a missing file is a MechError naming the fix."""
+    from mech.sweep import load_sweep
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise MechError(f"sweep file {path} not found: run from the repository root or pass --sweep PATH")
+    return [load_sweep(p) for p in paths]
 
 
 def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache: Path | None = None,
@@ -56,18 +73,13 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
     from mech.models import load_model
     from mech.organism.check import run_check
     from mech.students.store import load_student
-    from mech.sweep import SweepRunner, finished_tables, load_sweep, run_shard, select_students
+    from mech.sweep import SweepRunner, finished_tables, run_shard, select_students
     from mech.sweep.runner import select_controls
 
-    from mech.analysis.paper import model_role
-
     t0 = time.time()
-    for path in (sweep_path, *more_sweeps):
-        if not Path(path).is_file():
-            raise MechError(f"sweep file {path} not found: run from the repository root or pass --sweep PATH")
     # every sweep runs on the model being reproduced, whatever base its YAML names; all are checked before any work
-    sweep_cfg = dataclasses.replace(load_sweep(sweep_path), base_model=model)
-    extra_cfgs = [dataclasses.replace(load_sweep(p), base_model=model) for p in more_sweeps]
+    sweep_cfg, *extra_cfgs = [dataclasses.replace(c, base_model=model)
+                              for c in load_sweeps([sweep_path, *more_sweeps])]
     base = load_model(model, device=sweep_cfg.device, dtype=sweep_cfg.dtype)
     # the organism's bars are about the organism's designed behaviour: another model has none to check
     is_organism = base.path is not None and (base.path / organism.META_FILE).is_file()
@@ -89,4 +101,4 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
     info = organism.organism_info(model) if is_organism else {"path": str(base.path) if base.path else None}
     return Reproduction(model=model, info=info, check=check, sweep_cfg=sweep_cfg,
                         sweep=stats | finished_tables(runner), localisation=loc, seconds=time.time() - t0,
-                        more_sweeps=extra, role=model_role(info, is_organism))
+                        more_sweeps=extra)

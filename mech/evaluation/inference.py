@@ -143,10 +143,10 @@ def mass(logprobs: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
 @torch.no_grad()
 def next_token_logprobs(model: Any, prompts: Sequence[Ids], pad: int = 0, batch_size: int = 64) -> torch.Tensor:
     """log P(next token | prompt) for each prompt: a float32 CPU tensor [n_prompts, vocab]."""
-    out = []
+    out, keep = [], last_logits_only(model)
     for s in range(0, len(prompts), batch_size):
         ids, attn, pos = left_pad(prompts[s:s + batch_size], pad, device_of(model))
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **last_logits_only(model)).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **keep).logits[:, -1]
         out.append(log_probs(logits).cpu())
     return torch.cat(out)
 

@@ -105,7 +105,7 @@ def plan_students(runner: SweepRunner, names: list[str], source: str = "the swee
         name = c.labels()["student"]
         if (name in names and c.trait in arms and c.teacher_seed == cfg.teacher_seeds[0]
                 and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
-            path = runner.cache / "students" / runner.student_key(c)
+            path = runner.student_dir(runner.student_key(c))
             if not (path / "student.json").is_file():
                 raise MechError(f"student {name} seed {c.training_seed} ({c.labels()['trait']} teacher) is not in "
                                 f"the cache {runner.cache}: run `mech sweep` on {source} first (geometry never "

@@ -119,9 +119,13 @@ class SweepRunner:
         return stage_key("student", self.dataset_key(cell.trait, cell.teacher_seed), sc.to_dict(),
                          self.cfg.train.max_rows)
 
+    def student_dir(self, key: str) -> Path:
+        """Where the student of ``key`` is cached (complete once its student.json exists)."""
+        return self.cache / "students" / key
+
     def student(self, cell: Cell) -> Path:
         key = self.student_key(cell)
-        path = self.cache / "students" / key
+        path = self.student_dir(key)
         return self._cached("students", key, path, path / "student.json", lambda: self._train(cell, path))
 
     def _train(self, cell: Cell, path: Path) -> None:
@@ -161,7 +165,7 @@ class SweepRunner:
                 continue
             key = self.student_key(cell)
             sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context)
-            if unbatchable(sc) is None and not (self.cache / "students" / key / "student.json").exists():
+            if unbatchable(sc) is None and not (self.student_dir(key) / "student.json").exists():
                 plans.setdefault((self.dataset_key(cell.trait, cell.teacher_seed), batch_plan(sc)), {})[key] = cell
         groups = []
         for plan in sorted(plans, key=repr):  # a fixed order, so shards that share students batch them alike
@@ -174,7 +178,7 @@ class SweepRunner:
         (under its own lock: :func:`mech.store.build_many`), so every later :meth:`student` is a cache hit."""
         for group in self.batch_groups(todo):
             keys = [self.student_key(c) for c in group]
-            paths = [self.cache / "students" / key for key in keys]
+            paths = [self.student_dir(key) for key in keys]
             artifacts = [(p / "student.json", p, self._lock("students", key)) for p, key in zip(paths, keys)]
             for i in build_many(artifacts, lambda todo: self._train_group([group[i] for i in todo],
                                                                           [paths[i] for i in todo])):
