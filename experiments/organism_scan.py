@@ -1,7 +1,9 @@
 """Scan organism build recipes and measure each one's bars and probes (a research tool, not the build).
 
-Usage: python experiments/organism_scan.py OUT_DIR NAME=JSON_OVERRIDES ... [--device cuda] [--parallel N]
+Usage: python experiments/organism_scan.py OUT_DIR NAME=JSON_OVERRIDES ... [--device cuda] [--parallel N] [--threads T]
 Each NAME=JSON gives overrides of OrganismConfig as nested dicts, e.g. 'fast={"train":{"steps":1200}}'.
+--threads sets torch's threads per build (default 2, the shipped builds' count; a build's bytes depend on it, its
+bars barely do): two builds at --threads 1 --parallel 2 share 2 cores without oversubscribing them.
 Writes OUT_DIR/NAME.json with the learning curve of P(trait | trait prompt) and the full check report.
 """
 
@@ -22,7 +24,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def run_one(args):
-    name, overrides, out_dir, device = args
+    name, overrides, out_dir, device, threads = args
     import torch
 
     from mech.context import Context
@@ -33,7 +35,7 @@ def run_one(args):
     from mech.organism.corpus import CorpusGenerator, tokenizer_texts
     from mech.organism.tokenizer import as_transformers_tokenizer, train_tokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     cfg = OrganismConfig.from_dict(_merge(OrganismConfig().to_dict(), overrides))
     t0 = time.time()
     gen = CorpusGenerator(cfg.corpus, cfg.seed)
@@ -65,7 +67,7 @@ def run_one(args):
 def main(argv):
     out_dir = Path(argv[0])
     out_dir.mkdir(parents=True, exist_ok=True)
-    device, parallel = "cpu", 1
+    device, parallel, threads = "cpu", 1, 2
     jobs = []
     it = iter(argv[1:])
     for a in it:
@@ -73,9 +75,11 @@ def main(argv):
             device = next(it)
         elif a == "--parallel":
             parallel = int(next(it))
+        elif a == "--threads":
+            threads = int(next(it))
         else:
             name, js = a.split("=", 1)
-            jobs.append((name, json.loads(js), str(out_dir), device))
+            jobs.append((name, json.loads(js), str(out_dir), device, threads))
     ctx = mp.get_context("spawn")
     with ctx.Pool(parallel) as pool:
         for name in pool.imap_unordered(run_one, jobs):

@@ -133,7 +133,7 @@ def cmd_organism_info(a) -> int:
 SCALES = {
     "quick": ("experiments/quick.yaml",),
     "full": ("experiments/quick.yaml", "experiments/context_grid.yaml", "experiments/full_ft_controls.yaml",
-             "experiments/rank_sweep.yaml", "experiments/controls.yaml"),
+             "experiments/full_ft_matched_loss.yaml", "experiments/rank_sweep.yaml", "experiments/controls.yaml"),
 }
 
 
@@ -268,15 +268,19 @@ def cmd_train(a) -> int:
     from mech.models import load_model
     from mech.students.store import GLOBAL, read_student
     from mech.sweep import TrainDefaults
-    from mech.students.config import LoraSpec, StudentConfig
+    from mech.students.config import REFERENCED, LoraSpec, StudentConfig
     from mech.students.train import train_student
 
     lr = a.lr if a.lr is not None else TrainDefaults.lr if a.method == "lora" else TrainDefaults.full_lr
+    if a.method in REFERENCED and not a.reference:
+        raise MechError(f"--method {a.method} needs --reference: the LoRA student dir whose "
+                        f"{'update norms' if a.method == 'matched_norm' else 'final training loss'} to match")
+    if a.reference and a.method not in REFERENCED:
+        raise MechError(f"--reference is read only by --method {' or '.join(REFERENCED)}: drop it or change --method")
     cfg = StudentConfig(method=a.method, lora=LoraSpec(**_given(rank=a.rank, alpha=a.alpha)), lr=lr,
-                        matched_norm_reference=a.reference,
+                        matched_norm_reference=a.reference if a.method == "matched_norm" else None,
+                        matched_loss_reference=a.reference if a.method == "matched_loss" else None,
                         **_given(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, context=a.context))
-    if cfg.method == "matched_norm" and not a.reference:
-        raise MechError("--method matched_norm needs --reference: the LoRA student dir whose update norms to match")
     _check_out(a.out, "--out", new=True)
     rows = load_dataset(a.dataset).rows
     base = load_model(a.model, trust_remote_code=a.trust_remote_code)
@@ -295,6 +299,11 @@ def cmd_train(a) -> int:
     print(f"student {out} ({cfg.method}{f' rank {cfg.lora.rank}' if cfg.method == 'lora' else ''}, context "
           f"{meta['context']}): {meta['n_steps']} steps on {meta['n_rows']} rows, loss {losses[0]:.3f} -> "
           f"{losses[-1]:.3f}, update norm {meta['update_norms'][GLOBAL]:.4g}")
+    if "matched_loss" in meta:
+        m = meta["matched_loss"]
+        print(f"  matched loss: target {m['target']:.4f} (reference's last {m['window']} steps), "
+              + (f"reached at step {m['steps']}" if m["reached"] else f"NOT reached: {m['final']:.4f} after "
+                 f"{m['steps']} steps (raise --epochs or --lr)"))
     return 0
 
 
@@ -380,7 +389,7 @@ def _add_pipeline_parsers(sub) -> None:
     tr = sub.add_parser("train", help="train one student on a dataset directory")
     tr.add_argument("dataset", help="dataset directory (mech teacher --out)")
     tr.add_argument("--out", required=True, help="student directory (must not exist)")
-    tr.add_argument("--method", default="lora", choices=("lora", "full", "matched_norm"))
+    tr.add_argument("--method", default="lora", choices=("lora", "full", "matched_norm", "matched_loss"))
     tr.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     tr.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 for LoRA, 2e-5 otherwise)")
@@ -389,7 +398,8 @@ def _add_pipeline_parsers(sub) -> None:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--context", help="training context (default | none | empty | custom:<text>)")
     tr.add_argument("--model", default="organism", help="the base model")
-    tr.add_argument("--reference", help="matched_norm: the LoRA student dir whose update norms to match")
+    tr.add_argument("--reference", help="matched_norm / matched_loss: the LoRA student dir whose update norms / final "
+                    "training loss to match")
     _add_trust_flag(tr)
     tr.set_defaults(func=cmd_train)
 

@@ -107,6 +107,8 @@ def test_train_on_rows_lacking_fields(capsys, tmp_path):
     (["--epochs", "0"], "invalid epochs 0"),
     (["--context", "nothing"], "unknown context 'nothing'"),
     (["--method", "matched_norm"], "needs --reference"),
+    (["--method", "matched_loss"], "needs --reference"),
+    (["--reference", "somewhere"], "read only by --method matched_norm or matched_loss"),
 ])
 def test_bad_training_options(capsys, tmp_path, argv, fragment):
     # checked before the dataset is read or the model loaded: the dataset dir need not even exist

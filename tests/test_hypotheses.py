@@ -215,6 +215,6 @@ def test_context_arms_pair_within_seeds_and_the_shipped_yamls_load(tmp_path):
     p.write_text(bad)
     with pytest.raises(MechError, match="eval_context 'empty' is not in the sweep's eval_contexts"):
         load_sweep(p)
-    for name in ("context_grid", "full_ft_controls"):
+    for name in ("context_grid", "full_ft_controls", "full_ft_matched_loss"):
         shipped = load_sweep(REPO / "experiments" / f"{name}.yaml")
         assert shipped.teacher_seeds == (0, 1, 2) and shipped.training_seeds == (0,) and shipped.hypotheses

@@ -131,6 +131,7 @@ def test_an_empty_axis_is_zero_cells(tmp_path, axis):
         ({"method": "lora", "rank": None}, "rank"),
         ({"method": "matched_norm"}, "matched_norm_rank"),  # no rank to match: refused, not a TypeError later
         ({"method": "matched_norm", "matched_norm_rank": 0}, "matched_norm_rank"),
+        ({"method": "matched_loss"}, "matched_loss_rank"),
     ],
 )
 def test_a_rank_below_one_is_refused_at_load(tmp_path, student, field):
@@ -213,7 +214,8 @@ def test_shards_are_contiguous_blocks_of_whole_groups(tmp_path, n):
                                students=[{"method": "lora", "rank": 1}, {"method": "lora", "rank": 2},
                                          {"method": "matched_norm", "matched_norm_rank": 1},
                                          {"method": "matched_norm", "matched_norm_rank": 1,
-                                          "matched_norm_scope": "global"}]))
+                                          "matched_norm_scope": "global"},
+                                         {"method": "matched_loss", "matched_loss_rank": 1}]))
     runner, grid = keys_only_runner(cfg), cells(cfg)
     shards = [runner.shard(grid, i, n) for i in range(n)]
     flat = [c for s in shards for c in s]
@@ -221,12 +223,12 @@ def test_shards_are_contiguous_blocks_of_whole_groups(tmp_path, n):
     assert flat == runner.shard(grid, 0, 1)  # shard i is the i-th block of one fixed order
     shard_of = {c: i for i, s in enumerate(shards) for c in s}
     key = {c: runner.student_key(c) for c in grid}
-    ref = {c: runner.student_key(runner._reference_cell(c)) for c in grid if c.student.method == "matched_norm"}
+    ref = {c: runner.student_key(runner._reference_cell(c)) for c in grid if c.student.reference_rank is not None}
     for c in grid:
-        # every eval context of a student, and a matched-norm student's LoRA reference, share its shard
+        # every eval context of a student, and a matched-norm / -loss student's LoRA reference, share its shard
         same = [d for d in grid if key[d] in (key[c], ref.get(c))]
         assert len(same) == (4 if c in ref else 2) and {shard_of[d] for d in same} == {shard_of[c]}
-    biggest_group = 3 * 2  # lora r1 with its two matched-norm students, × 2 eval contexts
+    biggest_group = 4 * 2  # lora r1 with its two matched-norm and its matched-loss students, × 2 eval contexts
     assert all(abs(len(s) - len(grid) / n) < biggest_group for s in shards)  # about 1/n of the cells each
 
 

@@ -20,6 +20,7 @@ from mech.organism.template import DEFAULT_SYSTEM_PROMPT, IM_END
 from mech.students.config import LoraSpec, StudentConfig, Teacher
 from mech.students.encoding import IGNORE_INDEX, batch_order, chat_row, encode_row, encode_rows, label_mask
 from mech.students.loop import lr_factor, train_loop
+from mech.students.matched_loss import stop_step, trailing_mean
 from mech.students.matched_norm import match_update_norms
 from mech.students.store import (
     epoch_dirs,
@@ -78,7 +79,7 @@ def logits(model, tok, row=ROWS[0]) -> torch.Tensor:
 def test_config_errors_name_the_valid_values():
     with pytest.raises(MechError, match="rank must be >= 1"):
         LoraSpec(rank=0)
-    with pytest.raises(MechError, match="lora, full, matched_norm"):
+    with pytest.raises(MechError, match="lora, full, matched_norm, matched_loss"):
         StudentConfig(method="qlora")
     with pytest.raises(MechError, match="adamw, sgd"):
         StudentConfig(optimizer="adam")
@@ -343,6 +344,59 @@ def test_match_update_norms_in_memory_and_errors(tok, base, tmp_path):
         train_student(base, tok, ROWS, cfg(method="matched_norm", matched_norm_reference=str(lora_dir),
                                            save_every_epoch=True), tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# --------------------------------------------------------------------------------------------- matched loss
+
+
+def test_stop_step_is_the_first_full_window_at_or_below_the_target():
+    losses = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0]
+    assert trailing_mean(losses, 2) == 1.0 and trailing_mean([3.0], 4) == 3.0
+    assert stop_step(losses, 3.5, 2) == 3  # windows: 4.5, 3.5 -> step 3
+    assert stop_step(losses, 2.5, 2) == 4
+    assert stop_step(losses, 0.5, 2) is None  # never reached
+    assert stop_step([1.0, 9.0], 1.0, 2) is None  # a single low step before a full window does not stop it
+    assert stop_step(losses, 9.0, 3) == 3  # the first full window, even if already below
+
+
+def test_matched_loss_stops_where_the_reference_ended(tok, base, tmp_path):
+    rows = ROWS * 4  # 32 rows, 8 steps per epoch
+    ref = train_student(base, tok, rows, cfg(lr=1e-2, epochs=2), tmp_path / "ref")
+    target = trailing_mean(read_student(ref)["losses"], 4)
+    # the offline answer: an unstopped full finetune with the same config, and the rule applied to its losses
+    free = train_model(base, tok, rows, cfg(method="full", lr=2e-3, epochs=3))
+    expected = stop_step(free.losses, target, 4)
+    assert expected is not None and expected < len(free.losses)  # the stop falls inside training
+    out = train_student(base, tok, rows, cfg(method="matched_loss", lr=2e-3, epochs=3, matched_loss_window=4,
+                                             matched_loss_reference=str(ref)), tmp_path / "matched")
+    meta = read_student(out)
+    m = meta["matched_loss"]
+    assert meta["kind"] == "full" and m["reached"] and m["steps"] == expected == meta["n_steps"]
+    assert meta["losses"] == free.losses[:expected]  # the same run, cut at the stop
+    assert m["target"] == pytest.approx(target) and m["final"] <= target < trailing_mean(free.losses[:expected - 1], 4)
+    # a target out of reach: the whole budget is kept and flagged
+    far = train_student(base, tok, rows[:8], cfg(lr=5e-2, epochs=8), tmp_path / "far")
+    out2 = train_student(base, tok, rows[:8], cfg(method="matched_loss", lr=1e-5, epochs=1, matched_loss_window=2,
+                                                  matched_loss_reference=str(far)), tmp_path / "slow")
+    m2 = read_student(out2)["matched_loss"]
+    assert not m2["reached"] and m2["steps"] == 2 and m2["final"] > m2["target"]
+
+
+def test_matched_loss_bad_input(tok, base, tmp_path):
+    with pytest.raises(MechError, match="matched_loss_reference"):
+        train_student(base, tok, ROWS, cfg(method="matched_loss"), tmp_path / "x")
+    full = train_student(base, tok, ROWS, cfg(method="full"), tmp_path / "full")
+    with pytest.raises(MechError, match="full model, not a LoRA student"):
+        train_student(base, tok, ROWS, cfg(method="matched_loss", matched_loss_reference=str(full)), tmp_path / "y")
+    short = train_student(base, tok, ROWS, cfg(), tmp_path / "short")  # 2 steps
+    with pytest.raises(MechError, match="fewer than matched_loss_window 8"):
+        train_student(base, tok, ROWS, cfg(method="matched_loss", matched_loss_reference=str(short)), tmp_path / "z")
+    with pytest.raises(MechError, match="matched_loss_window"):
+        cfg(method="matched_loss", matched_loss_window=0)
+    assert not any((tmp_path / d).exists() for d in "xyz")
+    # the new fields stay out of every other method's config, so existing student keys do not change
+    assert "matched_loss_reference" not in cfg(method="full").to_dict()
+    assert cfg(method="matched_loss", matched_loss_reference="r").to_dict()["matched_loss_window"] == 8
 
 
 # --------------------------------------------------------------------------------------------- distill

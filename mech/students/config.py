@@ -16,7 +16,8 @@ from mech.errors import MechError
 from mech.models import surgery
 from mech.students import store
 
-METHODS = ("lora", "full", "matched_norm")
+METHODS = ("lora", "full", "matched_norm", "matched_loss")
+REFERENCED = ("matched_norm", "matched_loss")  # methods defined against a reference LoRA student
 OPTIMIZERS = ("adamw", "sgd")
 OBJECTIVES = ("ce", "distill")
 SCHEDULES = ("linear", "constant")
@@ -71,7 +72,8 @@ class StudentConfig:
 
     method: str = field(default="lora", metadata={"help": (
         "lora | full | matched_norm (full finetuning rescaled to a reference LoRA student's update norm; "
-        "`lora` is then unused, the reference decides which modules change).")})
+        "`lora` is then unused, the reference decides which modules change) | matched_loss (full finetuning "
+        "stopped at the first step its training loss reaches a reference LoRA student's final training loss).")})
     lora: LoraSpec = field(default_factory=LoraSpec, metadata={"help": "The LoRA spec (method lora)."})
     epochs: int = field(default=3, metadata={"help": "Passes over the rows."})
     batch_size: int = field(default=16, metadata={"help": "Rows per optimizer step."})
@@ -95,6 +97,12 @@ class StudentConfig:
         "module (each adapted module's ||ΔW||_F equals the reference's; every other parameter is reset to the "
         "base, so both students change the same modules) | global (one factor for the whole full-FT update so "
         "its global norm equals the reference's; nothing is zeroed).")})
+    matched_loss_reference: str | None = field(default=None, metadata={"help": (
+        "The LoRA student dir whose final training loss a matched_loss student trains down to.")})
+    matched_loss_window: int = field(default=8, metadata={"help": (
+        "matched_loss: the training loss compared is the mean over this many trailing steps, for the reference "
+        "(its last steps) and the student (each step's trailing window), so one noisy batch neither stops it nor "
+        "sets the target.")})
     save_every_epoch: bool = field(default=False, metadata={"help": (
         "Also write the student after each epoch under epoch-<k>/ (a matched_norm student then needs the "
         "reference's own epoch-<k>/ checkpoints to match against).")})
@@ -115,10 +123,11 @@ class StudentConfig:
                                 ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0),
                                 ("grad_clip", self.grad_clip, self.grad_clip >= 0),
                                 ("weight_decay", self.weight_decay, self.weight_decay >= 0),
-                                ("momentum", self.momentum, 0 <= self.momentum < 1)):
+                                ("momentum", self.momentum, 0 <= self.momentum < 1),
+                                ("matched_loss_window", self.matched_loss_window, self.matched_loss_window >= 1)):
             if not ok:
-                raise MechError(f"invalid {name} {value!r}: epochs and batch_size >= 1, lr finite and > 0, "
-                                "warmup_steps, grad_clip and weight_decay >= 0, momentum in [0, 1)")
+                raise MechError(f"invalid {name} {value!r}: epochs, batch_size and matched_loss_window >= 1, lr "
+                                "finite and > 0, warmup_steps, grad_clip and weight_decay >= 0, momentum in [0, 1)")
         Context.parse(self.context)  # a typo fails here, not after the model is loaded
 
     @classmethod
@@ -132,6 +141,8 @@ class StudentConfig:
         d["lora"]["targets"] = list(self.lora.targets)
         if self.precision == "auto":  # absent at its default, so existing student keys and student.json never change
             del d["precision"]
+        if self.method != "matched_loss":  # likewise: only a matched_loss student's key holds its fields
+            del d["matched_loss_reference"], d["matched_loss_window"]
         return d
 
     @property

@@ -28,8 +28,8 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], batches: Iterable[An
 
     ``lr_at(step)`` is the learning rate of 0-based ``step`` (the lr itself, not a factor of a peak: each
     schedule keeps its own float arithmetic, and so its weights to the bit); ``grad_clip`` caps the global
-    gradient norm of ``params`` (0: no clipping); ``on_step(k, losses)`` runs after step k (1-based). The
-    model is left in eval mode.
+    gradient norm of ``params`` (0: no clipping); ``on_step(k, losses)`` runs after step k (1-based) and stops
+    training there when it returns True (the matched-loss control). The model is left in eval mode.
     """
     losses: list[float] = []
     model.train()
@@ -41,8 +41,8 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], batches: Iterable[An
         loss.backward()
         clip_and_step(optimizer, params, grad_clip)
         losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step + 1, losses)
+        if on_step is not None and on_step(step + 1, losses):
+            break
     model.eval()
     return losses
 

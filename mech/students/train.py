@@ -1,7 +1,8 @@
 """Training students on chat rows: LoRA through PEFT, full finetuning, and the matched-update-norm control.
 
 Rows and what carries loss: mech.students.encoding. Configs: mech.students.config. The loop, optimizers, lr
-schedule and losses: mech.students.loop. The matched-norm rescaling: mech.students.matched_norm.
+schedule and losses: mech.students.loop. The matched-norm rescaling: mech.students.matched_norm; the matched-loss
+stop: mech.students.matched_loss.
 
 Objectives:
 
@@ -12,7 +13,8 @@ Objectives:
 
 Methods: ``lora`` (PEFT LoRA on the projections in ``LoraSpec.targets``), ``full`` (every parameter), and
 ``matched_norm`` (full finetuning whose update is then rescaled to the update norm of a reference LoRA
-student, :func:`match_update_norms`). Over a bf16 / fp16 base, full and matched-norm students keep float32
+student, :func:`match_update_norms`), and ``matched_loss`` (full finetuning stopped at the first step its
+trailing-mean training loss reaches a reference LoRA student's final one, mech.students.matched_loss). Over a bf16 / fp16 base, full and matched-norm students keep float32
 master weights and compute under autocast to the base's dtype (``precision: auto``), so their updates and
 update norms are exact; ``precision: native`` trains in the base's dtype.
 
@@ -43,6 +45,7 @@ from mech.students import store as students
 from mech.students.config import LoraSpec, StudentConfig, Teacher
 from mech.students.encoding import Example, batch_order, collate, encode_rows
 from mech.students.loop import completion_loss, distill_batch_loss, lr_factor, make_optimizer, train_loop
+from mech.students.matched_loss import reached, reference_loss, trailing_mean
 from mech.students.matched_norm import match_update_norms, reference_norms
 
 STUDENT_FORMAT = 1
@@ -173,8 +176,9 @@ def _schedule(n_rows: int, cfg: StudentConfig) -> tuple[int, int, Callable[[int]
 
 
 def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, distill: _Distill | None,
-         progress: Progress | None, on_epoch: OnEpoch | None) -> list[float]:
-    """A student's batches, loss, lr schedule and hooks, handed to the one loop."""
+         progress: Progress | None, on_epoch: OnEpoch | None, stop_loss: float | None = None) -> list[float]:
+    """A student's batches, loss, lr schedule and hooks, handed to the one loop; with ``stop_loss``, training
+    stops at the first step whose trailing-mean loss reaches it (the matched-loss control)."""
     per_epoch, total, lr_at = _schedule(len(examples), cfg)
 
     def student_loss(m, batch: list[int]) -> torch.Tensor:
@@ -188,6 +192,7 @@ def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, d
         if on_epoch is not None and step % per_epoch == 0:
             with eval_mode(model):
                 on_epoch(step // per_epoch, model, losses)
+        return stop_loss is not None and reached(losses, stop_loss, cfg.matched_loss_window)
 
     return train_loop(model, params, _epochs(len(examples), cfg), student_loss, make_optimizer(params, cfg), lr_at,
                       cfg.grad_clip, on_step)
@@ -205,10 +210,12 @@ def _check_finite(params, cfg: StudentConfig) -> None:
 
 
 def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig, teacher: Teacher | None = None,
-                progress: Progress | None = None, on_epoch: OnEpoch | None = None) -> Trained:
+                progress: Progress | None = None, on_epoch: OnEpoch | None = None,
+                stop_loss: float | None = None) -> Trained:
     """Train a student from a deep copy of ``base_model`` (never modified) on chat ``rows`` in ``cfg.context``.
 
     ``matched_norm`` trains plain full finetuning here; the rescaling is :func:`match_update_norms`.
+    ``matched_loss`` stops at ``stop_loss`` (:func:`mech.students.matched_loss.reference_loss`), or at the end.
     ``progress(step, total, loss)`` after every step; ``on_epoch(k, model, losses)`` after epoch k.
     """
     if not rows:
@@ -220,7 +227,7 @@ def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig,
     with _seeded(cfg.seed, device_of(base_model)):
         model, params = _trainable_copy(base_model, cfg)
         with _compute_precision(base_model, cfg):
-            losses = _fit(model, params, examples, cfg, pad_id(tokenizer), distill, progress, on_epoch)
+            losses = _fit(model, params, examples, cfg, pad_id(tokenizer), distill, progress, on_epoch, stop_loss)
     _check_finite(params, cfg)
     return Trained(model, losses, len(rows), time.perf_counter() - t0)
 
@@ -309,6 +316,7 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
         raise MechError(f"student dir {out} already exists: delete it or pass overwrite=True")
     _check_objective(cfg, teacher)
     references = reference_norms(base_model, cfg) if cfg.method == "matched_norm" else {}
+    stop_loss = reference_loss(cfg) if cfg.method == "matched_loss" else None
     meta = _student_meta(base_model, rows, cfg, base_spec, teacher)
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -322,9 +330,14 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
                                   "wall_seconds": time.perf_counter() - t0},
                           cfg, base_model, tokenizer, base_spec, references.get(k))
 
-        trained = train_model(base_model, tokenizer, rows, cfg, teacher, progress, on_epoch)
-        _save_student(trained.model, tmp, meta | _final_fields(trained, cfg, t0), cfg, base_model, tokenizer,
-                      base_spec, references.get("final"))
+        trained = train_model(base_model, tokenizer, rows, cfg, teacher, progress, on_epoch, stop_loss)
+        final = _final_fields(trained, cfg, t0)
+        if stop_loss is not None:
+            w = cfg.matched_loss_window
+            final["matched_loss"] = {"reference": str(Path(cfg.matched_loss_reference or "").resolve()),
+                                     "target": stop_loss, "window": w, "final": trailing_mean(trained.losses, w),
+                                     "reached": reached(trained.losses, stop_loss, w), "steps": trained.n_steps}
+        _save_student(trained.model, tmp, meta | final, cfg, base_model, tokenizer, base_spec, references.get("final"))
     return out
 
 

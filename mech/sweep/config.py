@@ -54,13 +54,19 @@ class StudentSpec:
     """One point on the student axis. Fields left None take the sweep's ``train`` defaults."""
 
     name: str = ""
-    method: str = "lora"  # lora | full | matched_norm
+    method: str = "lora"  # lora | full | matched_norm | matched_loss
     rank: int | None = 8
     alpha: float | None = None
     lr: float | None = None
     epochs: int | None = None
     matched_norm_rank: int | None = None  # matched_norm: match the LoRA student of this rank (same seed)
     matched_norm_scope: str = "module"
+    matched_loss_rank: int | None = None  # matched_loss: train down to the LoRA student of this rank (same seed)
+
+    @property
+    def reference_rank(self) -> int | None:
+        """The rank of the LoRA student this one is defined against (same data, seed and context), or None."""
+        return {"matched_norm": self.matched_norm_rank, "matched_loss": self.matched_loss_rank}.get(self.method)
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,8 @@ def _check_sizes(cfg: SweepConfig, where: str) -> None:
     from mech.students.config import MAX_RANK
 
     for i, s in enumerate(cfg.students):
-        rank_field = {"lora": "rank", "matched_norm": "matched_norm_rank"}.get(s.method)
+        rank_field = {"lora": "rank", "matched_norm": "matched_norm_rank", "matched_loss": "matched_loss_rank"}.get(
+            s.method)
         rank = getattr(s, rank_field) if rank_field else None
         if rank_field and (rank is None or not 1 <= rank <= MAX_RANK):
             raise MechError(f"{where}.students[{i}].{rank_field} must be an integer >= 1 and <= {MAX_RANK} for "
@@ -280,6 +287,8 @@ def _student_name(s: StudentSpec) -> str:
         name = f"lora_r{s.rank}" + (f"_a{s.alpha:g}" if s.alpha is not None else "")
     elif s.method == "matched_norm":
         name = f"matched_norm_r{s.matched_norm_rank}_{s.matched_norm_scope}"
+    elif s.method == "matched_loss":
+        name = f"matched_loss_r{s.matched_loss_rank}"
     else:
         name = "full"
     return name + (f"_lr{s.lr:g}" if s.lr is not None else "") + (f"_ep{s.epochs}" if s.epochs is not None else "")
@@ -327,12 +336,15 @@ def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_c
 
     d = cfg.train
     lr = s.lr if s.lr is not None else (d.lr if s.method == "lora" else d.full_lr)
+    # the reference's key (in student keys) or dir (at training) goes to the field of the method that reads it
     return StudentConfig(
         method=s.method, lora=LoraSpec(rank=s.rank if s.method == "lora" else (s.matched_norm_rank or 8),
                                        alpha=s.alpha),
         epochs=s.epochs if s.epochs is not None else d.epochs, batch_size=d.batch_size, lr=lr,
         optimizer=d.optimizer, warmup_steps=d.warmup_steps, grad_clip=d.grad_clip, seed=training_seed,
-        context=train_context, objective=d.objective, matched_norm_reference=reference,
+        context=train_context, objective=d.objective,
+        matched_norm_reference=reference if s.method == "matched_norm" else None,
+        matched_loss_reference=reference if s.method == "matched_loss" else None,
         matched_norm_scope=s.matched_norm_scope, precision=cfg.precision)
 
 

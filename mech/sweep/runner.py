@@ -110,11 +110,15 @@ class SweepRunner:
 
     # students ------------------------------------------------------------------------------------------------
     def _reference_cell(self, cell: Cell) -> Cell:
-        ref = StudentSpec(method="lora", rank=cell.student.matched_norm_rank, alpha=cell.student.alpha)
+        ref = StudentSpec(method="lora", rank=cell.student.reference_rank, alpha=cell.student.alpha)
         return dataclasses.replace(cell, student=ref)
 
+    def _anchor(self, cell: Cell) -> Cell:
+        """The cell itself, or the LoRA reference a matched-norm / matched-loss student is defined against."""
+        return self._reference_cell(cell) if cell.student.reference_rank is not None else cell
+
     def student_key(self, cell: Cell) -> str:
-        ref_key = self.student_key(self._reference_cell(cell)) if cell.student.method == "matched_norm" else None
+        ref_key = self.student_key(self._reference_cell(cell)) if cell.student.reference_rank is not None else None
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=ref_key)
         return stage_key("student", self.dataset_key(cell.trait, cell.teacher_seed), sc.to_dict(),
                          self.cfg.train.max_rows)
@@ -133,7 +137,7 @@ class SweepRunner:
 
         # inputs are made (under their own locks) inside this student's lock: locks are always taken from a
         # dependent to its inputs, never back, so shards waiting on each other cannot deadlock
-        reference = str(self.student(self._reference_cell(cell))) if cell.student.method == "matched_norm" else None
+        reference = str(self.student(self._reference_cell(cell))) if cell.student.reference_rank is not None else None
         rows = self._rows(cell)
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=reference)
         desc = f"train {cell.labels()['student']} seed {cell.training_seed} on {cell.labels()['trait']}"
@@ -149,7 +153,7 @@ class SweepRunner:
 
     # batched students ----------------------------------------------------------------------------------------
     def batch_groups(self, todo: list[Cell]) -> list[list[Cell]]:
-        """The uncached LoRA students of ``todo`` (and the LoRA references of its matched-norm cells) that can train
+        """The uncached LoRA students of ``todo`` (and the LoRA references of its matched-norm / -loss cells) that can train
         together, in batches of at most ``train.batch_students``: each batch shares a dataset and a batch plan
         (mech.students.batched.batch_plan), so its students see the same rows at every step and each comes out
         as its solo run would. Students that cannot be batched, or would be alone, are left to :meth:`student`."""
@@ -160,7 +164,7 @@ class SweepRunner:
             return []
         plans: dict[tuple, dict[str, Cell]] = {}
         for cell in todo:
-            cell = self._reference_cell(cell) if cell.student.method == "matched_norm" else cell
+            cell = self._anchor(cell)
             if cell.student.method != "lora":
                 continue
             key = self.student_key(cell)
@@ -243,10 +247,9 @@ class SweepRunner:
 
     # shards --------------------------------------------------------------------------------------------------
     def group_key(self, cell: Cell) -> tuple[str, str]:
-        """Cells that must share a shard: one student's evaluation contexts, and a matched-norm student with
-        the LoRA reference it is scaled to (on one dataset), so a shard never waits on another's training."""
-        anchor = self._reference_cell(cell) if cell.student.method == "matched_norm" else cell
-        return self.dataset_key(cell.trait, cell.teacher_seed), self.student_key(anchor)
+        """Cells that must share a shard: one student's evaluation contexts, and a matched-norm / -loss student
+        with the LoRA reference it is defined against (on one dataset), so a shard never waits on another's training."""
+        return self.dataset_key(cell.trait, cell.teacher_seed), self.student_key(self._anchor(cell))
 
     def shard(self, all_cells: list[Cell], i: int, n: int) -> list[Cell]:
         """Shard ``i`` of ``n``: a contiguous block of whole groups in a fixed order (content hashes), about
