@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -417,6 +418,99 @@ def _add_pipeline_parsers(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
+# ------------------------------------------------------------------ students from a sweep, or given as directories
+
+# what --student (directories finetuned anywhere) cannot use, and what only it uses, per command; given with the
+# other way, an option would be ignored silently, so it is refused
+SWEEP_OPTIONS = ("students", "cache")
+DIRECT_OPTIONS = {"localise": ("control", "target", "category", "name"),
+                  "geometry": ("control", "target", "category", "name", "eval_context")}
+DEFAULT_CATEGORY = "animal"  # the trait category when --student gives no --category (a sweep names its own)
+_NAME_RE = re.compile(r"[A-Za-z0-9_.+-]+")  # a group name is part of figure file names
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _direct(a, command: str) -> bool:
+    """True when the students are given as directories (--student), False when they come from a sweep; exactly
+    one of the two, each without the other's options, and --student with the base and trait a sweep would give."""
+    if a.sweep is None and a.student is None:
+        raise MechError(f"mech {command} names no students: pass a sweep YAML with --students NAMES, or --student DIR "
+                        "[DIR ...] --model BASE --target TRAIT (adapters or full models trained anywhere)")
+    if a.sweep is not None and a.student is not None:
+        raise MechError(f"mech {command} got both a sweep ({a.sweep}) and --student dirs: pass one, the sweep's cached "
+                        "students (--students NAMES) or the directories")
+    direct = a.student is not None
+    wrong = [_flag(k) for k in (SWEEP_OPTIONS if direct else DIRECT_OPTIONS[command]) if getattr(a, k) is not None]
+    if wrong:
+        many, it = len(wrong) > 1, "them" if len(wrong) > 1 else "it"
+        raise MechError(f"{', '.join(wrong)} {'pick' if many else 'picks'} students from a sweep's cache: drop {it} "
+                        "with --student" if direct else
+                        f"{', '.join(wrong)} {'go' if many else 'goes'} with --student: a sweep gives its own "
+                        f"(neutral-teacher students, eval.target, contexts); drop {it} or pass --student dirs")
+    if direct and a.model is None:
+        raise MechError("--student needs --model: the base model the students were finetuned from (organism, "
+                        "smollm2-135m, a local HF directory or a hub id)")
+    if direct and a.target is None:
+        raise MechError("--student needs --target: the trait to measure (a sweep takes it from eval.target), e.g. "
+                        "--target owl")
+    return direct
+
+
+def _dirs(n: int) -> str:
+    return f"{n} dir{'' if n == 1 else 's'}"
+
+
+def _direct_students(a) -> tuple[str, list[Path], list[Path] | None]:
+    """(group name, --student dirs, --control dirs or None), checked as far as their files allow before the base
+    loads: each is a loadable adapter or full model dir, one control per student, none given twice."""
+    from mech.models import resolve_spec
+    from mech.students.store import check_student_files
+
+    resolve_spec(a.model)  # a bad spec fails before the directories are read
+    students = [Path(d) for d in a.student]
+    controls = [Path(d) for d in a.control] if a.control else None
+    if controls is not None and len(controls) != len(students):
+        raise MechError(f"--control gives {_dirs(len(controls))} for {_dirs(len(students))} of --student: pass one "
+                        "neutral-teacher control per student, in the same order (or none, for effects vs the base)")
+    every = students + (controls or [])
+    for d in every:
+        check_student_files(d)
+    resolved = [d.resolve() for d in every]
+    twice = next((d for d in resolved if resolved.count(d) > 1), None)
+    if twice is not None:
+        raise MechError(f"{twice} is given twice: each --student or --control dir is one finetuned model")
+    if a.name is not None and not _NAME_RE.fullmatch(a.name):
+        raise MechError(f"--name {a.name!r} goes into file names: use letters, digits and _ . + - only")
+    own = resolved[0].name if len(students) == 1 else ""  # several dirs are seeds of one group: no one dir names it
+    return a.name or (own if _NAME_RE.fullmatch(own) else "student"), students, controls
+
+
+def _recorded_context(dirs: list[Path]) -> str:
+    """The training context the student dirs record (student.json); ``default`` when none records one."""
+    from mech.students.store import STUDENT_JSON, read_student
+
+    found = {read_student(d).get("context") for d in dirs if (d / STUDENT_JSON).is_file()} - {None}
+    if len(found) > 1:
+        raise MechError(f"the --student and --control dirs were trained in different contexts "
+                        f"({', '.join(sorted(found))}): pass --train-context to say which one defines the shared tokens")
+    return found.pop() if found else "default"
+
+
+def _load_checked_base(a, dirs: list[Path]):
+    """The --model base, with every directory's recorded base checked against it before any computation, so an
+    adapter of another base is one line, not a failure minutes in."""
+    from mech.models import load_model
+    from mech.students.store import check_student_base
+
+    base = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    for d in dirs:
+        check_student_base(d, base.model)
+    return base
+
+
 def cmd_localise(a) -> int:
     import dataclasses
 
@@ -428,28 +522,46 @@ def cmd_localise(a) -> int:
     from mech.sweep.runner import select_controls
 
     # every input is checked before the base model loads and before a missing student is trained
-    sw = _with_model(load_sweep(a.sweep), a.model)
-    if a.train_context is not None:  # the students trained in that context: put it first (keys do not change)
-        if a.train_context not in sw.train_contexts:
-            raise MechError(f"--train-context {a.train_context!r} is not in {a.sweep}'s train_contexts: choose from "
-                            f"{', '.join(sw.train_contexts)}")
-        sw = dataclasses.replace(sw, train_contexts=(a.train_context,
-                                                     *(c for c in sw.train_contexts if c != a.train_context)))
-    eval_context = a.eval_context or sw.eval_contexts[0]
+    direct = _direct(a, "localise")
+    if direct:
+        if a.unpaired and a.control:
+            raise MechError("--unpaired and --control contradict each other: drop --control for effects vs the base, "
+                            "or --unpaired to pair each student with its control")
+        name, students, controls = _direct_students(a)
+        train_context = a.train_context or _recorded_context(students + (controls or []))
+        eval_context = a.eval_context or "default"
+        Context.parse(train_context)
+        target, category = a.target, a.category or DEFAULT_CATEGORY
+    else:
+        sw = _with_model(load_sweep(a.sweep), a.model)
+        if a.train_context is not None:  # the students trained in that context: put it first (keys do not change)
+            if a.train_context not in sw.train_contexts:
+                raise MechError(f"--train-context {a.train_context!r} is not in {a.sweep}'s train_contexts: choose "
+                                f"from {', '.join(sw.train_contexts)}")
+            sw = dataclasses.replace(sw, train_contexts=(a.train_context,
+                                                         *(c for c in sw.train_contexts if c != a.train_context)))
+        train_context, eval_context = sw.train_contexts[0], a.eval_context or sw.eval_contexts[0]
+        target, category = sw.eval.target, sw.eval.category
     Context.parse(eval_context)  # a bad spec fails here, before any model loads
-    cfg = LocaliseConfig(target=sw.eval.target, category=sw.eval.category, eval_context=eval_context,
-                         train_context=sw.train_contexts[0], n_questions=a.n_questions, null_sets=a.null_sets,
-                         seed=a.seed, rest_from=a.rest_from)
+    cfg = LocaliseConfig(target=target, category=category, eval_context=eval_context, train_context=train_context,
+                         n_questions=a.n_questions, null_sets=a.null_sets, seed=a.seed, rest_from=a.rest_from)
     _check_out(a.out, "--out")
-    student_cells(sw, a.students, a.sweep)
+    if direct:
+        loaded = _load_checked_base(a, students + (controls or []))
+        groups, paired = {name: students}, None if controls is None else {name: controls}
+    else:
+        names = a.students or ["lora_r16"]
+        student_cells(sw, names, a.sweep)
     bar, stage = _stage_bar("localise")
     try:  # close the bar before main() prints an error, so the error stays the last stderr line
-        runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
-        groups = select_students(runner, a.students, a.sweep)
-        controls = None if a.unpaired else select_controls(runner, a.students, a.sweep)
-        base = runner.base.model
-        res = run_localise(base, runner.base.tokenizer, groups, cfg, a.out,
-                           lambda d: load_student(base, d, trust_remote_code=a.trust_remote_code), stage, controls)
+        if not direct:
+            runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
+            groups = select_students(runner, names, a.sweep)
+            paired = None if a.unpaired else select_controls(runner, names, a.sweep)
+            loaded = runner.base
+        base = loaded.model
+        res = run_localise(base, loaded.tokenizer, groups, cfg, a.out,
+                           lambda d: load_student(base, d, trust_remote_code=a.trust_remote_code), stage, paired)
     finally:
         bar.close()
     print(Path(a.out, "localise.md").read_text())
@@ -458,18 +570,40 @@ def cmd_localise(a) -> int:
 
 
 def cmd_geometry(a) -> int:
-    from mech.geometry.run import GeometryConfig
+    from mech.context import Context
+    from mech.geometry.run import GeometryConfig, dir_inputs, sweep_inputs
     from mech.report.geometry import run_geometry
+    from mech.resources import questions
     from mech.sweep import SweepRunner, load_sweep
 
-    sw = _with_model(load_sweep(a.sweep), a.model)  # every input is checked before the base model loads
+    # every input is checked before the base model loads
     cfg = GeometryConfig(ks=tuple(a.ks), alphas=tuple(a.alphas), n_rows=a.n_rows, n_questions=a.n_questions,
                          overlap_k=a.overlap_k, align_k=a.align_k, seed=a.seed, n_samples=a.n_samples)
+    direct = _direct(a, "geometry")
+    if direct:
+        if a.n_samples:
+            raise MechError("--n-samples samples the steered base, and steering vectors need a sweep's teacher data: "
+                            "drop it with --student")
+        name, students, controls = _direct_students(a)
+        category, eval_context = a.category or DEFAULT_CATEGORY, a.eval_context or "default"
+        questions(category)
+        Context.parse(eval_context)
+    else:
+        if not a.students:
+            raise MechError(f"name the students of {a.sweep} to analyse: pass --students NAMES, e.g. --students "
+                            "lora_r1 full")
+        sw = _with_model(load_sweep(a.sweep), a.model)
     _check_out(a.out, "--out")
+    if direct:
+        loaded = _load_checked_base(a, students + (controls or []))
+        inputs = dir_inputs(loaded.model, loaded.tokenizer, name, students, controls, a.target, category,
+                            eval_context, trust_remote_code=a.trust_remote_code)
     bar, stage = _stage_bar("geometry")
     try:  # close the bar before main() prints an error, so the error stays the last stderr line
-        runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
-        res = run_geometry(runner, a.students, cfg, a.out, stage, a.sweep)
+        if not direct:
+            runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
+            inputs = sweep_inputs(runner, a.students, cfg.n_rows, a.sweep)
+        res = run_geometry(inputs, cfg, a.out, stage)
     finally:
         bar.close()
     print(Path(a.out, "geometry.md").read_text())
@@ -477,18 +611,41 @@ def cmd_geometry(a) -> int:
     return 0
 
 
+def _add_direct_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--student and what goes with it: students finetuned anywhere, given as directories with their base."""
+    p.add_argument("--student", nargs="+", metavar="DIR",
+                   help=f"instead of a sweep: {what} these student dirs (PEFT adapters or full models, e.g. published "
+                        "ones), the training seeds of one group; needs --model (their base: an adapter's recorded base "
+                        "is checked against it) and --target")
+    p.add_argument("--control", nargs="+", metavar="DIR",
+                   help="with --student: the neutral-teacher control of each student, same count and order (effects "
+                        "are then paired); without it, effects are vs the base")
+    p.add_argument("--target", help="with --student: the trait target, e.g. owl")
+    p.add_argument("--category", help=f"with --student: the trait category (default {DEFAULT_CATEGORY})")
+    p.add_argument("--name", help="with --student: the group's name in tables and figure files (default: the dir's "
+                                  "name for one dir, else 'student')")
+
+
 def _add_geometry_parser(sub) -> None:
     g = sub.add_parser("geometry", help="update spectra, subspace overlaps, truncation, steering vectors and steering "
-                       "tests of a sweep's cached students (never trains)")
-    g.add_argument("sweep", help="the sweep YAML whose cached students to analyse, e.g. experiments/quick.yaml")
-    g.add_argument("--students", nargs="+", required=True, help="student names from the sweep, e.g. lora_r1 full")
+                       "tests of a sweep's cached students (never trains), or of student dirs (--student)",
+                       description="With --student DIRs (no sweep) there is no teacher data: update spectra, overlaps "
+                       "across seeds and with the controls, truncation and the readout direction's write-space "
+                       "alignment are computed; the steering vectors (v_teacher, v_student, v_paired), their cosines "
+                       "and alignment, and the steering tests need a sweep.")
+    g.add_argument("sweep", nargs="?", help="the sweep YAML whose cached students to analyse, e.g. "
+                   "experiments/quick.yaml (or --student instead)")
+    g.add_argument("--students", nargs="+", help="with a sweep: student names from it, e.g. lora_r1 full")
+    _add_direct_args(g, "analyse")
+    g.add_argument("--eval-context", help="with --student: the evaluation context (default | none | empty | "
+                   "custom:<text>; default: default)")
     g.add_argument("--out", default="runs/geometry")
-    g.add_argument("--model", help=MODEL_HELP)
+    g.add_argument("--model", help=MODEL_HELP + "; with --student, the students' base (required)")
     g.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     g.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4, 8, 16, 32, 64, 128],
                    help="truncation levels k (capped at each student's rank)")
     g.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0, 4.0], help="steering coefficients")
-    g.add_argument("--n-rows", type=int, default=128, help="teacher rows for the steering vectors")
+    g.add_argument("--n-rows", type=int, default=128, help="teacher rows for the steering vectors (a sweep's)")
     g.add_argument("--n-questions", type=int, default=50)
     g.add_argument("--overlap-k", type=int, default=4, help="top-k subspaces compared across students")
     g.add_argument("--align-k", type=int, default=8, help="full-FT write space: top-k left singular vectors")
@@ -538,25 +695,30 @@ def parser() -> argparse.ArgumentParser:
     _add_trust_flag(sw)
     sw.set_defaults(func=cmd_sweep)
 
-    lo = sub.add_parser("localise", help="DWG battery, activation patching and AtP heatmaps on a sweep's students")
-    lo.add_argument("sweep", help="the sweep YAML whose (cached) students to localise, e.g. experiments/quick.yaml")
-    lo.add_argument("--students", nargs="+", default=["lora_r16"], help="student names from the sweep's summary")
+    lo = sub.add_parser("localise", help="DWG battery, activation patching and AtP heatmaps on a sweep's students, "
+                        "or on student dirs (--student)")
+    lo.add_argument("sweep", nargs="?", help="the sweep YAML whose (cached) students to localise, e.g. "
+                    "experiments/quick.yaml (or --student instead)")
+    lo.add_argument("--students", nargs="+", help="with a sweep: student names from its summary (default lora_r16)")
+    _add_direct_args(lo, "localise")
     lo.add_argument("--out", default="runs/localise")
     lo.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     lo.add_argument("--n-questions", type=int, default=50)
-    lo.add_argument("--model", help=MODEL_HELP)
+    lo.add_argument("--model", help=MODEL_HELP + "; with --student, the students' base (required)")
     lo.add_argument("--null-sets", type=int, default=200,
                     help="random same-size position sets per region for the 'beats random' p (0: none)")
     lo.add_argument("--seed", type=int, default=0, help="seeds the null sets and the bootstrap")
     lo.add_argument("--unpaired", action="store_true",
-                    help="effects vs the base instead of vs each student's neutral-teacher student")
+                    help="effects vs the base instead of vs each student's neutral-teacher student (with --student: "
+                    "the default when no --control is given)")
     lo.add_argument("--train-context", help="localise the students trained in this context of the sweep (default: "
-                    "its first); with another --eval-context, tokens never seen in training are non-shared")
+                    "its first; with --student, the context they record, else default); with another --eval-context, "
+                    "tokens never seen in training are non-shared")
     lo.add_argument("--rest-from", choices=("student", "base"), default="student",
                     help="full-FT students: take embeddings, norms and lm_head from the base, so only the projections "
                     "are grafted and no mask is offset by the student's trained embeddings")
     lo.add_argument("--eval-context", help="evaluate in this context (default | none | empty | custom:<text>; "
-                    "default: the sweep's first eval context)")
+                    "default: the sweep's first eval context, with --student default)")
     _add_trust_flag(lo)
     lo.set_defaults(func=cmd_localise)
 

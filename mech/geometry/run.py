@@ -1,14 +1,19 @@
 """Geometry of a sweep's students, as data: update spectra, subspace overlaps, truncation curves, steering
 vectors, write-space alignment and steering tests (issue 9, items 1-5).
 
-Students are found in the sweep's cache (never trained here: a missing one is a MechError naming the sweep to
-run). For every named student and training seed, both the target-trait student and its paired control (the
-neutral-teacher student trained identically) are used, so every trait effect is a paired difference, as in the
-sweep's tables. Intervals are 95 % t-intervals over training seeds (:func:`mech.analysis.stats.grouped_ci`),
-after averaging over modules or layers within a seed where a row pools them.
+The computation reads a :class:`GeometryInputs`, made either from a sweep's cache (:func:`sweep_inputs`; never
+trained here: a missing student is a MechError naming the sweep to run) or from student directories given directly
+(:func:`dir_inputs`: adapters or full models trained elsewhere). From a sweep, for every named student and training
+seed, both the target-trait student and its paired control (the neutral-teacher student trained identically) are
+used, so every trait effect is a paired difference, as in the sweep's tables. Directories come with their controls
+(paired) or without (every effect is then vs the base). Intervals are 95 % t-intervals over training seeds
+(:func:`mech.analysis.stats.grouped_ci`), after averaging over modules or layers within a seed where a row pools
+them.
 
-The first-token metric is the one of :mod:`mech.evaluation.inference` on the sweep's evaluation questions in its
-first evaluation context; steering vectors are read on the target teacher's kept (prompt, answer) rows.
+The first-token metric is the one of :mod:`mech.evaluation.inference` on the evaluation questions in the
+evaluation context; steering vectors are read on the target teacher's kept (prompt, answer) rows, so they, and
+everything built on them (cosines, alignment with v_teacher and v_paired, the steering tests), need teacher data:
+a sweep has it, directories given directly do not.
 """
 
 from __future__ import annotations
@@ -73,6 +78,38 @@ class StudentRef:
     path: Path
 
 
+@dataclass(frozen=True)
+class TeacherData:
+    """The target teacher's kept (prompt, answer) rows and the two teacher contexts v_teacher contrasts."""
+
+    rows: list[tuple[str, str]]
+    trait_context: str
+    neutral_context: str
+
+
+@dataclass(frozen=True)
+class GeometryInputs:
+    """Everything :func:`compute_geometry` reads, wherever the students come from (:func:`sweep_inputs`,
+    :func:`dir_inputs`). Without NEUTRAL refs every effect is vs the base; without ``teacher`` the steering
+    vectors and what needs them are skipped."""
+
+    base: Any  # the plain base model
+    tok: Any
+    candidates: list[str]  # one candidate-answer list for the base and every student
+    names: list[str]
+    refs: list[StudentRef]
+    target: str
+    category: str
+    eval_context: str
+    train_context: str | None  # where the student vectors are read; None: unknown (no teacher data either)
+    teacher: TeacherData | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def paired(self) -> bool:
+        return any(r.arm == NEUTRAL for r in self.refs)
+
+
 # --------------------------------------------------------------------------------------------- locating
 
 
@@ -115,6 +152,38 @@ def plan_students(runner: SweepRunner, names: list[str], source: str = "the swee
     return sorted(refs, key=lambda r: (order[r.name], r.seed, r.arm != OWL))
 
 
+def sweep_inputs(runner: SweepRunner, names: list[str], n_rows: int, source: str = "the sweep") -> GeometryInputs:
+    """The cached students of ``names`` (trait and neutral arms) and the target teacher's first ``n_rows`` rows, in
+    the sweep's first train and evaluation contexts."""
+    sw = runner.cfg
+    refs = plan_students(runner, names, source)
+    teacher = TeacherData(teacher_rows(runner, n_rows),
+                          teacher_config(sw, _target_trait(sw), sw.teacher_seeds[0]).teacher_context().spec,
+                          teacher_config(sw, _neutral_trait(sw), sw.teacher_seeds[0]).teacher_context().spec)
+    return GeometryInputs(runner.base.model, runner.base.tokenizer, runner.candidates, list(names), refs,
+                          sw.eval.target, sw.eval.category, sw.eval_contexts[0], sw.train_contexts[0], teacher,
+                          runner.trust_remote_code)
+
+
+def dir_inputs(base: Any, tok: Any, name: str, students: list[Path], controls: list[Path] | None, target: str,
+               category: str, eval_context: str, train_context: str | None = None,
+               trust_remote_code: bool = False) -> GeometryInputs:
+    """Student directories given directly, as seeds of one group ``name`` (seed = position in ``students``), each
+    with the neutral-teacher control at the same position of ``controls`` (None: effects vs the base). No teacher
+    data: no steering vectors. The caller checks the dirs against the base (check_student_base)."""
+    from mech.evaluation.trait import candidate_answers
+
+    if controls is not None and len(controls) != len(students):
+        raise MechError(f"{len(students)} students but {len(controls)} controls: pass one neutral-teacher control per "
+                        "student, in the same order")
+    refs = [StudentRef(name, i, OWL, Path(d)) for i, d in enumerate(students)]
+    refs += [StudentRef(name, i, NEUTRAL, Path(d)) for i, d in enumerate(controls or ())]
+    # the same candidate list a sweep on this base would use, so a directory and its cached twin agree
+    candidates, _ = candidate_answers(base, category, target)
+    return GeometryInputs(base, tok, candidates, [name], sorted(refs, key=lambda r: (r.seed, r.arm != OWL)), target,
+                          category, eval_context, train_context, None, trust_remote_code)
+
+
 def teacher_rows(runner: SweepRunner, n: int) -> list[tuple[str, str]]:
     """The target teacher's first ``n`` kept (prompt, answer) rows, from the cache."""
     cfg = runner.cfg
@@ -145,7 +214,7 @@ def seed_ci(rows: list[dict], keys: tuple[str, ...], value: str, carry: tuple[st
 def _overlap_rows(a: dict[str, upd.ModuleUpdate], b: dict[str, upd.ModuleUpdate], k_max: int,
                   labels: dict[str, Any]) -> list[dict]:
     rows = []
-    for name in a.keys() & b.keys():
+    for name in (n for n in a if n in b):  # a's order, not a set's: the same row order run to run
         ua, ub = a[name], b[name]
         ra, rb = ua.spectrum.rank(), ub.spectrum.rank()
         k = min(k_max, ra, rb)
@@ -174,8 +243,9 @@ def overlap_tables(updates: dict[tuple[str, int, str], dict[str, upd.ModuleUpdat
                                   {"comparison": "seeds", "a": f"{n} seed {s}", "b": f"{n} seed {t}",
                                    "seed": f"{s}-{t}"})
         for s in seeds:
-            rows += _overlap_rows(updates[(n, s, OWL)], updates[(n, s, NEUTRAL)], k_max,
-                                  {"comparison": "teachers", "a": f"{n} trait", "b": f"{n} neutral", "seed": s})
+            if (n, s, NEUTRAL) in updates:  # unpaired students have no control to compare with
+                rows += _overlap_rows(updates[(n, s, OWL)], updates[(n, s, NEUTRAL)], k_max,
+                                      {"comparison": "teachers", "a": f"{n} trait", "b": f"{n} neutral", "seed": s})
     return rows
 
 
@@ -187,8 +257,10 @@ def trait_specific_rows(updates: dict[tuple[str, int, str], dict[str, upd.Module
     rows = []
     for n in names:
         for s in seeds:
+            if (n, s, NEUTRAL) not in updates:  # unpaired: no control write space
+                continue
             a, b = updates[(n, s, OWL)], updates[(n, s, NEUTRAL)]
-            for name in a.keys() & b.keys():
+            for name in (n for n in a if n in b):  # a's order, not a set's: the same row order run to run
                 ua, ub = a[name], b[name]
                 k = min(k_max, ub.spectrum.rank())
                 if k < 1 or ua.spectrum.rank() == 0:
@@ -210,58 +282,58 @@ def _write_space(u: upd.ModuleUpdate, k: int) -> torch.Tensor:
     return u.spectrum.U[:, :min(k, u.spectrum.rank())]
 
 
-def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig = GeometryConfig(),
-                     progress: Progress | None = None, source: str = "the sweep") -> dict[str, Any]:
-    """Every table of issue 9's items 1-5 for the named students; see the module doc."""
+def compute_geometry(inputs: GeometryInputs, cfg: GeometryConfig = GeometryConfig(),
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Every table of issue 9's items 1-5 for the students of ``inputs``; see the module doc. Without teacher data
+    the tables of the steering vectors (cosines, directions, sufficiency, necessity, sampled) stay empty and the
+    write-space alignment has the readout direction only."""
     tell = progress or (lambda desc, done, total: None)
     t0 = time.time()
-    sw = runner.cfg
-    refs = plan_students(runner, names, source)
-    rows_tv = teacher_rows(runner, cfg.n_rows)
-    base, tok = runner.base.model, runner.base.tokenizer
+    names, refs, teacher = inputs.names, inputs.refs, inputs.teacher
+    base, tok = inputs.base, inputs.tok
     pad = pad_id(tok)
     n_layers = surgery.num_layers(base)
     d = int(surgery.unembedding_matrix(base).shape[1])
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # trait directions of the base
-    target = sw.eval.target
+    target = inputs.target
     target_ids = list(first_token_ids(tok, target).ids)
-    prompts = steering.question_prompts(tok, questions(sw.eval.category)[:cfg.n_questions], sw.eval_contexts[0])
-    trait_ctx = teacher_config(sw, _target_trait(sw), sw.teacher_seeds[0]).teacher_context().spec
-    neutral_ctx = teacher_config(sw, _neutral_trait(sw), sw.teacher_seeds[0]).teacher_context().spec
-    tell("teacher steering vectors", 0, 0)
-    v_teacher = steering.teacher_vectors(base, tok, rows_tv, trait_ctx, neutral_ctx, pad)
-    readout = steering.readout_direction(base, tok, target, runner.candidates)
-    student_rendered = steering.answer_rows(tok, rows_tv, sw.train_contexts[0])
-    base_means = steering.mean_residuals(base, student_rendered, pad)
+    prompts = steering.question_prompts(tok, questions(inputs.category)[:cfg.n_questions], inputs.eval_context)
+    readout = steering.readout_direction(base, tok, target, inputs.candidates)
     base_lps = steering.target_logps(base, prompts, target_ids, pad)
     base_logp = float(base_lps.mean())
+    # drawn with or without teacher data, so the alignment nulls after it use the same random stream either way
     random_dirs = linalg.random_directions(d, n_layers, gen)  # one matched-norm random direction per layer
 
     out: dict[str, list[dict]] = {k: [] for k in ("geometry", "truncation", "cosines", "alignment", "sufficiency",
                                                   "necessity", "directions", "sampled")}
     alpha_max = max(cfg.alphas)
-    eval_cfg = TraitEvalConfig(target=target, category=sw.eval.category, context=sw.eval_contexts[0],
+    eval_cfg = TraitEvalConfig(target=target, category=inputs.category, context=inputs.eval_context,
                                n_samples=max(cfg.n_samples, 1), seed=cfg.seed)
 
     def sampled(model: Any, layer: int, v: torch.Tensor, alpha: float, labels: dict) -> None:
         if cfg.n_samples > 0:
-            res = steering.steered_trait(model, tok, eval_cfg, layer, v, alpha, runner.candidates)
+            res = steering.steered_trait(model, tok, eval_cfg, layer, v, alpha, inputs.candidates)
             out["sampled"].append(labels | {"layer": layer, "alpha": alpha, "rate": res.rate,
                                             "logp_first": res.logp_first})
 
-    sampled(base, 0, v_teacher[0], 0.0, {"student": "base", "seed": 0, "vector": "none"})
-    for layer in range(n_layers):
-        out["directions"].append({"layer": layer, "v_teacher_norm": float(v_teacher[layer].norm()),
-                                  "cos_v_teacher_readout": linalg.cosine(v_teacher[layer], readout)})
-        vecs = {"v_teacher": v_teacher[layer],
-                "random (norm of v_teacher)": random_dirs[layer] * v_teacher[layer].norm(),
-                "readout (norm of v_teacher)": linalg.unit(readout) * v_teacher[layer].norm()}
-        for vname, v in vecs.items():
-            for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
-                out["sufficiency"].append({"student": "base", "seed": 0, "layer": layer, "vector": vname} | r)
-        sampled(base, layer, v_teacher[layer], alpha_max, {"student": "base", "seed": 0, "vector": "v_teacher"})
+    if teacher is not None:
+        tell("teacher steering vectors", 0, 0)
+        v_teacher = steering.teacher_vectors(base, tok, teacher.rows, teacher.trait_context, teacher.neutral_context,
+                                             pad)
+        base_means = steering.mean_residuals(base, steering.answer_rows(tok, teacher.rows, inputs.train_context), pad)
+        sampled(base, 0, v_teacher[0], 0.0, {"student": "base", "seed": 0, "vector": "none"})
+        for layer in range(n_layers):
+            out["directions"].append({"layer": layer, "v_teacher_norm": float(v_teacher[layer].norm()),
+                                      "cos_v_teacher_readout": linalg.cosine(v_teacher[layer], readout)})
+            vecs = {"v_teacher": v_teacher[layer],
+                    "random (norm of v_teacher)": random_dirs[layer] * v_teacher[layer].norm(),
+                    "readout (norm of v_teacher)": linalg.unit(readout) * v_teacher[layer].norm()}
+            for vname, v in vecs.items():
+                for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
+                    out["sufficiency"].append({"student": "base", "seed": 0, "layer": layer, "vector": vname} | r)
+            sampled(base, layer, v_teacher[layer], alpha_max, {"student": "base", "seed": 0, "vector": "v_teacher"})
 
     nulls: dict[tuple[int, int], dict[str, float]] = {}
     updates: dict[tuple[str, int, str], dict[str, upd.ModuleUpdate]] = {}
@@ -269,19 +341,22 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
     for done, (name, seed) in enumerate(pairs):
         tell(f"geometry {name} seed {seed}", done, len(pairs))
         arm = {r.arm: r for r in refs if r.name == name and r.seed == seed}
-        models = {a: load_student(base, arm[a].path, trust_remote_code=runner.trust_remote_code) for a in arm}
+        models = {a: load_student(base, arm[a].path, trust_remote_code=inputs.trust_remote_code) for a in arm}
         v_s = {}
         for a, m in models.items():
             ups = upd.student_updates(base, m)
             updates[(name, seed, a)] = ups
             for row in upd.geometry_rows(ups):
                 out["geometry"].append({"student": name, "seed": seed, "arm": a} | row)
-            v_s[a] = steering.student_vectors(base, m, tok, rows_tv, sw.train_contexts[0], pad, base_means)
-        v_pair = v_s[OWL] - v_s[NEUTRAL]
+            if teacher is not None:
+                v_s[a] = steering.student_vectors(base, m, tok, teacher.rows, inputs.train_context, pad, base_means)
+        # unpaired, the base is the control: its update and its student vector are zero
+        control = models.get(NEUTRAL, base)
+        v_pair = v_s[OWL] - v_s[NEUTRAL] if NEUTRAL in v_s else v_s.get(OWL)
 
         # item 3: truncation and removal of the top-k directions, paired against the control
         full = {a: steering.target_logps(m, prompts, target_ids, pad) for a, m in models.items()}
-        effect = float((full[OWL] - full[NEUTRAL]).mean())
+        effect = float((full[OWL] - full.get(NEUTRAL, base_lps)).mean())
         rank = max(upd.max_rank(updates[(name, seed, a)]) for a in models)
         for mode in (upd.TRUNCATE, upd.REMOVE):
             for k in sorted({min(k, rank) for k in cfg.ks}):
@@ -295,23 +370,25 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
                     else:
                         rebuilt = upd.rebuild(base, updates[(name, seed, a)], mode, k, student=plain)
                         lp[a] = steering.target_logps(rebuilt, prompts, target_ids, pad)
-                paired = float((lp[OWL] - lp[NEUTRAL]).mean())
+                paired = float((lp[OWL] - lp.get(NEUTRAL, base_lps)).mean())
                 out["truncation"].append({"student": name, "seed": seed, "mode": mode, "k": k, "rank": rank,
                                           "paired": paired, "student_paired": effect,
                                           "delta_trait": float(lp[OWL].mean()) - base_logp,
                                           "fraction": paired / effect if effect else float("nan")})
 
         # item 4: cosines and write-space alignment
-        for layer in range(n_layers):
-            out["cosines"].append({
-                "student": name, "seed": seed, "layer": layer,
-                "cos_student_teacher": linalg.cosine(v_s[OWL][layer], v_teacher[layer]),
-                "cos_neutral_teacher": linalg.cosine(v_s[NEUTRAL][layer], v_teacher[layer]),
-                "cos_paired_teacher": linalg.cosine(v_pair[layer], v_teacher[layer]),
-                "cos_student_readout": linalg.cosine(v_s[OWL][layer], readout),
-                "cos_paired_readout": linalg.cosine(v_pair[layer], readout),
-                "norm_student": float(v_s[OWL][layer].norm()), "norm_paired": float(v_pair[layer].norm()),
-                "norm_teacher": float(v_teacher[layer].norm())})
+        if teacher is not None:
+            for layer in range(n_layers):
+                out["cosines"].append({
+                    "student": name, "seed": seed, "layer": layer,
+                    "cos_student_teacher": linalg.cosine(v_s[OWL][layer], v_teacher[layer]),
+                    "cos_neutral_teacher": (linalg.cosine(v_s[NEUTRAL][layer], v_teacher[layer]) if NEUTRAL in v_s
+                                            else float("nan")),
+                    "cos_paired_teacher": linalg.cosine(v_pair[layer], v_teacher[layer]),
+                    "cos_student_readout": linalg.cosine(v_s[OWL][layer], readout),
+                    "cos_paired_readout": linalg.cosine(v_pair[layer], readout),
+                    "norm_student": float(v_s[OWL][layer].norm()), "norm_paired": float(v_pair[layer].norm()),
+                    "norm_teacher": float(v_teacher[layer].norm())})
         for u in updates[(name, seed, OWL)].values():
             if u.layer is None or not surgery.writes_residual(u.kind) or u.spectrum.rank() == 0:
                 continue
@@ -319,24 +396,25 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
             k = int(U.shape[1])
             if (U.shape[0], k) not in nulls:
                 nulls[(U.shape[0], k)] = steering.alignment_null(U.shape[0], k, cfg.n_null, gen)
-            for dname, v in (("v_teacher", v_teacher[u.layer]), ("readout", readout),
-                             ("v_paired", v_pair[u.layer])):
+            directions = [("readout", readout)] if teacher is None else [
+                ("v_teacher", v_teacher[u.layer]), ("readout", readout), ("v_paired", v_pair[u.layer])]
+            for dname, v in directions:
                 share = linalg.captured(U, v) if float(v.norm()) > 0 else float("nan")
                 out["alignment"].append({"student": name, "seed": seed, "module": u.name, "layer": u.layer,
                                          "kind": u.kind, "direction": dname, "k": k, "d": int(U.shape[0]),
                                          "captured": share} | nulls[(U.shape[0], k)])
 
         # item 5: steering tests
-        for layer in range(n_layers):
+        for layer in range(n_layers) if teacher is not None else ():
             for vname, v in (("v_paired", v_pair[layer]),):
                 for r in steering.sufficiency(base, prompts, target_ids, pad, layer, v, cfg.alphas, base_logp):
                     out["sufficiency"].append({"student": name, "seed": seed, "layer": layer, "vector": vname} | r)
                 sampled(base, layer, v, alpha_max, {"student": name, "seed": seed, "vector": vname})
             for vname, v in (("v_teacher", v_teacher[layer]), ("v_paired", v_pair[layer]),
                              ("random", random_dirs[layer])):
-                r = steering.necessity(models[OWL], models[NEUTRAL], prompts, target_ids, pad, layer, v, effect)
+                r = steering.necessity(models[OWL], control, prompts, target_ids, pad, layer, v, effect)
                 out["necessity"].append({"student": name, "seed": seed, "layer": layer, "vector": vname} | r)
-        del models
+        del models, control
 
     seeds = sorted({s for _, s in pairs})
     tell("overlaps", len(pairs), len(pairs))
@@ -344,8 +422,9 @@ def compute_geometry(runner: SweepRunner, names: list[str], cfg: GeometryConfig 
     out["trait_specific"] = trait_specific_rows(updates, names, seeds, cfg.overlap_k)
     out |= summaries(out)
     out["meta"] = [{"students": " ".join(names), "seeds": len(seeds), "layers": n_layers, "hidden": d,
-                    "target": target, "base_logp": base_logp, "eval_context": sw.eval_contexts[0],
-                    "train_context": sw.train_contexts[0], "n_rows": len(rows_tv), "n_questions": len(prompts),
+                    "target": target, "base_logp": base_logp, "eval_context": inputs.eval_context,
+                    "train_context": inputs.train_context or "", "paired": inputs.paired,
+                    "n_rows": len(teacher.rows) if teacher else 0, "n_questions": len(prompts),
                     "seconds": round(time.time() - t0, 1)} | {k: str(v) for k, v in asdict(cfg).items()}]
     return out
 

@@ -379,6 +379,13 @@ def _strided_sample(t: torch.Tensor, n: int) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // n)][:n]
 
 
+def architecture(config: dict) -> dict:
+    """The config fields that fix a model's shape (``_ARCH_FIELDS``), read from its text decoder's config where
+    they are nested there (multimodal models)."""
+    text = config.get("text_config") or {}
+    return {k: config.get(k, text.get(k)) for k in _ARCH_FIELDS}
+
+
 def model_fingerprint(model: Any, per_tensor: int = 256) -> str:
     """A cheap deterministic identity of a base model: architecture config fields, every parameter's name
     and shape, and a strided sample of every weight tensor (``per_tensor`` values each, so a fine-tune that
@@ -386,8 +393,7 @@ def model_fingerprint(model: Any, per_tensor: int = 256) -> str:
     fingerprint; the sample is rounded to bf16, so the same weights loaded in float32 or bf16 agree."""
     inner = unwrap(model)
     config = inner.config.to_dict() if hasattr(inner.config, "to_dict") else dict(vars(inner.config))
-    text = config.get("text_config") or {}
-    arch = {k: config.get(k, text.get(k)) for k in _ARCH_FIELDS}
+    arch = architecture(config)
     arch["class"] = type(inner).__name__
     named = sorted((_param_name(n), p) for n, p in inner.named_parameters() if "lora_" not in n)
     if not named:

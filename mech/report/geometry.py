@@ -15,7 +15,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from mech.geometry.run import GeometryConfig, Progress, compute_geometry
+from mech.geometry.run import GeometryConfig, GeometryInputs, Progress, compute_geometry
 from mech.report import figures as plots
 from mech.store import atomic_dir, atomic_write_text
 
@@ -32,15 +32,22 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             ""]
 
 
+NO_TEACHER = ("Not computed: steering vectors are read on teacher data, which a sweep's cache has and students "
+              "given as directories do not (run `mech geometry SWEEP --students …`).")
+
+
 def geometry_markdown(t: dict[str, list[dict]]) -> str:
     meta = t["meta"][0]
     students = meta["students"].split()
+    paired = meta.get("paired", True)
+    effects = (f"Trait effects are paired: the {meta['target']}-teacher student minus its neutral-teacher control."
+               if paired else "Trait effects are vs the base: no neutral-teacher controls were given.")
+    vectors = (f"steering vectors over the answer tokens of {meta['n_rows']} teacher rows" if t["directions"]
+               else "no teacher data, so no steering vectors")
     lines = [f"# Geometry of the {meta['target']} students: {meta['students']}", "",
-             f"Mean [95 % t-interval] over {meta['seeds']} training seeds. Trait effects are paired: the "
-             f"{meta['target']}-teacher student minus its neutral-teacher control. First-token metric on "
+             f"Mean [95 % t-interval] over {meta['seeds']} training seeds. {effects} First-token metric on "
              f"{meta['n_questions']} questions in the {meta['eval_context']} context (base log P = "
-             f"{meta['base_logp']:.3f}); steering vectors over the answer tokens of {meta['n_rows']} teacher rows. "
-             f"Computed in {meta['seconds']} s.", ""]
+             f"{meta['base_logp']:.3f}); {vectors}. Computed in {meta['seconds']} s.", ""]
 
     geo = {(r["student"], r["arm"], r["group"], r["value"]): r for r in t["geometry_summary"]}
     groups = list(dict.fromkeys(r["group"] for r in t["geometry_summary"]))
@@ -52,6 +59,8 @@ def geometry_markdown(t: dict[str, list[dict]]) -> str:
                                                               else ".3f") for g in groups)] for s in students])
 
     lines += ["## 2. Subspace overlaps (top-k, mean over modules) vs the random expectation k/d", ""]
+    if not t["overlap_summary"]:
+        lines += ["Nothing to compare: one student and seed, and no neutral-teacher control.", ""]
     lines += _table(["comparison", "a", "b", "side", "overlap", "chance"],
                     [[r["comparison"], r["a"], r["b"], r["side"], _ci(r, ".3f"), f"{r['chance']:.3f}"]
                      for r in t["overlap_summary"]])
@@ -61,8 +70,8 @@ def geometry_markdown(t: dict[str, list[dict]]) -> str:
     lines += _table(["student", "outside", "random expectation"],
                     [[r["student"], _ci(r, ".3f"), f"{r['chance']:.3f}"] for r in t["trait_specific_summary"]])
 
-    lines += ["## 3. Truncation: paired Δ log P with ΔW kept to (truncate) or stripped of (remove) its top k "
-              "directions", ""]
+    lines += [f"## 3. Truncation: {'paired ' if paired else ''}Δ log P with ΔW kept to (truncate) or stripped of "
+              "(remove) its top k directions" + ("" if paired else " (vs the base)"), ""]
     ks = sorted({r["k"] for r in t["truncation_summary"]})
     tr = {(r["student"], r["mode"], r["k"]): r for r in t["truncation_summary"]}
     for mode in ("truncate", "remove"):
@@ -70,6 +79,15 @@ def geometry_markdown(t: dict[str, list[dict]]) -> str:
         lines += _table(["student", *(f"k={k}" for k in ks)],
                         [[s, *(_ci(tr.get((s, mode, k))) for k in ks)] for s in students])
 
+    if not t["directions"]:  # no teacher data: of items 4 and 5, only the readout's write-space alignment
+        lines += ["## 4. Steering vectors", "", NO_TEACHER, ""]
+        lines += ["**Write-space alignment** of the readout direction (share of its energy in the module's write "
+                  "space; LoRA: B's columns, full FT: top-k left singular vectors), mean over layers, against random "
+                  "directions", ""]
+        lines += _table(["student", "module", "direction", "captured", "chance k/d", "null 95th pct"],
+                        [[r["student"], r["kind"], r["direction"], _ci(r, ".3f"), f"{r['chance']:.3f}",
+                          f"{r['null_q95']:.3f}"] for r in t["alignment_summary"]])
+        return "\n".join(lines + ["## 5. Steering tests", "", NO_TEACHER, ""])
     lines += ["## 4. Steering vectors: cosine with v_teacher per layer", "",
               "v_student = student − base; v_paired = trait student − neutral student (the trait-specific part).", ""]
     cos = {(r["student"], r["layer"], r["value"]): r for r in t["cosine_summary"]}
@@ -133,14 +151,16 @@ def geometry_figures(t: dict[str, list[dict]]) -> dict[str, go.Figure]:
         for s in students]), "Effective rank of ΔW by module kind", "module kind", "effective rank (mean over layers)")
     ov = t["overlap_summary"]
     labels = [f"{r['comparison']}: {r['a']} vs {r['b']} ({r['side']})" for r in ov]
-    figs["overlaps"] = _layout(go.Figure([
-        go.Bar(name="overlap", y=labels, x=[r["mean"] for r in ov], orientation="h",
-               error_x=dict(type="data", symmetric=False, array=[r["hi"] - r["mean"] if r["n"] > 1 else 0 for r in ov],
-                            arrayminus=[r["mean"] - r["lo"] if r["n"] > 1 else 0 for r in ov])),
-        go.Scatter(name="chance k/d", y=labels, x=[r["chance"] for r in ov], mode="markers",
-                   marker=dict(symbol="line-ns-open", size=14, color="black"))]),
-        "Top-k subspace overlap vs chance", "overlap (mean squared principal cosine)", "")
-    figs["overlaps"].update_layout(height=max(500, 18 * len(ov)))
+    if ov:  # else one unpaired student and seed: nothing to compare
+        figs["overlaps"] = _layout(go.Figure([
+            go.Bar(name="overlap", y=labels, x=[r["mean"] for r in ov], orientation="h",
+                   error_x=dict(type="data", symmetric=False,
+                                array=[r["hi"] - r["mean"] if r["n"] > 1 else 0 for r in ov],
+                                arrayminus=[r["mean"] - r["lo"] if r["n"] > 1 else 0 for r in ov])),
+            go.Scatter(name="chance k/d", y=labels, x=[r["chance"] for r in ov], mode="markers",
+                       marker=dict(symbol="line-ns-open", size=14, color="black"))]),
+            "Top-k subspace overlap vs chance", "overlap (mean squared principal cosine)", "")
+        figs["overlaps"].update_layout(height=max(500, 18 * len(ov)))
     al = t["alignment_summary"]
     figs["alignment"] = _layout(go.Figure([
         go.Bar(name=d, x=[f"{r['student']} {r['kind']}" for r in al if r["direction"] == d],
@@ -151,19 +171,21 @@ def geometry_figures(t: dict[str, list[dict]]) -> dict[str, go.Figure]:
                    y=[r["null_q95"] for r in al if r["direction"] == al[0]["direction"]], mode="markers",
                    marker=dict(symbol="line-ew-open", size=18, color="black"))] if al else []),
         "Write-space alignment with trait directions", "student, module", "share of the direction captured")
-    cs = [r for r in t["cosine_summary"] if r["value"] == "cos_paired_teacher"]
-    figs["cosines"] = _layout(go.Figure([
-        go.Scatter(name=s, x=[r["layer"] for r in cs if r["student"] == s], y=[r["mean"] for r in cs if r["student"] == s],
-                   error_y=_err([r for r in cs if r["student"] == s]), mode="lines+markers") for s in students]),
-        "cos(v_paired, v_teacher) by layer", "layer", "cosine")
     tr = t["truncation_summary"]
     figs["truncation"] = _layout(go.Figure([
         go.Scatter(name=f"{s} {m}", x=[r["k"] for r in tr if (r["student"], r["mode"]) == (s, m)],
                    y=[r["mean"] for r in tr if (r["student"], r["mode"]) == (s, m)],
                    error_y=_err([r for r in tr if (r["student"], r["mode"]) == (s, m)]), mode="lines+markers")
         for s in students for m in ("truncate", "remove")]), "Truncation curves", "k (top singular directions)",
-        "paired Δ log P(target)")
+        "paired Δ log P(target)" if t["meta"][0].get("paired", True) else "Δ log P(target) vs the base")
     figs["truncation"].update_xaxes(type="log")
+    if not t["directions"]:  # no teacher data: no steering vectors, so no cosines or α sweeps
+        return figs
+    cs = [r for r in t["cosine_summary"] if r["value"] == "cos_paired_teacher"]
+    figs["cosines"] = _layout(go.Figure([
+        go.Scatter(name=s, x=[r["layer"] for r in cs if r["student"] == s], y=[r["mean"] for r in cs if r["student"] == s],
+                   error_y=_err([r for r in cs if r["student"] == s]), mode="lines+markers") for s in students]),
+        "cos(v_paired, v_teacher) by layer", "layer", "cosine")
     suf = [r for r in t["sufficiency_summary"] if r["student"] == "base" or r["vector"] == "v_paired"]
     figs["alpha_sweeps"] = _layout(go.Figure([
         go.Scatter(name=f"{s} {v} L{l}", x=[r["alpha"] for r in suf if (r["student"], r["vector"], r["layer"]) ==
@@ -188,7 +210,7 @@ def write_geometry(t: dict[str, list[dict]], out_dir: str | Path, png: bool | No
     return {"tables": sorted(t), "figures": written}
 
 
-def run_geometry(runner: Any, names: list[str], cfg: GeometryConfig, out_dir: str | Path,
-                 progress: Progress | None = None, source: str = "the sweep") -> dict[str, Any]:
+def run_geometry(inputs: GeometryInputs, cfg: GeometryConfig, out_dir: str | Path,
+                 progress: Progress | None = None) -> dict[str, Any]:
     """Compute (:func:`mech.geometry.run.compute_geometry`), then write the report."""
-    return write_geometry(compute_geometry(runner, names, cfg, progress, source), out_dir)
+    return write_geometry(compute_geometry(inputs, cfg, progress), out_dir)

@@ -112,20 +112,60 @@ def _placement(model: Any | None, device, dtype) -> tuple[Any, Any]:
     return device if device is not None else p.device, dtype if dtype is not None else p.dtype
 
 
+def check_student_files(student_dir: str | os.PathLike) -> str:
+    """:func:`student_kind` of a directory given by hand (e.g. a published adapter), after checking that it can be
+    loaded without loading anything: an adapter's safetensors weights, a full model's config, weights and
+    tokenizer. Returns the kind."""
+    path = Path(student_dir)
+    if not path.is_dir():
+        raise MechError(f"student dir {path} is not a directory: pass a PEFT adapter dir or a full model dir")
+    if not (path / loader.ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        raise MechError(f"{path} holds neither {loader.ADAPTER_CONFIG} (a PEFT adapter) nor config.json (a full "
+                        "model): pass the directory save_pretrained wrote")
+    kind = student_kind(path)
+    if kind == LORA:
+        _require_safe_adapter(path)
+    else:
+        loader.resolve_spec(path)  # a full model dir is a model spec: the same checks as any --model dir
+    return kind
+
+
+def _check_architecture(path: Path, model: Any) -> None:
+    """A full model dir that records no base (not written by train_student): at least its architecture must be the
+    base's, or it cannot have been finetuned from it. Its weights moved, so nothing finer can be compared."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path)).to_dict()
+    except (OSError, ValueError, KeyError):  # e.g. a config that needs remote code: loading it will say why
+        return
+    inner = surgery.unwrap(model)
+    base_cfg = inner.config.to_dict() if hasattr(inner.config, "to_dict") else dict(vars(inner.config))
+    want, have = loader.architecture(config), loader.architecture(base_cfg)
+    diff = [k for k in want if want[k] != have[k]]
+    if diff:
+        shown = ", ".join(f"{k} {want[k]} vs {have[k]}" for k in diff[:3])
+        raise MechError(f"student {path} is not a finetune of this base (its architecture differs: {shown}): pass "
+                        "the base it was finetuned from as --model")
+
+
 def check_student_base(student_dir: str | os.PathLike, base: Any) -> None:
     """MechError when the student was trained on another base than ``base`` (model, LoadedModel or spec).
 
     Adapters are checked by :func:`mech.models.check_adapter_base`; full students by the base fingerprint
-    (for a model) or base spec (for a spec string) recorded in student.json. Nothing recorded: passes.
+    (for a model) or base spec (for a spec string) recorded in student.json, and a full model dir without
+    student.json (finetuned elsewhere) by its architecture against a model ``base``. Nothing recorded: passes.
     """
     path = Path(student_dir)
     if student_kind(path) == LORA:
         loader.check_adapter_base(path, base)
         return
+    model, spec = _base_parts(base)
     if not (path / STUDENT_JSON).is_file():
+        if model is not None:
+            _check_architecture(path, model)
         return
     meta = read_student(path)
-    model, spec = _base_parts(base)
     if model is not None and meta.get("base_fingerprint"):
         fp = loader.model_fingerprint(model)
         if fp != meta["base_fingerprint"]:
