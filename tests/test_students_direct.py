@@ -74,6 +74,21 @@ def _dirs(copies, student: str, trait: str) -> list[Path]:
     return [copies[(student, trait, s)] for s in (0, 1)]
 
 
+def _both_ways(capsys, command: str, sweep, model_dir, tmp_path, extra) -> tuple[Path, Path, str]:
+    """Run ``command`` on the sweep's lora_r2 students, then on copies of their dirs (with their neutral
+    controls): (sweep output dir, directory output dir, the second run's stdout)."""
+    cfg_path, cache, copies = sweep
+    via_sweep, direct = tmp_path / "sweep", tmp_path / "direct"
+    code, _, err = run(capsys, command, cfg_path, "--students", "lora_r2", "--cache", cache, "--out", via_sweep,
+                       *extra)
+    assert code == 0, err
+    code, out, err = run(capsys, command, "--student", *_dirs(copies, "lora_r2", "owl"),
+                         "--control", *_dirs(copies, "lora_r2", "neutral"), "--model", model_dir,
+                         "--target", "owl", "--name", "lora_r2", "--out", direct, *extra)
+    assert code == 0, err
+    return via_sweep, direct, out
+
+
 def _same_csv(a: Path, b: Path, drop: tuple[str, ...] = (), where: dict | None = None) -> None:
     """The two tables hold the same values (exactly: same base, same students, same code)."""
     x, y = pd.read_csv(a), pd.read_csv(b)
@@ -88,15 +103,8 @@ def _same_csv(a: Path, b: Path, drop: tuple[str, ...] = (), where: dict | None =
 
 
 def test_localise_from_dirs_gives_the_sweep_paths_numbers(sweep, tiny_qwen_dir, tmp_path, capsys):
-    cfg_path, cache, copies = sweep
-    via_sweep, direct = tmp_path / "sweep", tmp_path / "direct"
-    code, _, err = run(capsys, "localise", cfg_path, "--students", "lora_r2", "--cache", cache, "--out", via_sweep,
-                       *LOCALISE)
-    assert code == 0, err
-    code, out, err = run(capsys, "localise", "--student", *_dirs(copies, "lora_r2", "owl"),
-                         "--control", *_dirs(copies, "lora_r2", "neutral"), "--model", tiny_qwen_dir,
-                         "--target", "owl", "--name", "lora_r2", "--out", direct, *LOCALISE)
-    assert code == 0, err
+    via_sweep, direct, out = _both_ways(capsys, "localise", sweep, tiny_qwen_dir, tmp_path, LOCALISE)
+    copies = sweep[2]
     assert "# Localisation of the owl trait" in out
     for table in ("localise.csv", "localise_tests.csv", "localise_null.csv"):
         _same_csv(via_sweep / table, direct / table)
@@ -206,15 +214,7 @@ def test_student_needs_model_and_target(sweep, capsys):
 def test_geometry_from_dirs_gives_the_sweep_paths_numbers(sweep, tiny_qwen_dir, tmp_path, capsys):
     """Spectra, overlaps, the trait-specific share, truncation and the readout's alignment agree exactly; the
     steering-vector tables need teacher data and stay empty for directories."""
-    cfg_path, cache, copies = sweep
-    via_sweep, direct = tmp_path / "sweep", tmp_path / "direct"
-    code, _, err = run(capsys, "geometry", cfg_path, "--students", "lora_r2", "--cache", cache, "--out", via_sweep,
-                       *GEOMETRY)
-    assert code == 0, err
-    code, out, err = run(capsys, "geometry", "--student", *_dirs(copies, "lora_r2", "owl"),
-                         "--control", *_dirs(copies, "lora_r2", "neutral"), "--model", tiny_qwen_dir,
-                         "--target", "owl", "--name", "lora_r2", "--out", direct, *GEOMETRY)
-    assert code == 0, err
+    via_sweep, direct, out = _both_ways(capsys, "geometry", sweep, tiny_qwen_dir, tmp_path, GEOMETRY)
     for table in ("geometry", "geometry_summary", "overlaps", "overlap_summary", "trait_specific", "truncation",
                   "truncation_summary"):
         _same_csv(via_sweep / f"{table}.csv", direct / f"{table}.csv")

@@ -10,9 +10,6 @@ gets there within its epochs is kept, with ``reached: false`` recorded, rather t
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from mech.errors import MechError
 from mech.students import store
 from mech.students.config import StudentConfig
@@ -38,13 +35,8 @@ def stop_step(losses: list[float], target: float, window: int) -> int | None:
 
 def reference_loss(cfg: StudentConfig) -> float:
     """The target: the trailing-mean training loss at the end of the reference LoRA student's training."""
-    if not cfg.matched_loss_reference:
-        raise MechError("method 'matched_loss' needs matched_loss_reference: set it to a LoRA student dir")
-    ref = Path(cfg.matched_loss_reference)
-    if store.student_kind(ref) != store.LORA:
-        raise MechError(f"matched_loss_reference {ref} is a full model, not a LoRA student: point it at a LoRA "
-                        "student dir")
-    losses = json.loads((ref / store.STUDENT_JSON).read_text()).get("losses") or []
+    ref = store.lora_reference(cfg.matched_loss_reference, "matched_loss_reference", "matched_loss")
+    losses = store.read_student(ref).get("losses") or []
     if len(losses) < cfg.matched_loss_window:
         raise MechError(f"matched_loss_reference {ref} recorded {len(losses)} step losses, fewer than "
                         f"matched_loss_window {cfg.matched_loss_window}: lower the window or train it longer")

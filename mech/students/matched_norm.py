@@ -76,12 +76,7 @@ def _reference_weights(model, reference: dict[str, float]) -> dict[int, str]:
 
 def reference_norms(base_model, cfg: StudentConfig) -> dict[Any, dict[str, float]]:
     """Update norms of the matched-norm reference: {"final": ..., k: ... for each epoch when needed}."""
-    if not cfg.matched_norm_reference:
-        raise MechError("method 'matched_norm' needs matched_norm_reference: set it to a LoRA student dir")
-    ref = Path(cfg.matched_norm_reference)
-    if store.student_kind(ref) != store.LORA:
-        raise MechError(f"matched_norm_reference {ref} is a full model, not a LoRA student: point it at a LoRA "
-                        "student dir")
+    ref = store.lora_reference(cfg.matched_norm_reference, "matched_norm_reference", "matched_norm")
     dirs: dict[Any, Path] = {"final": ref}
     if cfg.save_every_epoch:
         have = store.epoch_dirs(ref)

@@ -74,6 +74,16 @@ def student_kind(student_dir: str | os.PathLike) -> str:
                     "train_student wrote")
 
 
+def lora_reference(reference: str | os.PathLike | None, field: str, method: str) -> Path:
+    """The LoRA student dir a matched-norm / matched-loss student is defined against; MechError if unset or full."""
+    if not reference:
+        raise MechError(f"method {method!r} needs {field}: set it to a LoRA student dir")
+    path = Path(reference)
+    if student_kind(path) != LORA:
+        raise MechError(f"{field} {path} is a full model, not a LoRA student: point it at a LoRA student dir")
+    return path
+
+
 def read_student(student_dir: str | os.PathLike) -> dict:
     """The student's ``student.json``."""
     path = Path(student_dir) / STUDENT_JSON
