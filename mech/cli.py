@@ -138,6 +138,15 @@ SCALES = {
 }
 
 
+def cmd_figures(a) -> int:
+    from mech.report.figures import collect_figures
+
+    _check_out(a.out, "--out")
+    got = collect_figures(a.report, a.out)
+    print(f"{len(got)} figures from {a.report} in {a.out}: " + ", ".join(p.name for p in got))
+    return 0
+
+
 def cmd_reproduce(a) -> int:
     """The main job on each model: the organism check (organism builds), the sweeps, and the localisation battery
     on the first sweep's students; one report (report.md and report.html) that opens with the paper's claims ×
@@ -721,6 +730,12 @@ def parser() -> argparse.ArgumentParser:
                     "default: the sweep's first eval context, with --student default)")
     _add_trust_flag(lo)
     lo.set_defaults(func=cmd_localise)
+
+    fg = sub.add_parser("figures", help="copy a mech reproduce report's main PNG figures into a folder (the "
+                        "repository's figures/ comes from the default run this way)")
+    fg.add_argument("report", help="the report directory (mech reproduce --out), e.g. runs/reproduce")
+    fg.add_argument("--out", default="figures", help="where the PNGs go, as <model>_<figure>.png (replaced whole)")
+    fg.set_defaults(func=cmd_figures)
 
     r = sub.add_parser("reproduce", help="the main job: measure the organism, write report.md and figures")
     r.add_argument("--model", nargs="+", default=["organism", "organism-free"],

@@ -360,3 +360,28 @@ def test_reproduce_scales_name_experiments_that_declare_tests():
     assert SCALES["quick"][0] == "experiments/quick.yaml"
     for path in SCALES["full"]:
         assert load_sweep(path).hypotheses, f"{path} declares no test: it adds nothing to the verdicts"
+
+
+def test_figures_copies_each_models_main_pngs(capsys, tmp_path):
+    report = tmp_path / "report"
+    for model in ("organism", "organism-free"):
+        (report / model / "figures").mkdir(parents=True)
+        (report / model / "localise" / "figures").mkdir(parents=True)
+        (report / model / "figures" / "quick_rank.png").write_bytes(model.encode())
+        (report / model / "figures" / "quick_rank.html").write_text("x")  # HTML stays behind
+        (report / model / "localise" / "figures" / "dwg_lora_r16.png").write_bytes(b"d")
+        (report / model / "localise" / "figures" / "atp_mlp_full.png").write_bytes(b"a")  # not a main figure
+    out = tmp_path / "figures"
+    (out).mkdir()
+    (out / "stale.png").write_bytes(b"old")  # replaced whole: a figure the run no longer makes does not linger
+    code, stdout, err = run(capsys, "figures", report, "--out", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "organism-free_dwg_lora_r16.png", "organism-free_quick_rank.png", "organism_dwg_lora_r16.png",
+        "organism_quick_rank.png"]
+    assert (out / "organism-free_quick_rank.png").read_bytes() == b"organism-free" and "4 figures" in stdout
+    for p in report.rglob("*.png"):
+        p.unlink()
+    assert_one_line_error(*run(capsys, "figures", report, "--out", out), "no PNG figure", "apt-get install -y chromium")
+    assert len(list(out.iterdir())) == 4  # a failed run leaves the folder as it was
+    assert_one_line_error(*run(capsys, "figures", tmp_path / "nope", "--out", out), "no model folder")

@@ -124,3 +124,35 @@ def cross_trait_figures(matrix: list[dict]) -> dict[str, go.Figure]:
             fig, f"Cross-trait transfer, {group[0]}: teacher × candidate (paired vs neutral teacher)", "candidate",
             "teacher trait")
     return out
+
+
+# --- the repository's figures/ ---------------------------------------------------------------------------------
+
+# what `mech figures` copies from each model's folder of a `mech reproduce` report: the organism check's figures,
+# the quick sweep's rank curve and the localisation of LoRA r16 and full FT (DWG map and exact residual patching)
+PAPER_FIGURES = ("figures/organism_trait", "figures/organism_spread", "figures/organism_leak",
+                 "figures/organism_carrier", "figures/quick_rank", "localise/figures/dwg_lora_r16",
+                 "localise/figures/dwg_full", "localise/figures/exact_resid_lora_r16",
+                 "localise/figures/exact_resid_full")
+
+
+def collect_figures(report_dir: str | Path, out_dir: str | Path, stems: tuple[str, ...] = PAPER_FIGURES) -> list[Path]:
+    """Copy the PNGs ``stems`` of every model folder of a ``mech reproduce`` report into ``out_dir`` (replaced
+    whole, atomically) as ``<model>_<name>.png``; returns them. A stem a model lacks (no organism check for a
+    real model, no localisation for a sweep without those students) is skipped; no PNG at all is an error."""
+    from mech.errors import MechError
+    from mech.store import atomic_dir
+
+    report = Path(report_dir)
+    models = sorted(d for d in report.iterdir() if d.is_dir() and (d / "figures").is_dir()) if report.is_dir() else []
+    if not models:
+        raise MechError(f"{report} holds no model folder of a mech reproduce report: pass the report's --out "
+                        "directory, e.g. runs/reproduce")
+    found = [(m, m / f"{s}.png") for m in models for s in stems if (m / f"{s}.png").is_file()]
+    if not found:
+        raise MechError(f"no PNG figure in {report}: PNGs need kaleido and a Chromium (`pip install kaleido` and "
+                        "`apt-get install -y chromium`), then rerun mech reproduce (its cache makes that quick)")
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        for model, png in found:
+            shutil.copyfile(png, tmp / f"{model.name}_{png.stem}.png")
+    return sorted(Path(out_dir) / f"{m.name}_{p.stem}.png" for m, p in found)
