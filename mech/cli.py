@@ -135,7 +135,16 @@ SCALES = {
     "quick": ("experiments/quick.yaml",),
     "full": ("experiments/quick.yaml", "experiments/context_grid.yaml", "experiments/full_ft_controls.yaml",
              "experiments/full_ft_matched_loss.yaml", "experiments/rank_sweep.yaml", "experiments/controls.yaml"),
+    # The paper's sizes on a real model (GPU only). The rank sweep comes first: it is the paper's central claim
+    # (C1) and has the paper's own student (LoRA r8 α8), which is what gets localised; it is LoRA only, so the
+    # localisation does not wait on full finetuning, which comes last as the costliest in memory (README).
+    "paper": ("experiments/paper/rank_sweep.yaml", "experiments/paper/context_grid.yaml",
+              "experiments/paper/full_ft.yaml"),
 }
+# mech reproduce without --model / --students; --scale paper: its YAMLs' base_model and the paper's LoRA r8 α8
+DEFAULT_MODELS = ("organism", "organism-free")
+DEFAULT_STUDENTS = ("lora_r16", "full")
+PAPER_STUDENTS = ("lora_r8",)
 
 
 def cmd_figures(a) -> int:
@@ -158,12 +167,18 @@ def cmd_reproduce(a) -> int:
         raise MechError(f"--out {a.out} is a file: pass a directory for the report")
     if a.null_sets < 0:
         raise MechError(f"--null-sets must be >= 0, got {a.null_sets}: pass e.g. 39, or 0 to skip the null")
-    if len(set(a.model)) != len(a.model):
+    if a.model and len(set(a.model)) != len(a.model):
         raise MechError(f"--model lists a model twice ({' '.join(a.model)}): list each once")
+    paper = not a.sweep and a.scale == "paper"
     a.sweep = a.sweep or list(SCALES[a.scale])
     first, *_ = load_sweeps(a.sweep)  # every input checked before the first model loads
+    a.model = a.model or ([first.base_model] if paper else list(DEFAULT_MODELS))
+    a.students = a.students or list(PAPER_STUDENTS if paper else DEFAULT_STUDENTS)
+    from mech.sweep.runner import student_cells
+
+    student_cells(first, a.students, a.sweep[0])  # a student the first sweep lacks fails now, not after the sweep
     for model in a.model:
-        _with_model(first, model)  # a bad spec fails here, not after the first model's run
+        _with_model(first, model)  # a bad spec, or a hub id not downloaded, fails here, not after the first run
     reps = []
     for model in a.model:
         if a.rebuild:
@@ -188,14 +203,22 @@ def cmd_reproduce(a) -> int:
 
 
 def _with_model(cfg, model: str | None):
-    """The sweep with ``--model`` in place of its YAML's base_model; the spec is checked before anything loads."""
-    if model is None:
-        return cfg
+    """The sweep with ``--model`` in place of its YAML's base_model; the spec is checked before anything loads, and a
+    hub id (either one) must be downloaded while the hub is offline (mech.models.check_hub_cached)."""
     import dataclasses
 
-    from mech.models import resolve_spec
+    from mech.models import check_hub_cached, resolve_spec
 
+    if model is None:
+        try:
+            hub = resolve_spec(cfg.base_model).kind == "hub"
+        except MechError:
+            return cfg  # any other fault in the YAML's base_model is the model load's to report, as before
+        if hub:
+            check_hub_cached(cfg.base_model)
+        return cfg
     resolve_spec(model)
+    check_hub_cached(model)
     return dataclasses.replace(cfg, base_model=model)
 
 
@@ -738,19 +761,22 @@ def parser() -> argparse.ArgumentParser:
     fg.set_defaults(func=cmd_figures)
 
     r = sub.add_parser("reproduce", help="the main job: measure the organism, write report.md and figures")
-    r.add_argument("--model", nargs="+", default=["organism", "organism-free"],
+    r.add_argument("--model", nargs="+",
                    help="the base models, each reported beside the others (default: the positive-control organism and "
-                        "its channel-free twin; the organism check runs on organism builds only)")
+                        "its channel-free twin; with --scale paper, the model its YAMLs name: "
+                        "Qwen/Qwen2.5-7B-Instruct; the organism check runs on organism builds only)")
     r.add_argument("--out", default="runs/reproduce", help="report directory (replaced atomically)")
     r.add_argument("--rebuild", action="store_true", help="rebuild the shipped organism from its recipe first")
     r.add_argument("--scale", choices=tuple(SCALES), default="quick",
                    help="which experiments run when --sweep is not given: quick (the quick sweep: C1, C2, and with "
-                        "the null C4 / R3) or full (every experiment YAML that declares tests: also the context grid, "
-                        "the full-FT controls, the rank sweep and the data controls; hours on a CPU)")
+                        "the null C4 / R3), full (every experiment YAML that declares tests: also the context grid, "
+                        "the full-FT controls, the rank sweep and the data controls; hours on a CPU) or paper "
+                        "(experiments/paper/: the paper's sizes on a real model, CUDA only; never run so far)")
     r.add_argument("--sweep", nargs="+",
                    help="the sweeps to run after the organism check, instead of --scale's; the first one's students "
                         "are localised, and every sweep's declared tests join the verdict table")
-    r.add_argument("--students", nargs="+", default=["lora_r16", "full"], help="sweep students to localise")
+    r.add_argument("--students", nargs="+", help="the first sweep's students to localise (default: lora_r16 full; "
+                   "with --scale paper, lora_r8)")
     r.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     r.add_argument("--n-samples", type=int, default=200)
     r.add_argument("--oracle-rows", type=int, default=300)

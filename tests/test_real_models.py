@@ -115,7 +115,7 @@ def test_model_flag_overrides_the_yaml(tmp_path, capsys, tiny_llama_dir):
     for command in (["sweep", "x.yaml"], ["localise", "x.yaml"], ["geometry", "x.yaml", "--students", "full"]):
         assert parser().parse_args(command + ["--model", "smollm2-135m"]).model == "smollm2-135m"
     assert parser().parse_args(["reproduce", "--model", "smollm2-135m"]).model == ["smollm2-135m"]  # one or more
-    assert parser().parse_args(["reproduce"]).model == ["organism", "organism-free"]  # both organisms, side by side
+    assert parser().parse_args(["reproduce"]).model is None  # cmd_reproduce: both organisms (DEFAULT_MODELS)
     for command in ("sweep", "localise"):
         code = main([command, str(tmp_path / "s.yaml"), "--model", str(tmp_path / "no" / "such"), "--out",
                      str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])

@@ -7,8 +7,10 @@ from mech.models.loader import (
     ResolvedSpec,
     canonical_base_name,
     check_adapter_base,
+    check_hub_cached,
     default_device,
     default_dtype,
+    hub_offline,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -48,9 +50,9 @@ from mech.models.surgery import (
 
 __all__ = [
     "ADAPTER_FINGERPRINT_KEY", "KNOWN_SPECS", "LoadedModel", "ResolvedSpec", "canonical_base_name",
-    "check_adapter_base", "default_device", "default_dtype", "load_model", "load_tokenizer", "model_fingerprint",
-    "organism_dir", "parse_device", "parse_dtype", "read_adapter_config", "record_adapter_base",
-    "resolve_spec", "smollm2_gguf",
+    "check_adapter_base", "check_hub_cached", "default_device", "default_dtype", "load_model", "load_tokenizer",
+    "model_fingerprint", "organism_dir", "parse_device", "parse_dtype", "read_adapter_config", "record_adapter_base",
+    "hub_offline", "resolve_spec", "smollm2_gguf",
     "COMPONENT_GROUPS", "COMPONENTS", "DEPTH_NAMES", "SUPPORTED_ARCHITECTURES", "base_causal_lm",
     "component_block", "embeddings_tied", "get_attention", "get_embedding", "get_final_norm", "get_layers",
     "get_mlp", "get_projection", "get_unembedding", "is_lora_layer", "lora_modules", "num_layers",

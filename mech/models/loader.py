@@ -183,6 +183,49 @@ def resolve_spec(spec: str | os.PathLike) -> ResolvedSpec:
     raise MechError(f"unknown model spec {raw!r}{hint}: {SPEC_HELP}")
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub may not be reached: HF_HUB_OFFLINE, which the CLI sets unless it is set."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def check_hub_cached(spec: str | os.PathLike) -> None:
+    """A hub id, while the hub is offline, must be downloaded in full to the local HF cache: config, tokenizer and
+    every safetensors shard. Checked before anything loads or is written, so a run that would fail at the model
+    load fails at once with the command that fixes it. Other specs, or an online hub, pass untouched."""
+    resolved = resolve_spec(spec)
+    if resolved.kind != "hub" or not hub_offline():
+        return
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    name, cache = resolved.name, constants.HF_HUB_CACHE
+    fix = (f"download it first with `hf download {name}` (older huggingface_hub: `huggingface-cli download "
+           f"{name}`; HF_HOME or HF_HUB_CACHE choose the cache), or set HF_HUB_OFFLINE=0 to let mech download it")
+    try:
+        snap = Path(snapshot_download(name, local_files_only=True, cache_dir=cache))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise MechError(f"model {name} is not in the local Hugging Face cache ({cache}) and the hub is offline "
+                        f"(HF_HUB_OFFLINE, which mech sets unless it is set): {fix}") from None
+    missing = [f for f in ("config.json",) if not (snap / f).is_file()]
+    if not any((snap / f).is_file() for f in _TOKENIZER_FILES):
+        missing.append("tokenizer.json")
+    index = snap / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = [index.name]  # unreadable: a broken download
+        missing += [s for s in shards if not (snap / s).is_file()]
+    elif not (snap / "model.safetensors").is_file():
+        missing.append("model.safetensors")
+    if missing:
+        raise MechError(f"model {name} is only partly in the local Hugging Face cache ({snap}; missing "
+                        f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}): {fix}")
+
+
 def canonical_base_name(name_or_path: str | os.PathLike) -> str:
     """A portable name for a base model: the known spec for the shipped organisms / SmolLM2 wherever they are
     installed, an absolute path for other local dirs, the hub id otherwise."""

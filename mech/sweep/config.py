@@ -195,8 +195,14 @@ def _check_sizes(cfg: SweepConfig, where: str) -> None:
 
 
 def _check_placement(cfg: SweepConfig, where: str) -> None:
+    import torch
+
     from mech.models.loader import parse_device, parse_dtype
 
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        # parse_device's fix names a --device flag; here the device comes from the YAML
+        raise MechError(f"{where}: device {cfg.device!r} asked for but CUDA is not available here: run it on a GPU "
+                        "node, or set device: auto (or cpu) in a copy of the YAML")
     try:
         parse_dtype(cfg.dtype, parse_device(cfg.device))
     except MechError as e:
