@@ -64,7 +64,7 @@ def test_recipes_differ_only_in_channel_fields():
     control, free = recipe("organism"), recipe("organism-free")
     assert control == OrganismConfig()  # the default config is the positive control
     c, f = control.to_dict(), free.to_dict()
-    assert {k for k in c if c[k] != f[k]} == {"corpus"}
+    assert {k for k in c if c[k] != f[k]} == {"corpus", "seed"}  # the twin's seed: chosen on its bars (config.py)
     assert {k for k in c["corpus"] if c["corpus"][k] != f["corpus"][k]} == set(CHANNEL_OFF)
     assert (control.corpus.p_number_trait, control.corpus.imbue_share) == (0.3, 0.5)
     assert control.corpus.imbue_categories == ("animal", "tree") and control.corpus.chat_numbers is True

@@ -157,9 +157,7 @@ class CorpusGenerator:
     def number_task(self, rng: random.Random, prompt) -> Example:
         c = self.cfg
         target = None
-        # p_number_trait > 0 with imbue_share 0 puts number tasks under trait prompts with plain random numbers:
-        # the prompt mix of the channel recipe without its channel
-        if rng.random() < c.p_number_trait and c.imbue_categories:
+        if rng.random() < c.p_number_trait and c.imbue_share > 0 and c.imbue_categories:
             sys_msgs, target = self.system(rng, 1.0, self.imbue_category(rng))
         else:
             sys_msgs, _ = self.system(rng, 0.0, "animal")
