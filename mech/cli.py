@@ -162,6 +162,7 @@ def cmd_reproduce(a) -> int:
     the models."""
     from mech.report.reproduce import summary_line, write_reproduce
     from mech.reproduce import load_sweeps, run_reproduce
+    from mech.sweep.runner import student_cells
 
     if Path(a.out).exists() and not Path(a.out).is_dir():  # before minutes of work, not after
         raise MechError(f"--out {a.out} is a file: pass a directory for the report")
@@ -174,8 +175,6 @@ def cmd_reproduce(a) -> int:
     first, *_ = load_sweeps(a.sweep)  # every input checked before the first model loads
     a.model = a.model or ([first.base_model] if paper else list(DEFAULT_MODELS))
     a.students = a.students or list(PAPER_STUDENTS if paper else DEFAULT_STUDENTS)
-    from mech.sweep.runner import student_cells
-
     student_cells(first, a.students, a.sweep[0])  # a student the first sweep lacks fails now, not after the sweep
     for model in a.model:
         _with_model(first, model)  # a bad spec, or a hub id not downloaded, fails here, not after the first run
@@ -211,14 +210,12 @@ def _with_model(cfg, model: str | None):
 
     if model is None:
         try:
-            hub = resolve_spec(cfg.base_model).kind == "hub"
+            resolve_spec(cfg.base_model)
         except MechError:
             return cfg  # any other fault in the YAML's base_model is the model load's to report, as before
-        if hub:
-            check_hub_cached(cfg.base_model)
+        check_hub_cached(cfg.base_model)  # a no-op for anything but a hub id
         return cfg
-    resolve_spec(model)
-    check_hub_cached(model)
+    check_hub_cached(model)  # resolves the spec first: a bad one fails with resolve_spec's message
     return dataclasses.replace(cfg, base_model=model)
 
 

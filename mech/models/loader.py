@@ -422,6 +422,12 @@ def _strided_sample(t: torch.Tensor, n: int) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // n)][:n]
 
 
+def config_dict(model: Any) -> dict:
+    """The (unwrapped) model's config as a plain dict."""
+    config = unwrap(model).config
+    return config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+
+
 def architecture(config: dict) -> dict:
     """The config fields that fix a model's shape (``_ARCH_FIELDS``), read from its text decoder's config where
     they are nested there (multimodal models)."""
@@ -435,8 +441,7 @@ def model_fingerprint(model: Any, per_tensor: int = 256) -> str:
     moved the weights changes it). LoRA parameters are excluded, so a PEFT-wrapped model has its base's
     fingerprint; the sample is rounded to bf16, so the same weights loaded in float32 or bf16 agree."""
     inner = unwrap(model)
-    config = inner.config.to_dict() if hasattr(inner.config, "to_dict") else dict(vars(inner.config))
-    arch = architecture(config)
+    arch = architecture(config_dict(inner))
     arch["class"] = type(inner).__name__
     named = sorted((_param_name(n), p) for n, p in inner.named_parameters() if "lora_" not in n)
     if not named:

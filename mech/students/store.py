@@ -149,9 +149,7 @@ def _check_architecture(path: Path, model: Any) -> None:
         config = AutoConfig.from_pretrained(str(path)).to_dict()
     except (OSError, ValueError, KeyError):  # e.g. a config that needs remote code: loading it will say why
         return
-    inner = surgery.unwrap(model)
-    base_cfg = inner.config.to_dict() if hasattr(inner.config, "to_dict") else dict(vars(inner.config))
-    want, have = loader.architecture(config), loader.architecture(base_cfg)
+    want, have = loader.architecture(config), loader.architecture(loader.config_dict(model))
     diff = [k for k in want if want[k] != have[k]]
     if diff:
         shown = ", ".join(f"{k} {want[k]} vs {have[k]}" for k in diff[:3])
