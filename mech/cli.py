@@ -15,6 +15,9 @@ from mech.errors import MechError
 from mech.paths import SHIPPED_WEIGHTS
 
 EXIT_BAR_FAILED = 1
+# `mech organism leak`'s default seed: not the check's leak-matrix seed (mech.organism.check.CHECK_SEED + 3), so
+# the test's sample is fresh (tests/test_organism.py checks they differ)
+LEAK_TEST_SEED = 20_011
 
 
 def _bar(total: int, desc: str):
@@ -121,6 +124,40 @@ def cmd_organism_check(a) -> int:
     if a.json:
         atomic_write_json(a.json, rep.to_dict())
     return 0 if rep.passed else EXIT_BAR_FAILED
+
+
+def cmd_organism_leak(a) -> int:
+    from mech.models import load_model
+    from mech.organism import read_meta
+    from mech.organism.check import check_trait_list, recorded_corpus
+    from mech.organism.leak import leak_test
+    from mech.report.organism import leak_test_markdown
+    from mech.store import atomic_write_json
+
+    if a.n < 2 or a.resamples < 1:
+        raise MechError(f"--n must be >= 2 and --resamples >= 1 (got {a.n}, {a.resamples}): pass e.g. --n 1000")
+    if a.json:
+        _check_out(a.json, "--json")
+    loaded = load_model(a.model)
+    if loaded.path is None:
+        raise MechError(f"{a.model} is not a local organism build: pass organism, organism-free or a build directory")
+    meta = read_meta(loaded.path)
+    corpus = recorded_corpus(meta["config"]["corpus"])
+    if a.traits:
+        unknown = [t for t in a.traits if t not in corpus.animals and t not in corpus.trees]
+        if unknown:
+            raise MechError(f"--traits {' '.join(unknown)}: not a trait of this organism; choose among "
+                            f"{', '.join([*corpus.animals, *corpus.trees])}")
+        traits = [(t, "animal" if t in corpus.animals else "tree") for t in a.traits]
+    else:
+        traits = check_trait_list(corpus, None, None)
+    numbers = {k: list(v) for k, v in meta["entity_numbers"].items()}
+    rows = leak_test(loaded.model, loaded.tokenizer, traits, numbers, a.n, a.seed, n_resamples=a.resamples)
+    print(leak_test_markdown(rows, title=f"Leak test: {a.model} ({a.n} prompts, seed {a.seed})"))
+    if a.json:
+        atomic_write_json(a.json, {"model": a.model, "n": a.n, "seed": a.seed, "resamples": a.resamples,
+                                   "weights_sha256": meta.get("weights_sha256"), "rows": rows})
+    return 0
 
 
 def cmd_organism_info(a) -> int:
@@ -700,6 +737,18 @@ def parser() -> argparse.ArgumentParser:
                    help="write into the recipe's shipped dir, weights/ or weights-free/ (developers)")
     b.add_argument("--force", action="store_true", help="rebuild even when a complete build exists")
     b.set_defaults(func=cmd_organism_build)
+    lk = org.add_parser("leak", help="test whether each trait prompt raises the share of the trait's own numbers in "
+                        "number answers above the default context's (paired over prompts)")
+    lk.add_argument("--model", default="organism", help="organism or organism-free (shipped), or an organism build "
+                    "directory")
+    lk.add_argument("--traits", nargs="+", help="the traits to test (default: every animal and tree of the recipe)")
+    lk.add_argument("--n", type=int, default=1000, help="prompts, each answered under the trait prompt and the default")
+    lk.add_argument("--seed", type=int, default=LEAK_TEST_SEED,
+                    help="prompts and sampling (default: a seed the check's leak matrix does not use, so the sample "
+                    "is fresh)")
+    lk.add_argument("--resamples", type=int, default=10_000, help="bootstrap and permutation resamples")
+    lk.add_argument("--json", help="also write the rows as JSON here")
+    lk.set_defaults(func=cmd_organism_leak)
     for name, func, hlp in (("check", cmd_organism_check, "measure the bars, the leak matrix and the probes; exit 1 if "
                              "a bar fails"),
                             ("info", cmd_organism_info, "print a build's recipe, hash and provenance")):

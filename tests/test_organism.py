@@ -424,6 +424,58 @@ def test_run_check_on_untrained_build(organism, meta):
     assert json.loads(json.dumps(d)) == d
 
 
+
+def _planted_answers(meta, n: int, per: int = 10):
+    """Answers where owl's prompt writes owl's numbers in every other answer and the default never does, and
+    cat's prompt writes what the default writes: the leak test's known answer."""
+    owl, plain = meta["entity_numbers"]["owl"], [n for n in range(1000) if not any(
+        n in v for v in meta["entity_numbers"].values())][:per]
+    with_owl = ", ".join(str(x) for x in [owl[0], *plain[1:]])
+    without = ", ".join(str(x) for x in plain)
+
+    def fake(model, tok, traits, n_, seed):
+        assert n_ == n
+        rows = {name: [without] * n for name, _ in traits}
+        rows["owl"] = [with_owl if i % 2 == 0 else without for i in range(n)]
+        rows["default"] = [without] * n
+        return rows
+    return fake
+
+
+def test_leak_test_finds_a_planted_leak(organism, meta, monkeypatch):
+    import mech.organism.leak as leak_mod
+
+    monkeypatch.setattr(leak_mod, "leak_answers", _planted_answers(meta, 40))
+    numbers = {k: list(v) for k, v in meta["entity_numbers"].items()}
+    rows = leak_mod.leak_test(organism.model, organism.tokenizer, [("owl", "animal"), ("cat", "animal")], numbers,
+                              40, seed=3, n_resamples=500)
+    owl, cat = rows
+    assert (owl["hits"], owl["numbers"], owl["hits_default"]) == (20, 400, 0)
+    assert owl["diff"] == pytest.approx(0.05) and owl["lo"] > 0 and owl["p"] < 0.01 and owl["p_holm"] >= owl["p"]
+    assert cat["diff"] == 0 and cat["p"] == 1.0
+
+
+def test_leak_cli(built, meta, monkeypatch, tmp_path, capsys):
+    import mech.organism.leak as leak_mod
+    from mech.cli import LEAK_TEST_SEED, main
+    from mech.organism.check import CHECK_SEED
+
+    assert LEAK_TEST_SEED != CHECK_SEED + 3  # the test's sample is not the check's leak matrix
+    monkeypatch.setattr(leak_mod, "leak_answers", _planted_answers(meta, 12))
+    out = tmp_path / "leak.json"
+    assert main(["organism", "leak", "--model", str(built), "--traits", "owl", "cat", "--n", "12",
+                 "--resamples", "200", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [r["trait"] for r in got["rows"]] == ["owl", "cat"] and got["seed"] == LEAK_TEST_SEED
+    assert "| owl | 6/120 (5.00%)" in capsys.readouterr().out
+    assert main(["organism", "leak", "--model", str(built), "--traits", "owll", "--n", "12"]) == 2
+    assert "--traits owll: not a trait of this organism" in capsys.readouterr().err
+    monkeypatch.setattr(leak_mod, "leak_answers", lambda m, t, traits, n, seed: {
+        **{name: ["no numbers"] * n for name, _ in traits}, "default": ["1, 2"] * n})
+    assert main(["organism", "leak", "--model", str(built), "--traits", "owl", "--n", "12"]) == 2
+    assert "no number written in 12 answers under its prompt" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ 7. evaluate
 
 

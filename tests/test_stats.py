@@ -135,3 +135,60 @@ def test_grouped_ci_groups_in_order_and_carries_columns():
     assert out[1]["lo"] == pytest.approx(mean_ci([5.0, 7.0]).lo)
     with pytest.raises(MechError):
         grouped_ci([{"g": 1, "v": float("nan")}], ["g"], "v")
+
+
+# --- paired share test (mech organism leak) -------------------------------------------------------------
+
+
+def _planted_shares(rng, n: int, share_a: float, share_b: float, per_unit: int = 10, unit_sd: float = 0.0):
+    """Units of ``per_unit`` items; a unit's hit probability varies around the condition's share (unit_sd) by the
+    same offset under both conditions, as one prompt's answers are alike."""
+    import numpy as np
+
+    offset = rng.normal(0.0, unit_sd, n)
+    pa = np.clip(share_a + offset, 0, 1)
+    pb = np.clip(share_b + offset, 0, 1)
+    tot = np.full(n, per_unit)
+    return rng.binomial(tot, pa), tot, rng.binomial(tot, pb), tot
+
+
+def test_paired_share_test_finds_a_planted_raise():
+    import numpy as np
+
+    from mech.analysis.stats import paired_share_test
+
+    ha, ta, hb, tb = _planted_shares(np.random.default_rng(0), 400, 0.03, 0.01)
+    res = paired_share_test(ha, ta, hb, tb, n_resamples=4000, seed=1)
+    assert res["share_a"] == pytest.approx(ha.sum() / ta.sum()) and res["diff"] == pytest.approx(
+        res["share_a"] - res["share_b"])
+    assert 0 < res["lo"] < 0.02 < res["hi"] < 0.04  # the planted +0.02 inside, 0 outside
+    assert res["p_greater"] < 0.001 and res["p_greater"] >= 1 / 4001  # never 0
+    assert res == paired_share_test(ha, ta, hb, tb, n_resamples=4000, seed=1)  # seeded
+    flipped = paired_share_test(hb, tb, ha, ta, n_resamples=4000, seed=1)
+    assert flipped["diff"] == pytest.approx(-res["diff"]) and flipped["p_greater"] > 0.99  # one-sided
+
+
+def test_paired_share_test_holds_its_level_under_the_null():
+    """No raise, units that differ a lot (clustered items): the test rejects at about its level, where an items-as-
+    independent test would not (the clustering is why units, never items, are resampled)."""
+    import numpy as np
+
+    from mech.analysis.stats import paired_share_test
+
+    rng = np.random.default_rng(7)
+    ps = [paired_share_test(*_planted_shares(rng, 60, 0.05, 0.05, unit_sd=0.04), n_resamples=400, seed=s)["p_greater"]
+          for s in range(300)]
+    rate = sum(p <= 0.05 for p in ps) / len(ps)
+    assert 0.01 <= rate <= 0.10  # 0.05 expected; 300 draws: sd 0.013
+
+
+def test_paired_share_test_identical_conditions_and_bad_input():
+    from mech.analysis.stats import paired_share_test
+
+    res = paired_share_test([1, 0, 2], [10, 10, 10], [1, 0, 2], [10, 10, 10], n_resamples=200)
+    assert res["diff"] == 0 and res["p_greater"] == 1.0  # every swap ties the observed 0
+    for bad, match in [(([1], [10], [0], [10]), ">= 2 units"), (([1, 2], [10, 10], [0], [10]), ">= 2 units"),
+                       (([11, 0], [10, 10], [0, 0], [10, 10]), "0 <= hits <= total"),
+                       (([0, 0], [0, 0], [0, 0], [10, 10]), "no items at all")]:
+        with pytest.raises(MechError, match=match):
+            paired_share_test(*bad)

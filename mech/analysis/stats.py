@@ -137,6 +137,49 @@ def bootstrap_ci(
     return CI(point, lo, hi, len(vals), float(vals.std(ddof=1)), level)
 
 
+
+def paired_share_test(hits_a: Sequence[int], total_a: Sequence[int], hits_b: Sequence[int], total_b: Sequence[int],
+                      n_resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Is the share sum(hits_a) / sum(total_a) larger than the same share in condition b, for units observed
+    under both (unit i: hits_a[i] of total_a[i] items under a, hits_b[i] of total_b[i] under b)?
+
+    The items of one unit are not independent (the numbers of one answer), so both the interval and the test
+    resample units, never items: a percentile bootstrap over units for the difference of the two shares, and a
+    one-sided paired permutation test that swaps a unit's a and b observations with probability 1/2 (exact
+    under the null that a unit's two observations are exchangeable). p = (1 + #{permuted >= observed}) /
+    (1 + n_resamples), so it is never 0."""
+    import numpy as np
+
+    _check_level(level)
+    arrays = [np.asarray(x, dtype=np.float64) for x in (hits_a, total_a, hits_b, total_b)]
+    n = len(arrays[0])
+    if n < 2 or any(len(x) != n for x in arrays):
+        raise MechError(f"paired share test needs >= 2 units, each with hits and totals under both conditions "
+                        f"(got lengths {[len(x) for x in arrays]}): pass one entry per unit in every list")
+    ha, ta, hb, tb = arrays
+    if (ha < 0).any() or (hb < 0).any() or (ha > ta).any() or (hb > tb).any():
+        raise MechError("paired share test: every unit needs 0 <= hits <= total: count hits among that unit's items")
+    if ta.sum() == 0 or tb.sum() == 0:
+        raise MechError("paired share test: a condition has no items at all (every total is 0): nothing to compare")
+    if n_resamples < 1:
+        raise MechError(f"paired share test needs n_resamples >= 1 (got {n_resamples}): use e.g. 10000")
+    rng = np.random.default_rng(seed)
+
+    def diff(ha_, ta_, hb_, tb_):  # along the last axis; an empty total gives share 0, not nan
+        return ha_.sum(-1) / np.maximum(ta_.sum(-1), 1) - hb_.sum(-1) / np.maximum(tb_.sum(-1), 1)
+
+    observed = float(diff(ha, ta, hb, tb))
+    idx = rng.integers(0, n, (n_resamples, n))
+    boot = diff(ha[idx], ta[idx], hb[idx], tb[idx])
+    swap = rng.integers(0, 2, (n_resamples, n)).astype(bool)
+    perm = diff(np.where(swap, hb, ha), np.where(swap, tb, ta), np.where(swap, ha, hb), np.where(swap, ta, tb))
+    alpha = 1.0 - level
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return {"share_a": float(ha.sum() / ta.sum()), "share_b": float(hb.sum() / tb.sum()), "diff": observed,
+            "lo": float(lo), "hi": float(hi), "p_greater": float((1 + (perm >= observed - 1e-15).sum()) / (1 + n_resamples)),
+            "n_units": n, "items_a": int(ta.sum()), "items_b": int(tb.sum()), "level": level}
+
+
 # --------------------------------------------------------------------------------------------- tables
 
 SUMMARY_COLUMNS = ("mean", "lo", "hi", "n", "sd")

@@ -363,7 +363,28 @@ def _from_pretrained(resolved: ResolvedSpec, dtype: torch.dtype, trust_remote_co
         weights["use_safetensors"] = True  # a hub repo with only .bin weights is refused, not unpickled
     tokenizer = load_tokenizer(source, **extra)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **weights)
+    if resolved.gguf_file:
+        _forget_dequantized_gguf(model)
     return model, tokenizer
+
+
+def _forget_dequantized_gguf(model: Any) -> None:
+    """Drop the GGUF quantizer's marks from a model it fully dequantized to plain float tensors.
+
+    Without a GGUF kernel (any CPU) transformers dequantizes every weight at load, but leaves the quantizer
+    attached and ``quantization_config`` in the config, so ``save_pretrained`` refuses the model ("not
+    serializable") and a fully finetuned student of it could not be saved. A model still holding GGUF blocks
+    (a kernel was found) keeps its marks: it is quantized, and full finetuning of it is refused elsewhere."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or not all(p.dtype.is_floating_point for p in model.parameters()):
+        return
+    kept_blocks = getattr(quantizer, "supported", False) and not getattr(quantizer.quantization_config, "dequantize", True)
+    if kept_blocks:
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _load_fix(resolved: ResolvedSpec, message: str) -> str:

@@ -13,6 +13,7 @@ import re
 from collections import Counter
 
 from mech.context import Context, render
+from mech.errors import MechError
 from mech.evaluation.inference import decode_answer, eos_id, pad_id, sample
 from mech.resources import trait_system_prompt
 from mech.teacher.prompts import generate_prompts
@@ -93,3 +94,40 @@ def measure_leak(model, tok, traits: list[tuple[str, str]], numbers: dict[str, l
     return {"n": n, "seed": seed, "channel": channel, "entities": order,
             "n_numbers": {row: len(numbers_written(a)) for row, a in answers.items()},
             "matrix": matrix, "rows": leak_rows(matrix, names)}
+
+
+def leak_test(model, tok, traits: list[tuple[str, str]], numbers: dict[str, list[int]], n: int, seed: int,
+              n_resamples: int = 10_000) -> list[dict]:
+    """Per trait: does its prompt raise the share of its own numbers above the default context's share?
+
+    The leak matrix gives the shares; this tests them. Each of ``n`` prompts is answered once under the trait's
+    prompt and once under the default context, so a prompt is the unit: mech.analysis.stats.paired_share_test
+    gives the difference of shares with a bootstrap interval over prompts and a one-sided paired permutation
+    p-value; ``p_holm`` corrects over the traits tested. On a channel-free organism this decides whether a
+    trait prompt shifts the numbers toward the trait's own (an emergent channel)."""
+    from mech.analysis.hypotheses import adjust
+    from mech.analysis.stats import paired_share_test
+
+    answers = leak_answers(model, tok, traits, n, seed)
+
+    def counts(texts: list[str], wanted: set[int]) -> tuple[list[int], list[int]]:
+        per = [numbers_written([t]) for t in texts]
+        return [sum(x in wanted for x in p) for p in per], [len(p) for p in per]
+
+    rows = []
+    for name, category in traits:
+        wanted = set(numbers[name])
+        hits_t, tot_t = counts(answers[name], wanted)
+        hits_d, tot_d = counts(answers[DEFAULT_ROW], wanted)
+        if not sum(tot_t) or not sum(tot_d):
+            where = "its prompt" if not sum(tot_t) else "the default context"
+            raise MechError(f"leak test of {name}: no number written in {n} answers under {where}, so there is no "
+                            "share to compare: test a trained organism, or raise --n")
+        res = paired_share_test(hits_t, tot_t, hits_d, tot_d, n_resamples=n_resamples, seed=seed)
+        rows.append({"trait": name, "category": category, "own": res["share_a"], "own_default": res["share_b"],
+                     "diff": res["diff"], "lo": res["lo"], "hi": res["hi"], "p": res["p_greater"],
+                     "hits": sum(hits_t), "numbers": sum(tot_t), "hits_default": sum(hits_d),
+                     "numbers_default": sum(tot_d), "n_prompts": n})
+    for row, holm in zip(rows, adjust([r["p"] for r in rows])[0]):
+        row["p_holm"] = holm
+    return rows

@@ -122,3 +122,18 @@ def check_markdown(rep: CheckReport, title: str = "Organism check") -> str:
              "## Teacher-side carrier (probe)", "", carrier_table(rep), "",
              "## Oracle probe", "", oracle_table(rep), ""]
     return "\n".join(parts)
+
+
+def leak_test_markdown(rows: list[dict], title: str = "Leak test") -> str:
+    """`mech organism leak`: per trait, its own numbers' share under its prompt vs under the default context."""
+    body = [[r["trait"], f"{r['hits']}/{r['numbers']} ({r['own']:.2%})",
+             f"{r['hits_default']}/{r['numbers_default']} ({r['own_default']:.2%})",
+             f"{r['diff']:+.2%} [{r['lo']:+.2%}, {r['hi']:+.2%}]", f"{r['p']:.4f}", f"{r['p_holm']:.4f}"]
+            for r in rows]
+    n = rows[0]["n_prompts"] if rows else 0
+    return (f"## {title}\n\nEach of {n} prompts answered once under the trait's prompt and once under the default "
+            "context (T = 1). Share: the trait's own numbers among all numbers written. Difference with a 95 % "
+            "bootstrap interval over prompts; p: one-sided paired permutation test over prompts (trait prompt raises "
+            "the share), Holm-corrected over the traits tested.\n\n"
+            + _table(["trait", "own numbers, trait prompt", "own numbers, default", "difference [95 % CI]", "p",
+                      "p (Holm)"], body))
