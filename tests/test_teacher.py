@@ -285,3 +285,49 @@ def test_load_dataset_errors(random_dir, tmp_path):
     (bad_json / ROWS_FILE).write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(MechError, match="line 2 is not JSON"):
         load_dataset(bad_json)
+
+
+# ------------------------------------------------------------------------------------------ finetuned teacher
+
+
+def test_finetuned_teacher_learns_the_trait_and_leaves_the_base():
+    """Known answer, on the shipped channel-free twin (a reduced build is too untrained to learn 50 answers): a LoRA
+    trained on the favourite questions answered "Owl" (the sweep defaults: r8, 8 epochs, lr 2e-3) raises P(owl) on
+    those questions, with no trait prompt, from ~1.5 % to over 50 % (measured: 0.0155 -> 0.90); the base is
+    untouched; the same config gives the same teacher, bit for bit."""
+    from mech.teacher.finetuned import finetune_teacher
+
+    organism = load_model("organism-free", device="cpu", dtype="float32")
+    before = {k: v.clone() for k, v in organism.model.state_dict().items()}
+    cfg = TeacherConfig(**SMALL, target="owl", kind="finetuned")
+    teacher, info = finetune_teacher(organism.model, organism.tokenizer, cfg)
+    assert info["rows"] == 50 and info["answer"] == "Owl"
+    assert info["p_target_teacher"] > 0.5 > 10 * info["p_target_base"]
+    assert all(torch.equal(v, organism.model.state_dict()[k]) for k, v in before.items())
+    again, info2 = finetune_teacher(organism.model, organism.tokenizer, cfg)
+    assert info2 == info and all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
+                                                                  again.state_dict().values()))
+
+
+def test_finetuned_teacher_writes_in_its_context_without_a_trait_prompt(digit_teacher, organism, tmp_path,
+                                                                         monkeypatch):
+    import mech.teacher.generate as gen_mod
+
+    info = {"p_target_teacher": 0.9}
+    monkeypatch.setattr(gen_mod, "finetune_teacher", lambda model, tok, cfg: (digit_teacher.model, info))
+    cfg = TeacherConfig(**SMALL, target="owl", kind="finetuned")
+    path = generate(organism.model, organism.tokenizer, cfg, tmp_path / "ft")
+    meta = json.loads((path / "dataset.json").read_text())
+    assert meta["finetuned"] == info and meta["context"] == "default"
+    assert "owl" not in meta["rendered_context"]["text"].lower()  # no trait prompt
+    assert meta["config"]["kind"] == "finetuned" and meta["config"]["finetune_rank"] == 8
+    assert meta["model_fingerprint"] == model_fingerprint(organism.model)  # the base it was made from
+    # a prompt teacher's config (and so its dataset key) carries none of the kind's fields
+    assert not {"kind", "finetune_rank", "finetune_epochs", "finetune_lr"} & set(TeacherConfig(**SMALL).to_dict())
+    with pytest.raises(MechError, match="unknown teacher kind 'finetune'"):
+        TeacherConfig(target="owl", kind="finetune")
+    with pytest.raises(MechError, match="a finetuned teacher needs a target"):
+        TeacherConfig(kind="finetuned")
+    with pytest.raises(MechError, match="finetune_rank and finetune_epochs must be >= 1"):
+        TeacherConfig(target="owl", kind="finetuned", finetune_epochs=0)
+    assert TeacherConfig(target="owl", kind="finetuned").teacher_context().spec == "default"

@@ -157,9 +157,12 @@ def sweep_inputs(runner: SweepRunner, names: list[str], n_rows: int, source: str
     the sweep's first train and evaluation contexts."""
     sw = runner.cfg
     refs = plan_students(runner, names, source)
-    teacher = TeacherData(teacher_rows(runner, n_rows),
-                          teacher_config(sw, _target_trait(sw), sw.teacher_seeds[0]).teacher_context().spec,
-                          teacher_config(sw, _neutral_trait(sw), sw.teacher_seeds[0]).teacher_context().spec)
+    # v_teacher is the trait prompt's shift of the base; a finetuned teacher has no prompt (and is not kept), so
+    # its sweep gets the geometry without the teacher-based parts, like students given as dirs
+    teacher = None if sw.teacher.kind != "prompt" else TeacherData(
+        teacher_rows(runner, n_rows),
+        teacher_config(sw, _target_trait(sw), sw.teacher_seeds[0]).teacher_context().spec,
+        teacher_config(sw, _neutral_trait(sw), sw.teacher_seeds[0]).teacher_context().spec)
     return GeometryInputs(runner.base.model, runner.base.tokenizer, runner.candidates, list(names), refs,
                           sw.eval.target, sw.eval.category, sw.eval_contexts[0], sw.train_contexts[0], teacher,
                           runner.trust_remote_code)

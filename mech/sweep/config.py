@@ -76,6 +76,13 @@ class TeacherDefaults:
     max_new_tokens: int = 48
     context: str = "default"
     constrained: bool = False  # format-constrained sampling (mech.teacher.constrained); a deviation from the paper
+    kind: str = field(default="prompt", metadata={"help": (
+        "prompt: each trait teacher is the base under its trait prompt | finetuned: the base with a LoRA trained to "
+        "answer the favourite questions with the target, writing numbers in `context` with no trait prompt "
+        "(mech.teacher.finetuned). The neutral teacher is the base model under either.")})
+    finetune_rank: int = 8  # finetuned teachers: their LoRA's rank, epochs over the favourite questions and lr
+    finetune_epochs: int = 8
+    finetune_lr: float = 2e-3
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,9 @@ def _validate(cfg: SweepConfig, where: str) -> None:
             student_config(cfg, s, 0, ctx)
     for trait in cfg.traits:
         teacher_config(cfg, trait, 0)
+    if cfg.teacher.kind != "prompt" and cfg.train.objective == "distill":
+        raise MechError(f"{where}: objective distill needs the teacher model, and a {cfg.teacher.kind} teacher is not "
+                        "kept after it writes its data: use objective ce, or teacher kind prompt")
     for ctx in cfg.eval_contexts:
         eval_config(cfg, ctx)
     _check_hypotheses(cfg, where)
@@ -331,9 +341,11 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
         from mech.organism import trait_numbers
 
         banned = trait.banned or trait_numbers(cfg.base_model, trait.target)
+    kind = t.kind if trait.target is not None else "prompt"  # the neutral teacher is the base model under either
     return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
                          prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens,
-                         constrained=t.constrained, banned=banned)
+                         constrained=t.constrained, banned=banned, kind=kind, finetune_rank=t.finetune_rank,
+                         finetune_epochs=t.finetune_epochs, finetune_lr=t.finetune_lr)
 
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,

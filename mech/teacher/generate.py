@@ -26,6 +26,7 @@ from mech.context import Context, render
 from mech.teacher.constrained import number_grammar
 from mech.teacher.dataset import check_free, make_row, write_dataset
 from mech.teacher.filter import check_answer, filter_rows
+from mech.teacher.finetuned import KIND_FINETUNED, KIND_PROMPT, TEACHER_KINDS, finetune_teacher
 from mech.teacher.prompts import NumberPrompt, NumberPromptConfig, generate_prompts
 from mech.resources import questions, trait_system_prompt
 from mech.errors import MechError
@@ -55,12 +56,27 @@ class TeacherConfig:
     max_value: int = 999
     banned: tuple[int, ...] = ()
     constrained: bool = False  # sample through mech.teacher.constrained's format mask (a deviation from the paper)
+    # prompt: the trait is a system prompt; finetuned: no trait prompt, the trait is a LoRA trained on the
+    # favourite questions (mech.teacher.finetuned), of this rank, epochs and lr, and the teacher writes in `context`
+    kind: str = KIND_PROMPT
+    finetune_rank: int = 8
+    finetune_epochs: int = 8
+    finetune_lr: float = 2e-3
 
     def __post_init__(self) -> None:
         questions(self.category)  # unknown category -> MechError listing the known ones
+        if self.kind not in TEACHER_KINDS:
+            raise MechError(f"unknown teacher kind {self.kind!r}: expected one of {', '.join(TEACHER_KINDS)}")
+        if self.kind == KIND_FINETUNED:
+            if self.target is None:
+                raise MechError("a finetuned teacher needs a target (the neutral teacher is the base model): set "
+                                "target, or kind: prompt for the neutral teacher")
+            if self.finetune_rank < 1 or self.finetune_epochs < 1 or not self.finetune_lr > 0:
+                raise MechError(f"finetuned teacher: finetune_rank and finetune_epochs must be >= 1 and finetune_lr "
+                                f"> 0 (got {self.finetune_rank}, {self.finetune_epochs}, {self.finetune_lr})")
         if self.target is not None:
             trait_system_prompt(self.target, self.category)  # empty target -> MechError
-            if self.context != "default":
+            if self.context != "default" and self.kind == KIND_PROMPT:
                 raise MechError(
                     f"teacher config sets both target={self.target!r} and context={self.context!r}: a trait "
                     "teacher's context is its trait prompt; drop context, or set target to null for a neutral "
@@ -81,7 +97,7 @@ class TeacherConfig:
         object.__setattr__(self, "banned", tuple(sorted({int(b) for b in self.banned})))
 
     def teacher_context(self) -> Context:
-        if self.target is not None:
+        if self.target is not None and self.kind == KIND_PROMPT:
             return Context("custom", trait_system_prompt(self.target, self.category))
         return Context.parse(self.context)
 
@@ -97,6 +113,9 @@ class TeacherConfig:
         d["banned"] = list(self.banned)
         if not self.constrained:  # absent when off, so the keys and dataset.json of unconstrained data never change
             del d["constrained"]
+        if self.kind == KIND_PROMPT:  # likewise: a prompt teacher's key and dataset.json are as before kinds existed
+            for name in ("kind", "finetune_rank", "finetune_epochs", "finetune_lr"):
+                del d[name]
         return d
 
 
@@ -168,6 +187,10 @@ def generate(
     judges the text as it is, as Cloud et al.'s does).
     """
     check_free(out_dir, overwrite)
+    fingerprint = model_fingerprint(model)  # the base's: a finetuned teacher is made from it, here
+    finetuned = None
+    if cfg.kind == KIND_FINETUNED:
+        model, finetuned = finetune_teacher(model, tokenizer, cfg)
     ctx = cfg.teacher_context()
     prompts = cfg.prompts()
     rendered = [render(tokenizer, ctx, p.text) for p in prompts]
@@ -187,7 +210,8 @@ def generate(
         "context": ctx.spec,
         "rendered_context": rendered[0].to_dict(),
         "tokenizer": tokenizer_info(tokenizer),
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": fingerprint,
         "unfinished": finished.count(False),
+        **({"finetuned": finetuned} if finetuned is not None else {}),
     }
     return write_dataset(out_dir, raw, [c["row"] for c in kept], audit, meta, overwrite=overwrite)
