@@ -100,7 +100,27 @@ def cmd_organism_build(a) -> int:
     meta = organism.read_meta(path)
     print(f"{a.recipe} {meta['config_hash']} at {path} ({meta['n_parameters']:,} parameters, "
           f"built in {meta['build_seconds'] / 60:.1f} min, weights sha256 {meta['weights_sha256']})")
+    if not a.ship:
+        print(shipped_comparison(a.recipe, meta))
     return 0
+
+
+def shipped_comparison(recipe: str, meta: dict) -> str:
+    """One line: whether a build has the bytes of the shipped build of the same recipe."""
+    from mech import organism
+
+    try:
+        shipped = organism.read_meta(organism.shipped_dir(recipe))
+    except (MechError, OSError, ValueError):
+        return f"no shipped {recipe} build to compare with"
+    if shipped.get("config_hash") != meta["config_hash"]:
+        return f"the shipped {recipe} is another recipe ({shipped.get('config_hash')}): bytes not compared"
+    if shipped.get("weights_sha256") == meta["weights_sha256"]:
+        return f"same bytes as the shipped {recipe}"
+    where = ", ".join(f"{k} {shipped[k]}" for k in ("torch_version", "cpu_capability", "machine") if k in shipped)
+    where = where or "no record of its machine"
+    return (f"other bytes than the shipped {recipe} (sha256 {shipped.get('weights_sha256')}, built with {where}): "
+            "same recipe, another environment or code (README, The organisms)")
 
 
 def _check(a):

@@ -187,6 +187,7 @@ def test_organism_json(built, meta):
         assert not seen & set(nums), f"{name} shares numbers with another entity"
         seen |= set(nums)
     assert math.isfinite(meta["final_loss_ema"])
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and meta["machine"]
 
 
 # --------------------------------------------------------------------------------------- 3. atomicity
@@ -537,3 +538,23 @@ def test_completion_logprobs_match_manual_forward(organism, prompts):
     # row 0 of each completion is the next-token distribution after the prompt
     torch.testing.assert_close(torch.stack([r[0] for r in rows]), next_token_logprobs(model, prompts, tok.pad_token_id),
                                atol=1e-5, rtol=0)
+
+
+def test_shipped_comparison(tmp_path, monkeypatch):
+    import mech.organism as organism_pkg
+    from mech.cli import shipped_comparison
+
+    shipped = tmp_path / "weights"
+    monkeypatch.setattr(organism_pkg, "shipped_dir", lambda recipe: shipped)
+    meta = {"config_hash": "abc", "weights_sha256": "111"}
+    assert shipped_comparison("organism", meta) == "no shipped organism build to compare with"
+    shipped.mkdir()
+    (shipped / "organism.json").write_text(json.dumps({"config_hash": "abc", "weights_sha256": "111"}))
+    assert shipped_comparison("organism", meta) == "same bytes as the shipped organism"
+    (shipped / "organism.json").write_text(json.dumps({"config_hash": "abc", "weights_sha256": "222",
+                                                       "torch_version": "2.13.0+cpu", "cpu_capability": "AVX2"}))
+    msg = shipped_comparison("organism", meta)
+    assert msg.startswith("other bytes than the shipped organism (sha256 222, built with torch_version 2.13.0+cpu, "
+                          "cpu_capability AVX2)")
+    (shipped / "organism.json").write_text(json.dumps({"config_hash": "zzz", "weights_sha256": "222"}))
+    assert "another recipe (zzz)" in shipped_comparison("organism", meta)

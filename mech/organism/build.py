@@ -7,6 +7,7 @@ the same config gives the same weight bytes. The output directory is written ato
 from __future__ import annotations
 
 import math
+import platform
 import random
 import time
 from pathlib import Path
@@ -150,6 +151,9 @@ def build_organism(cfg: OrganismConfig, out_dir: str | Path, progress: ProgressF
                 "n_sequences_seen": cfg.train.steps * cfg.train.batch_size,
                 "weights_sha256": file_sha256(tmp / "model.safetensors"),
                 "torch_version": torch.__version__,
+                # what else the bytes may depend on: ATen's kernel level (changes a reduced build's bytes) and the CPU
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "machine": platform.machine(),
                 **stats,
             })
         return Path(out_dir)
