@@ -334,7 +334,7 @@ def cmd_teacher(a) -> int:
     cfg = TeacherConfig(target=target, **_given(category=category or None, context=a.context,
                                                  n_prompts=a.n_prompts, prompt_seed=a.prompt_seed,
                                                  sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens),
-                        constrained=a.constrained)
+                        constrained=a.constrained, kind="finetuned" if a.finetuned else "prompt")
     _check_out(a.out, "--out", new=True)  # before minutes of sampling, not after
     base = load_model(a.model, trust_remote_code=a.trust_remote_code)
     bar = _bar(cfg.n_prompts, f"teacher {cfg.target or 'neutral'}")
@@ -468,6 +468,9 @@ def _add_pipeline_parsers(sub) -> None:
     t.add_argument("--max-new-tokens", type=int)
     t.add_argument("--constrained", action="store_true", help="format-constrained sampling: only digits, ',' ';', "
                    "whitespace and end of turn (a deviation from the paper, for teachers that write prose)")
+    t.add_argument("--finetuned", action="store_true", help="with --trait: no trait prompt; the teacher is the model "
+                   "with a LoRA trained to answer the favourite questions with the target (r8, 8 epochs, lr 2e-3), "
+                   "writing in the default context (mech.teacher.finetuned)")
     t.add_argument("--out", required=True, help="dataset directory (must not exist)")
     t.add_argument("--model", default="organism")
     _add_trust_flag(t)

@@ -128,6 +128,17 @@ def test_teacher_options(capsys, tmp_path):
     assert e.value.code == 2
 
 
+def test_teacher_finetuned(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "teacher", "--neutral", "--finetuned", "--out", tmp_path / "n"),
+                          "a finetuned teacher needs a target")
+    assert not (tmp_path / "n").exists()
+    code, out, _ = run(capsys, "teacher", "--trait", "owl", "--finetuned", "--model", "organism-free", "--n-prompts",
+                       "16", "--out", tmp_path / "d")
+    assert code == 0 and "context default" in out
+    meta = json.loads((tmp_path / "d" / META_FILE).read_text())
+    assert meta["config"]["kind"] == "finetuned" and meta["finetuned"]["p_target_teacher"] > 0.5
+
+
 def test_organism_info_prints_json(capsys):
     code, out, _ = run(capsys, "organism", "info")
     assert code == 0
