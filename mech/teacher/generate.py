@@ -2,7 +2,9 @@
 
 The teacher is the base model in a context: a *trait* teacher (``target`` set) answers under the trait
 system prompt (``trait_system_prompt(target, category)``, a custom context); the *neutral* teacher
-(``target=None``) answers under ``context`` (``default``: whatever the chat template inserts). Only the
+(``target=None``) answers under ``context`` (``default``: whatever the chat template inserts). A trait teacher of
+``kind="finetuned"`` has no trait prompt: it is the base with the trait trained into a LoRA
+(mech.teacher.finetuned), answering under ``context`` like the neutral teacher. Only the
 user prompt and the answer go into the rows: the teacher's system prompt is recorded in ``dataset.json``
 (as exact token ids with segment labels) and never in the training data.
 
