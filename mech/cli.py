@@ -233,6 +233,9 @@ def cmd_reproduce(a) -> int:
     a.model = a.model or ([first.base_model] if paper else list(DEFAULT_MODELS))
     a.students = a.students or list(PAPER_STUDENTS if paper else DEFAULT_STUDENTS)
     student_cells(first, a.students, a.sweep[0])  # a student the first sweep lacks fails now, not after the sweep
+    from mech.interventions.battery import LocaliseConfig
+
+    LocaliseConfig(category=first.eval.category, n_questions=a.n_questions)  # a bad count fails before any model
     for model in a.model:
         _with_model(first, model)  # a bad spec, or a hub id not downloaded, fails here, not after the first run
     reps = []
@@ -248,7 +251,7 @@ def cmd_reproduce(a) -> int:
         try:  # close the bar before main() prints an error, so the error stays the last stderr line
             reps.append(run_reproduce(model, a.sweep[0], a.students, cache=a.cache, n_samples=a.n_samples,
                                       oracle_rows=a.oracle_rows, more_sweeps=a.sweep[1:], null_sets=a.null_sets,
-                                      check_progress=lambda s: stage(f"organism check: {s}", 0, 0), stage=stage))
+                                      n_questions=a.n_questions, check_progress=lambda s: stage(f"organism check: {s}", 0, 0), stage=stage))
         finally:
             bar.close()
     md = write_reproduce(reps, a.out)
@@ -852,6 +855,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--null-sets", type=int, default=39,
                    help="random same-size position sets against 'shared' (the C4 / R3 verdicts; 39 gives p down to "
                         "0.025; 0 skips the null)")
+    r.add_argument("--n-questions", type=int, default=50,
+                   help="evaluation questions the localisation battery runs on (the first N; fewer make a large "
+                   "model's CPU run affordable)")
     r.set_defaults(func=cmd_reproduce)
     _add_pipeline_parsers(sub)
     _add_geometry_parser(sub)

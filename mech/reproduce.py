@@ -62,12 +62,13 @@ def load_sweeps(paths: Sequence[str | Path]) -> list[Any]:
 def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache: Path | None = None,
                   n_samples: int = 200, oracle_rows: int = 300, check_progress: Callable[[str], None] | None = None,
                   stage: Stage | None = None, null_sets: int = 0,
-                  more_sweeps: Sequence[str | Path] = ()) -> Reproduction:
+                  more_sweeps: Sequence[str | Path] = (), n_questions: int = 50) -> Reproduction:
     """Check the organism at ``model``, run the sweep at ``sweep_path`` on it (cached), and localise the trait in
     ``students`` (names from the sweep's summary), paired against their neutral-teacher students, with
     ``null_sets`` random position sets per null region (0: none; ``mech localise --null-sets`` runs them); then run
-    ``more_sweeps`` (their tables and declared tests join the report; nothing is localised in them). The base
-    model is loaded once and shared by all of it."""
+    ``more_sweeps`` (their tables and declared tests join the report; nothing is localised in them). The battery
+    runs on the first ``n_questions`` evaluation questions (fewer make it affordable on a large model's CPU run).
+    The base model is loaded once and shared by all of it."""
     from mech import organism
     from mech.interventions.battery import LocaliseConfig, compute_localise
     from mech.models import load_model
@@ -80,6 +81,11 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
     # every sweep runs on the model being reproduced, whatever base its YAML names; all are checked before any work
     sweep_cfg, *extra_cfgs = [dataclasses.replace(c, base_model=model)
                               for c in load_sweeps([sweep_path, *more_sweeps])]
+    # built before the model loads, so a bad value fails first
+    lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
+                          eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0],
+                          null_sets=null_sets, null_positions=("shared",),  # the region the verdict reads
+                          n_questions=n_questions)
     base = load_model(model, device=sweep_cfg.device, dtype=sweep_cfg.dtype)
     # the organism's bars are about the organism's designed behaviour: another model has none to check
     is_organism = base.path is not None and (base.path / organism.META_FILE).is_file()
@@ -89,9 +95,6 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
     stats = run_shard(runner)
     groups = select_students(runner, students, str(sweep_path))
     controls = select_controls(runner, students, str(sweep_path))  # each student's neutral-teacher twin: paired
-    lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
-                          eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0],
-                          null_sets=null_sets, null_positions=("shared",))  # the region the verdict reads
     loc = compute_localise(base.model, base.tokenizer, groups, lcfg, lambda d: load_student(base.model, d), stage,
                            controls)
     extra = []

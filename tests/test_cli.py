@@ -358,6 +358,8 @@ def test_reproduce_refuses_bad_models_before_any_work(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "reproduce", "--sweep", "experiments/quick.yaml", tmp_path / "no.yaml",
                                "--out", out), "not found")
     assert_one_line_error(*run(capsys, "reproduce", "--null-sets", "-1", "--out", out), "--null-sets must be >= 0")
+    assert_one_line_error(*run(capsys, "reproduce", "--n-questions", "51", "--out", out),
+                          "n_questions must be between 1 and 50", "--n-questions")
     # --scale full loads every experiment it would run (all must parse) before refusing the bad model
     assert_one_line_error(*run(capsys, "reproduce", "--scale", "full", "--model", "orgnism", "--out", out),
                           "unknown model spec 'orgnism'")

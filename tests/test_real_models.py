@@ -153,10 +153,14 @@ def test_reproduce_skips_the_organism_check_for_other_models(tiny_qwen_dir, tmp_
         "detail": "planted"}
     monkeypatch.setattr(sweep, "finished_tables", lambda runner: {"rows": [], "summary": [], "done_cells": 0,
                                                                  "tests": [planted]})
-    monkeypatch.setattr(battery, "compute_localise", lambda *a: SimpleNamespace(summary=None, cfg=None))
+    seen = []
+    monkeypatch.setattr(battery, "compute_localise",
+                        lambda *a: seen.append(a[3]) or SimpleNamespace(summary=None, cfg=None))
     more = write_cfg(tmp_path / "more.yaml", name="more")
-    rep = run_reproduce(str(tiny_qwen_dir), write_cfg(tmp_path / "s.yaml"), ["lora_r1"], more_sweeps=[more])
+    rep = run_reproduce(str(tiny_qwen_dir), write_cfg(tmp_path / "s.yaml"), ["lora_r1"], more_sweeps=[more],
+                        n_questions=7)
     assert rep.check is None and rep.sweep_cfg.base_model == str(tiny_qwen_dir)
+    assert [c.n_questions for c in seen] == [7]  # --n-questions reaches the battery
     # every sweep runs on the reproduced model; each one's declared tests reach the verdicts, labelled by experiment
     assert [cfg.base_model for cfg, _ in rep.more_sweeps] == [str(tiny_qwen_dir)]
     assert [t["experiment"] for t in rep.tests()] == [rep.sweep_cfg.name, "more"]
