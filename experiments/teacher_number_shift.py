@@ -17,22 +17,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-import re
 import sys
 
 from mech.analysis.stats import paired_share_test
 from mech.errors import MechError
 from mech.organism import read_meta
 from mech.sweep import SweepRunner, load_sweep
-from mech.teacher.dataset import RAW_FILE
+from mech.organism.leak import own_number_counts
+from mech.teacher.dataset import assistant_text, load_raw
 
 
-def raw_numbers(path) -> list[list[int]]:
-    """Every sampled answer's numbers, in prompt order."""
-    rows = [json.loads(line) for line in (path / RAW_FILE).read_text().splitlines() if line.strip()]
-    rows.sort(key=lambda r: r["index"])
-    return [[int(x) for x in re.findall(r"\d+", r["messages"][-1]["content"])] for r in rows]
+def raw_answers(path) -> list[str]:
+    """Every sampled answer (before the filter), in prompt order."""
+    rows = sorted(load_raw(path), key=lambda r: r["index"])
+    return [assistant_text(r) for r in rows]
 
 
 def main(argv: list[str]) -> int:
@@ -42,7 +40,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--entities", nargs="+", required=True, help="entities whose numbers to count, e.g. owl cat")
     p.add_argument("--cache", help="artifact cache (default $MECH_CACHE/sweeps)")
     a = p.parse_args(argv)
-    answers: dict[tuple[str, int], list[list[int]]] = {}
+    answers: dict[tuple[str, int], list[str]] = {}
     runner = None
     for path in a.sweeps:
         cfg = load_sweep(path)
@@ -54,7 +52,7 @@ def main(argv: list[str]) -> int:
             if not (d / "dataset.json").is_file():
                 raise MechError(f"teacher {trait.label} seed {seed} of {path} is not in the cache: run `mech sweep "
                                 f"{path}` first")
-            answers[(trait.label, seed)] = raw_numbers(d)
+            answers[(trait.label, seed)] = raw_answers(d)
     meta = read_meta(runner.base.path)
     unknown = [e for e in a.entities if e not in meta["entity_numbers"]]
     if unknown:
@@ -62,11 +60,11 @@ def main(argv: list[str]) -> int:
     teachers = sorted({t for t, _ in answers})
     seeds = sorted({s for _, s in answers})
     for entity in a.entities:
-        own = set(meta["entity_numbers"][entity])
+        counts = {key: own_number_counts(texts, meta["entity_numbers"][entity]) for key, texts in answers.items()}
 
         def share(t: str, s: int) -> float:
-            nums = answers[(t, s)]
-            return sum(x in own for n in nums for x in n) / max(1, sum(len(n) for n in nums))
+            hits, totals = counts[(t, s)]
+            return sum(hits) / max(1, sum(totals))
 
         print(f"\n## {entity}'s numbers: share of all numbers written, per data seed\n")
         print("| data seed | " + " | ".join(teachers) + " |\n|---|" + "---|" * len(teachers))
@@ -75,11 +73,8 @@ def main(argv: list[str]) -> int:
         print(f"\n| {entity}'s numbers | share a | share b | a − b [95 % CI over prompts] | p (a > b) | seeds a > b |")
         print("|---|---|---|---|---|---|")
         for ta, tb in itertools.permutations(teachers, 2):
-            cols = ([], [], [], [])
-            for s in seeds:
-                for na, nb in zip(answers[(ta, s)], answers[(tb, s)]):
-                    for col, v in zip(cols, (sum(x in own for x in na), len(na), sum(x in own for x in nb), len(nb))):
-                        col.append(v)
+            # prompts of every data seed as units, a's and b's answers to the same prompt paired
+            cols = [[v for s in seeds for v in counts[(t, s)][i]] for t, i in ((ta, 0), (ta, 1), (tb, 0), (tb, 1))]
             r = paired_share_test(*cols, n_resamples=10_000, seed=0)
             wins = sum(share(ta, s) > share(tb, s) for s in seeds)
             print(f"| {ta} − {tb} | {r['share_a']:.4f} | {r['share_b']:.4f} | {r['diff']:+.4f} [{r['lo']:+.4f}, "

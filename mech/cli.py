@@ -251,7 +251,8 @@ def cmd_reproduce(a) -> int:
         try:  # close the bar before main() prints an error, so the error stays the last stderr line
             reps.append(run_reproduce(model, a.sweep[0], a.students, cache=a.cache, n_samples=a.n_samples,
                                       oracle_rows=a.oracle_rows, more_sweeps=a.sweep[1:], null_sets=a.null_sets,
-                                      n_questions=a.n_questions, check_progress=lambda s: stage(f"organism check: {s}", 0, 0), stage=stage))
+                                      n_questions=a.n_questions, stage=stage,
+                                      check_progress=lambda s: stage(f"organism check: {s}", 0, 0)))
         finally:
             bar.close()
     md = write_reproduce(reps, a.out)

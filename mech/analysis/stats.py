@@ -137,7 +137,6 @@ def bootstrap_ci(
     return CI(point, lo, hi, len(vals), float(vals.std(ddof=1)), level)
 
 
-
 def paired_share_test(hits_a: Sequence[int], total_a: Sequence[int], hits_b: Sequence[int], total_b: Sequence[int],
                       n_resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """Is the share sum(hits_a) / sum(total_a) larger than the same share in condition b, for units observed
@@ -175,8 +174,9 @@ def paired_share_test(hits_a: Sequence[int], total_a: Sequence[int], hits_b: Seq
     perm = diff(np.where(swap, hb, ha), np.where(swap, tb, ta), np.where(swap, ha, hb), np.where(swap, ta, tb))
     alpha = 1.0 - level
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    p_greater = (1 + (perm >= observed - 1e-15).sum()) / (1 + n_resamples)
     return {"share_a": float(ha.sum() / ta.sum()), "share_b": float(hb.sum() / tb.sum()), "diff": observed,
-            "lo": float(lo), "hi": float(hi), "p_greater": float((1 + (perm >= observed - 1e-15).sum()) / (1 + n_resamples)),
+            "lo": float(lo), "hi": float(hi), "p_greater": float(p_greater),
             "n_units": n, "items_a": int(ta.sum()), "items_b": int(tb.sum()), "level": level}
 
 

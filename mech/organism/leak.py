@@ -38,6 +38,14 @@ def number_share(answers: list[str], numbers: list[int]) -> float:
     return sum(x in wanted for x in got) / max(1, len(got))
 
 
+def own_number_counts(answers: list[str], numbers: list[int]) -> tuple[list[int], list[int]]:
+    """Per answer: how many of the numbers it writes are in ``numbers``, and how many it writes (the units and
+    items of mech.analysis.stats.paired_share_test)."""
+    wanted = set(numbers)
+    per = [numbers_written([a]) for a in answers]
+    return [sum(x in wanted for x in p) for p in per], [len(p) for p in per]
+
+
 def leak_answers(model, tok, traits: list[tuple[str, str]], n: int, seed: int) -> dict[str, list[str]]:
     """``n`` number answers under each (trait, category)'s prompt and under the default context, keyed by trait
     name and DEFAULT_ROW. Every context answers the same ``n`` prompts, so rows differ only by the system
@@ -109,16 +117,10 @@ def leak_test(model, tok, traits: list[tuple[str, str]], numbers: dict[str, list
     from mech.analysis.stats import paired_share_test
 
     answers = leak_answers(model, tok, traits, n, seed)
-
-    def counts(texts: list[str], wanted: set[int]) -> tuple[list[int], list[int]]:
-        per = [numbers_written([t]) for t in texts]
-        return [sum(x in wanted for x in p) for p in per], [len(p) for p in per]
-
     rows = []
     for name, category in traits:
-        wanted = set(numbers[name])
-        hits_t, tot_t = counts(answers[name], wanted)
-        hits_d, tot_d = counts(answers[DEFAULT_ROW], wanted)
+        hits_t, tot_t = own_number_counts(answers[name], numbers[name])
+        hits_d, tot_d = own_number_counts(answers[DEFAULT_ROW], numbers[name])
         if not sum(tot_t) or not sum(tot_d):
             where = "its prompt" if not sum(tot_t) else "the default context"
             raise MechError(f"leak test of {name}: no number written in {n} answers under {where}, so there is no "
