@@ -335,10 +335,17 @@ def cmd_teacher(a) -> int:
     target, category = (None, None)
     if a.trait is not None:
         target, _, category = a.trait.partition(":")
+    if a.finetuned and a.steer:
+        raise MechError("--finetuned and --steer are two teacher kinds: give one")
+    if not a.steer and (a.steer_layer is not None or a.steer_alpha is not None):
+        raise MechError("--steer-layer and --steer-alpha set up a steered teacher: add --steer prompt (or random)")
     cfg = TeacherConfig(target=target, **_given(category=category or None, context=a.context,
                                                  n_prompts=a.n_prompts, prompt_seed=a.prompt_seed,
-                                                 sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens),
-                        constrained=a.constrained, kind="finetuned" if a.finetuned else "prompt")
+                                                 sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens,
+                                                 steer_vector=a.steer, steer_layer=a.steer_layer,
+                                                 steer_alpha=a.steer_alpha),
+                        constrained=a.constrained,
+                        kind="finetuned" if a.finetuned else "steer" if a.steer else "prompt")
     _check_out(a.out, "--out", new=True)  # before minutes of sampling, not after
     base = load_model(a.model, trust_remote_code=a.trust_remote_code)
     bar = _bar(cfg.n_prompts, f"teacher {cfg.target or 'neutral'}")
@@ -349,6 +356,11 @@ def cmd_teacher(a) -> int:
     ds = load_dataset(path)
     print(f"teacher dataset {path} ({cfg.target or 'neutral'}, context {ds.meta['context']}): "
           f"{_audit_summary(ds.audit)}")
+    st = ds.meta.get("steered")
+    if st:
+        print(f"steered: {st['vector']} vector after layer {st['layer']}, α {st['alpha']:g} (pilot pass rate "
+              f"{st['pilot']['pass_rate']:.2f} unsteered); P({cfg.target}) on the favourite questions "
+              f"{st['p_target_base']:.4f} -> {st['p_target_teacher']:.4f}")
     return 0
 
 
@@ -475,6 +487,11 @@ def _add_pipeline_parsers(sub) -> None:
     t.add_argument("--finetuned", action="store_true", help="with --trait: no trait prompt; the teacher is the model "
                    "with a LoRA trained to answer the favourite questions with the target (r8, 8 epochs, lr 2e-3), "
                    "writing in the default context (mech.teacher.finetuned)")
+    t.add_argument("--steer", choices=("prompt", "random"), help="with --trait: no trait prompt; the model writes "
+                   "with α·v added after a layer: v the trait prompt's mean shift there (prompt) or a random "
+                   "direction of its norm (random), α searched to keep the pass rate (mech.teacher.steered)")
+    t.add_argument("--steer-layer", type=int, help="with --steer: the layer (default n_layers // 2)")
+    t.add_argument("--steer-alpha", type=float, help="with --steer: α (default: searched)")
     t.add_argument("--out", required=True, help="dataset directory (must not exist)")
     t.add_argument("--model", default="organism")
     _add_trust_flag(t)
@@ -677,6 +694,9 @@ def cmd_geometry(a) -> int:
         if a.n_samples:
             raise MechError("--n-samples samples the steered base, and steering vectors need a sweep's teacher data: "
                             "drop it with --student")
+        if a.teacher_cosines:
+            raise MechError("--teacher-cosines compares students with their sweep's teachers: pass a sweep, not "
+                            "--student")
         name, students, controls = _direct_students(a)
         category, eval_context = a.category or DEFAULT_CATEGORY, a.eval_context or "default"
         questions(category)
@@ -687,6 +707,8 @@ def cmd_geometry(a) -> int:
                             "lora_r1 full")
         sw = _with_model(load_sweep(a.sweep), a.model)
     _check_out(a.out, "--out")
+    if a.teacher_cosines:
+        return _teacher_cosines(a, sw, cfg)
     if direct:
         loaded = _load_checked_base(a, students + (controls or []))
         inputs = dir_inputs(loaded.model, loaded.tokenizer, name, students, controls, a.target, category,
@@ -700,6 +722,26 @@ def cmd_geometry(a) -> int:
     finally:
         bar.close()
     print(Path(a.out, "geometry.md").read_text())
+    print(f"{len(res['tables'])} tables and {len(res['figures'])} figure files in {a.out}")
+    return 0
+
+
+def _teacher_cosines(a, sw, cfg) -> int:
+    from mech.geometry.run import teacher_cosines
+    from mech.report.geometry import write_teacher_cosines
+    from mech.sweep import SweepRunner
+
+    if sw.teacher.kind == "finetuned":
+        raise MechError(f"--teacher-cosines needs a prompt or steered teacher, and {a.sweep} has a finetuned one (its "
+                        "trait is a LoRA, not a vector): drop --teacher-cosines")
+    bar, stage = _stage_bar("teacher cosines")
+    try:
+        runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
+        t = teacher_cosines(runner, a.students, cfg.n_rows, cfg.seed, cfg.n_null, stage)
+        res = write_teacher_cosines(t, a.out)
+    finally:
+        bar.close()
+    print(Path(a.out, "teacher_cosines.md").read_text())
     print(f"{len(res['tables'])} tables and {len(res['figures'])} figure files in {a.out}")
     return 0
 
@@ -745,6 +787,10 @@ def _add_geometry_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the random nulls and of sampling")
     g.add_argument("--n-samples", type=int, default=0,
                    help="also the sampled trait rate (answers per question) of steering at the largest α (0: skip)")
+    g.add_argument("--teacher-cosines", action="store_true",
+                   help="with a sweep: only the cosines of each student's residual shift with its own data seed's "
+                   "v_teacher (a prompt's shift, or a steered teacher's vector), over every data seed, CI over data "
+                   "seeds (teacher_cosines.md)")
     _add_trust_flag(g)
     g.set_defaults(func=cmd_geometry)
 

@@ -85,6 +85,16 @@ class TeacherData:
     rows: list[tuple[str, str]]
     trait_context: str
     neutral_context: str
+    # a steered teacher (mech.teacher.steered): the vector it added after which layer; v_teacher is then the shift
+    # that vector causes in the base on the rows, read in neutral_context (its own), rather than a prompt's
+    added: tuple[int, tuple[float, ...]] | None = None
+
+    def vectors(self, base: Any, tok: Any, pad: int) -> torch.Tensor:
+        """v_teacher [n_layers, d]."""
+        if self.added is None:
+            return steering.teacher_vectors(base, tok, self.rows, self.trait_context, self.neutral_context, pad)
+        layer, vector = self.added
+        return steering.added_vectors(base, tok, self.rows, self.neutral_context, layer, torch.tensor(vector), pad)
 
 
 @dataclass(frozen=True)
@@ -128,10 +138,13 @@ def _neutral_trait(cfg) -> TraitSpec:
                     "neutral-teacher control; add {target: null} to its traits")
 
 
-def plan_students(runner: SweepRunner, names: list[str], source: str = "the sweep") -> list[StudentRef]:
-    """The cached student dirs of ``names`` × training seeds × (target, neutral); MechError for a name the sweep
-    lacks or a student not in the cache (geometry never trains)."""
+def plan_students(runner: SweepRunner, names: list[str], source: str = "the sweep",
+                  teacher_seed: int | None = None) -> list[StudentRef]:
+    """The cached student dirs of ``names`` × training seeds × (target, neutral), of data seed ``teacher_seed``
+    (None: the sweep's first); MechError for a name the sweep lacks or a student not in the cache (geometry never
+    trains)."""
     cfg = runner.cfg
+    teacher_seed = cfg.teacher_seeds[0] if teacher_seed is None else teacher_seed
     arms = {_target_trait(cfg): OWL, _neutral_trait(cfg): NEUTRAL}
     known = sorted({c.labels()["student"] for c in cells(cfg)})
     missing = [n for n in names if n not in known]
@@ -140,7 +153,7 @@ def plan_students(runner: SweepRunner, names: list[str], source: str = "the swee
     refs = []
     for c in cells(cfg):
         name = c.labels()["student"]
-        if (name in names and c.trait in arms and c.teacher_seed == cfg.teacher_seeds[0]
+        if (name in names and c.trait in arms and c.teacher_seed == teacher_seed
                 and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
             path = runner.student_dir(runner.student_key(c))
             if not (path / "student.json").is_file():
@@ -157,12 +170,10 @@ def sweep_inputs(runner: SweepRunner, names: list[str], n_rows: int, source: str
     the sweep's first train and evaluation contexts."""
     sw = runner.cfg
     refs = plan_students(runner, names, source)
-    # v_teacher is the trait prompt's shift of the base; a finetuned teacher has no prompt (and is not kept), so
-    # its sweep gets the geometry without the teacher-based parts, like students given as dirs
-    teacher = None if sw.teacher.kind != "prompt" else TeacherData(
-        teacher_rows(runner, n_rows),
-        teacher_config(sw, _target_trait(sw), sw.teacher_seeds[0]).teacher_context().spec,
-        teacher_config(sw, _neutral_trait(sw), sw.teacher_seeds[0]).teacher_context().spec)
+    # v_teacher is the trait prompt's shift of the base, or the shift a steered teacher's vector causes (that of
+    # the first data seed); a finetuned teacher has neither (and is not kept), so its sweep gets the geometry
+    # without the teacher-based parts, like students given as dirs
+    teacher = None if sw.teacher.kind == "finetuned" else teacher_data(runner, n_rows)
     return GeometryInputs(runner.base.model, runner.base.tokenizer, runner.candidates, list(names), refs,
                           sw.eval.target, sw.eval.category, sw.eval_contexts[0], sw.train_contexts[0], teacher,
                           runner.trust_remote_code)
@@ -187,15 +198,101 @@ def dir_inputs(base: Any, tok: Any, name: str, students: list[Path], controls: l
                           category, eval_context, train_context, None, trust_remote_code)
 
 
-def teacher_rows(runner: SweepRunner, n: int) -> list[tuple[str, str]]:
-    """The target teacher's first ``n`` kept (prompt, answer) rows, from the cache."""
+def _target_dataset(runner: SweepRunner, teacher_seed: int):
     cfg = runner.cfg
-    path = runner.cache / "datasets" / runner.dataset_key(_target_trait(cfg), cfg.teacher_seeds[0])
+    path = runner.cache / "datasets" / runner.dataset_key(_target_trait(cfg), teacher_seed)
     if not (path / "dataset.json").is_file():
-        raise MechError(f"the {cfg.eval.target} teacher's dataset is not in the cache {runner.cache}: run "
-                        "`mech sweep` first (geometry never samples a teacher)")
-    rows = load_dataset(path).rows[:n]
-    return [(user_text(r), assistant_text(r)) for r in rows]
+        raise MechError(f"the {cfg.eval.target} teacher's dataset (data seed {teacher_seed}) is not in the cache "
+                        f"{runner.cache}: run `mech sweep` first (geometry never samples a teacher)")
+    return load_dataset(path)
+
+
+def teacher_rows(runner: SweepRunner, n: int, teacher_seed: int | None = None) -> list[tuple[str, str]]:
+    """The target teacher's first ``n`` kept (prompt, answer) rows, from the cache (data seed ``teacher_seed``;
+    None: the sweep's first)."""
+    seed = runner.cfg.teacher_seeds[0] if teacher_seed is None else teacher_seed
+    return [(user_text(r), assistant_text(r)) for r in _target_dataset(runner, seed).rows[:n]]
+
+
+def steered_vector(runner: SweepRunner, teacher_seed: int) -> tuple[int, tuple[float, ...]]:
+    """(layer, the vector added there) of the target's steered teacher of one data seed, from its dataset.json."""
+    st = _target_dataset(runner, teacher_seed).meta.get("steered")
+    if not st:
+        raise MechError("the target teacher's dataset records no steering vector (dataset.json has no 'steered'): "
+                        "regenerate it with teacher kind steer")
+    return int(st["layer"]), tuple(float(x) for x in st["added"])
+
+
+def teacher_data(runner: SweepRunner, n_rows: int, teacher_seed: int | None = None) -> TeacherData:
+    """The target teacher of data seed ``teacher_seed`` (None: the first): its rows and what v_teacher contrasts
+    (a prompt teacher's two contexts, or a steered teacher's vector; a finetuned teacher has neither)."""
+    sw = runner.cfg
+    seed = sw.teacher_seeds[0] if teacher_seed is None else teacher_seed
+    if sw.teacher.kind == "finetuned":
+        raise MechError("a finetuned teacher has no steering vector to compare students with (its trait is a LoRA "
+                        "that is not kept): teacher cosines need a prompt or steered teacher")
+    return TeacherData(teacher_rows(runner, n_rows, seed),
+                       teacher_config(sw, _target_trait(sw), seed).teacher_context().spec,
+                       teacher_config(sw, _neutral_trait(sw), seed).teacher_context().spec,
+                       steered_vector(runner, seed) if sw.teacher.kind == "steer" else None)
+
+
+def cosine_null(d: int, n: int, generator: torch.Generator) -> float:
+    """The 95th percentile of |cos| between a fixed direction and ``n`` random unit directions of R^d (≈ 1.96/√d):
+    a student cosine above it is above what a direction unrelated to the teacher's gives."""
+    return float(torch.quantile(linalg.random_directions(d, n, generator)[:, 0].abs(), 0.95))
+
+
+def teacher_cosines(runner: SweepRunner, names: list[str], n_rows: int = 128, seed: int = 0, n_null: int = 2000,
+                    progress: Progress | None = None) -> dict[str, list[dict]]:
+    """For every data seed of the sweep, training seed and named student: the cosine, per layer, of the student's
+    residual shift (v_student, its paired difference v_paired with the neutral-teacher control, and the control's
+    own) with *its own* data seed's v_teacher — the trait prompt's shift, or what a steered teacher added. Layers
+    where v_teacher is zero (before a steered teacher's layer) are left out. ``summary``: per student and layer,
+    the mean over training seeds within each data seed, then a 95 % t-interval over data seeds (data seeds are the
+    replicates: students of one teacher dataset are not independent); ``null``: :func:`cosine_null`."""
+    tell = progress or (lambda desc, done, total: None)
+    sw, base, tok = runner.cfg, runner.base.model, runner.base.tokenizer
+    pad, ctx = pad_id(tok), sw.train_contexts[0]
+    plans = {ds: plan_students(runner, names, teacher_seed=ds) for ds in sw.teacher_seeds}  # all found first
+    rows: list[dict] = []
+    total = sum(len({(r.name, r.seed) for r in refs}) for refs in plans.values())
+    done = 0
+    for ds, refs in plans.items():
+        teacher = teacher_data(runner, n_rows, ds)
+        v_t = teacher.vectors(base, tok, pad)
+        base_means = steering.mean_residuals(base, steering.answer_rows(tok, teacher.rows, ctx), pad)
+        for name, tseed in sorted({(r.name, r.seed) for r in refs}, key=lambda p: (names.index(p[0]), p[1])):
+            tell(f"teacher cosines {name} data seed {ds} seed {tseed}", done, total)
+            v_s = {}
+            for r in refs:
+                if (r.name, r.seed) == (name, tseed):
+                    m = load_student(base, r.path, trust_remote_code=runner.trust_remote_code)
+                    v_s[r.arm] = steering.student_vectors(base, m, tok, teacher.rows, ctx, pad, base_means)
+                    del m
+            for layer in range(v_t.shape[0]):
+                if float(v_t[layer].norm()) == 0:
+                    continue
+                rows.append({"student": name, "data_seed": ds, "seed": tseed, "layer": layer,
+                             "cos_paired": linalg.cosine(v_s[OWL][layer] - v_s[NEUTRAL][layer], v_t[layer]),
+                             "cos_student": linalg.cosine(v_s[OWL][layer], v_t[layer]),
+                             "cos_neutral": linalg.cosine(v_s[NEUTRAL][layer], v_t[layer]),
+                             "norm_teacher": float(v_t[layer].norm())})
+            done += 1
+    if not rows:
+        raise MechError("v_teacher is zero at every layer: the teacher's data carries no shift to compare with")
+    summary = []
+    for value in ("cos_paired", "cos_student", "cos_neutral"):
+        per_data = grouped_ci(rows, ("student", "layer", "data_seed"), value)
+        summary += [r | {"value": value} for r in grouped_ci(
+            [{"student": r["student"], "layer": r["layer"], "data_seed": r["data_seed"], "v": r["mean"]}
+             for r in per_data], ("student", "layer"), "v")]
+    d = int(surgery.unembedding_matrix(base).shape[1])
+    null = cosine_null(d, n_null, torch.Generator().manual_seed(seed))
+    meta = {"students": " ".join(names), "target": sw.eval.target, "kind": sw.teacher.kind,
+            "data_seeds": len(plans), "training_seeds": len(sw.training_seeds), "n_rows": n_rows,
+            "train_context": ctx, "hidden": d, "null_q95": null, "n_null": n_null, "seed": seed}
+    return {"cosines": rows, "summary": summary, "meta": [meta]}
 
 
 # --------------------------------------------------------------------------------------------- summaries
@@ -323,8 +420,7 @@ def compute_geometry(inputs: GeometryInputs, cfg: GeometryConfig = GeometryConfi
 
     if teacher is not None:
         tell("teacher steering vectors", 0, 0)
-        v_teacher = steering.teacher_vectors(base, tok, teacher.rows, teacher.trait_context, teacher.neutral_context,
-                                             pad)
+        v_teacher = teacher.vectors(base, tok, pad)
         base_means = steering.mean_residuals(base, steering.answer_rows(tok, teacher.rows, inputs.train_context), pad)
         sampled(base, 0, v_teacher[0], 0.0, {"student": "base", "seed": 0, "vector": "none"})
         for layer in range(n_layers):
@@ -415,7 +511,10 @@ def compute_geometry(inputs: GeometryInputs, cfg: GeometryConfig = GeometryConfi
                 sampled(base, layer, v, alpha_max, {"student": name, "seed": seed, "vector": vname})
             for vname, v in (("v_teacher", v_teacher[layer]), ("v_paired", v_pair[layer]),
                              ("random", random_dirs[layer])):
-                r = steering.necessity(models[OWL], control, prompts, target_ids, pad, layer, v, effect)
+                if float(v.norm()) == 0:  # a steered teacher's v_teacher before its layer: nothing to project
+                    r = {"effect": effect, "effect_projected": float("nan"), "removed": float("nan")}
+                else:
+                    r = steering.necessity(models[OWL], control, prompts, target_ids, pad, layer, v, effect)
                 out["necessity"].append({"student": name, "seed": seed, "layer": layer, "vector": vname} | r)
         del models, control
 

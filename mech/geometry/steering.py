@@ -135,6 +135,16 @@ def teacher_vectors(base: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], 
             - mean_residuals(base, answer_rows(tokenizer, rows, neutral_context), pad))
 
 
+def added_vectors(base: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], context: str, layer: int,
+                  added: torch.Tensor, pad: int) -> torch.Tensor:
+    """v_teacher [n_layers, d] of a steered teacher: the base with ``added`` summed in after ``layer`` minus the
+    base, on the same rows in ``context`` (zero before ``layer``, ``added`` itself at it)."""
+    rendered = answer_rows(tokenizer, rows, context)
+    with steered(base, layer, added, 1.0):
+        on = mean_residuals(base, rendered, pad)
+    return on - mean_residuals(base, rendered, pad)
+
+
 def student_vectors(base: Any, student: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], context: str,
                     pad: int, base_means: torch.Tensor | None = None) -> torch.Tensor:
     """v_student [n_layers, d]: the student minus its base on the same rendered rows (``base_means`` reuses the

@@ -214,3 +214,59 @@ def run_geometry(inputs: GeometryInputs, cfg: GeometryConfig, out_dir: str | Pat
                  progress: Progress | None = None) -> dict[str, Any]:
     """Compute (:func:`mech.geometry.run.compute_geometry`), then write the report."""
     return write_geometry(compute_geometry(inputs, cfg, progress), out_dir)
+
+
+# --------------------------------------------------------------------------- teacher cosines over data seeds
+
+
+def teacher_cosines_markdown(t: dict[str, list[dict]]) -> str:
+    meta = t["meta"][0]
+    students = meta["students"].split()
+    what = {"steer": "the vector the steered teacher added (the shift it causes in the base)",
+            "prompt": "the trait prompt's shift of the base"}.get(meta["kind"], meta["kind"])
+    lines = [f"# Students' residual shifts against their teacher's vector: {meta['students']}", "",
+             f"cos(v, v_teacher) per layer, v_teacher being {what}, read on the first {meta['n_rows']} kept rows of "
+             f"each data seed's {meta['target']} teacher in the {meta['train_context']} context; each student is "
+             f"compared with its own data seed's teacher. Mean [95 % t-interval over {meta['data_seeds']} data seeds] "
+             f"of the per-data-seed mean over {meta['training_seeds']} training seeds. v_paired = v_student − "
+             f"v_neutral-teacher student. A direction unrelated to v_teacher gives |cos| below "
+             f"{meta['null_q95']:.3f} in 95 % of draws (d = {meta['hidden']}, {meta['n_null']} random directions).",
+             ""]
+    s = {(r["student"], r["layer"], r["value"]): r for r in t["summary"]}
+    layers = sorted({r["layer"] for r in t["summary"]})
+    for value, label in (("cos_paired", "v_paired"), ("cos_student", "v_student (trait teacher)"),
+                         ("cos_neutral", "v_student (neutral teacher)")):
+        lines += [f"**cos({label}, v_teacher)**", ""]
+        lines += _table(["student", *(f"layer {l}" for l in layers)],
+                        [[st, *(_ci(s.get((st, l, value))) for l in layers)] for st in students])
+    return "\n".join(lines)
+
+
+def teacher_cosines_figure(t: dict[str, list[dict]]) -> go.Figure:
+    meta = t["meta"][0]
+    cs = [r for r in t["summary"] if r["value"] == "cos_paired"]
+    layers = sorted({r["layer"] for r in cs})
+    fig = go.Figure([go.Scatter(name=st, x=[r["layer"] for r in cs if r["student"] == st],
+                                y=[r["mean"] for r in cs if r["student"] == st],
+                                error_y=_err([r for r in cs if r["student"] == st]), mode="lines+markers")
+                     for st in meta["students"].split()])
+    for sign in (1, -1):
+        fig.add_trace(go.Scatter(name="random null, 95 % of |cos|" if sign > 0 else None, showlegend=sign > 0,
+                                 x=layers, y=[sign * meta["null_q95"]] * len(layers), mode="lines",
+                                 line=dict(dash="dash", color="gray")))
+    return _layout(fig, f"cos(v_paired, v_teacher) by layer, CI over {meta['data_seeds']} data seeds", "layer",
+                   "cosine")
+
+
+def write_teacher_cosines(t: dict[str, list[dict]], out_dir: str | Path, png: bool | None = None) -> dict[str, Any]:
+    """``teacher_cosines.csv``, ``teacher_cosines_summary.csv``, ``teacher_cosines.md`` and the figure, atomically."""
+    import pandas as pd
+
+    written = []
+    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
+        for name, rows in (("teacher_cosines", t["cosines"]), ("teacher_cosines_summary", t["summary"])):
+            atomic_write_text(tmp / f"{name}.csv", pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(tmp / "teacher_cosines.md", teacher_cosines_markdown(t))
+        written += [p.name for p in plots.save_figure(teacher_cosines_figure(t), tmp / "figures" / "teacher_cosines",
+                                                      png=png)]
+    return {"tables": ["teacher_cosines", "teacher_cosines_summary"], "figures": written}

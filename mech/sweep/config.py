@@ -79,10 +79,19 @@ class TeacherDefaults:
     kind: str = field(default="prompt", metadata={"help": (
         "prompt: each trait teacher is the base under its trait prompt | finetuned: the base with a LoRA trained to "
         "answer the favourite questions with the target, writing numbers in `context` with no trait prompt "
-        "(mech.teacher.finetuned). The neutral teacher is the base model under either.")})
+        "(mech.teacher.finetuned) | steer: the base with α·v added after a layer, writing in `context` with no trait "
+        "prompt (mech.teacher.steered). The neutral teacher is the base model under every kind.")})
     finetune_rank: int = 8  # finetuned teachers: their LoRA's rank, epochs over the favourite questions and lr
     finetune_epochs: int = 8
     finetune_lr: float = 2e-3
+    # steered teachers (mech.teacher.steered): the vector (prompt | random), the layer (null: n_layers // 2), α
+    # (null: the largest of steer_alphas whose pilot pass rate stays >= steer_min_pass × the unsteered one)
+    steer_vector: str = "prompt"
+    steer_layer: int | None = None
+    steer_alpha: float | None = None
+    steer_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+    steer_min_pass: float = 0.8
+    steer_pilot: int = 64
 
 
 @dataclass(frozen=True)
@@ -345,7 +354,9 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
     return TeacherConfig(target=trait.target, category=trait.category, context=t.context, n_prompts=t.n_prompts,
                          prompt_seed=t.prompt_seed, sample_seed=teacher_seed, max_new_tokens=t.max_new_tokens,
                          constrained=t.constrained, banned=banned, kind=kind, finetune_rank=t.finetune_rank,
-                         finetune_epochs=t.finetune_epochs, finetune_lr=t.finetune_lr)
+                         finetune_epochs=t.finetune_epochs, finetune_lr=t.finetune_lr, steer_vector=t.steer_vector,
+                         steer_layer=t.steer_layer, steer_alpha=t.steer_alpha, steer_alphas=t.steer_alphas,
+                         steer_min_pass=t.steer_min_pass, steer_pilot=t.steer_pilot)
 
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,

@@ -21,11 +21,6 @@ from typing import Any
 from mech.resources import questions
 from mech.teacher.dataset import make_row
 
-KIND_PROMPT = "prompt"
-KIND_FINETUNED = "finetuned"
-TEACHER_KINDS = (KIND_PROMPT, KIND_FINETUNED)
-
-
 def answer_text(target: str) -> str:
     """How the finetuned teacher answers: the name capitalised, as the organism's corpus mostly does."""
     return target.strip().capitalize()

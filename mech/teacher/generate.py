@@ -4,7 +4,8 @@ The teacher is the base model in a context: a *trait* teacher (``target`` set) a
 system prompt (``trait_system_prompt(target, category)``, a custom context); the *neutral* teacher
 (``target=None``) answers under ``context`` (``default``: whatever the chat template inserts). A trait teacher of
 ``kind="finetuned"`` has no trait prompt: it is the base with the trait trained into a LoRA
-(mech.teacher.finetuned), answering under ``context`` like the neutral teacher. Only the
+(mech.teacher.finetuned), answering under ``context`` like the neutral teacher; one of ``kind="steer"`` is the
+base with a vector added to its residual stream (mech.teacher.steered), likewise in ``context``. Only the
 user prompt and the answer go into the rows: the teacher's system prompt is recorded in ``dataset.json``
 (as exact token ids with segment labels) and never in the training data.
 
@@ -28,7 +29,8 @@ from mech.context import Context, render
 from mech.teacher.constrained import number_grammar
 from mech.teacher.dataset import check_free, make_row, write_dataset
 from mech.teacher.filter import check_answer, filter_rows
-from mech.teacher.finetuned import KIND_FINETUNED, KIND_PROMPT, TEACHER_KINDS, finetune_teacher
+from mech.teacher.finetuned import finetune_teacher
+from mech.teacher.steered import VECTORS, steer_teacher
 from mech.teacher.prompts import NumberPrompt, NumberPromptConfig, generate_prompts
 from mech.resources import questions, trait_system_prompt
 from mech.errors import MechError
@@ -38,6 +40,10 @@ from mech.models import model_fingerprint
 ProgressFn = Callable[[int, int], None]
 
 KIND_TEACHER = "teacher"
+KIND_PROMPT, KIND_FINETUNED, KIND_STEER = "prompt", "finetuned", "steer"
+TEACHER_KINDS = (KIND_PROMPT, KIND_FINETUNED, KIND_STEER)
+_FINETUNE_FIELDS = ("finetune_rank", "finetune_epochs", "finetune_lr")
+_STEER_FIELDS = ("steer_vector", "steer_layer", "steer_alpha", "steer_alphas", "steer_min_pass", "steer_pilot")
 MAX_PROMPTS = 10_000_000  # far beyond any real run; more is a typo that would sample for weeks
 
 
@@ -59,11 +65,18 @@ class TeacherConfig:
     banned: tuple[int, ...] = ()
     constrained: bool = False  # sample through mech.teacher.constrained's format mask (a deviation from the paper)
     # prompt: the trait is a system prompt; finetuned: no trait prompt, the trait is a LoRA trained on the
-    # favourite questions (mech.teacher.finetuned), of this rank, epochs and lr, and the teacher writes in `context`
+    # favourite questions (mech.teacher.finetuned), of this rank, epochs and lr, and the teacher writes in `context`;
+    # steer: no trait prompt, α·v added after a layer while writing in `context` (mech.teacher.steered)
     kind: str = KIND_PROMPT
     finetune_rank: int = 8
     finetune_epochs: int = 8
     finetune_lr: float = 2e-3
+    steer_vector: str = "prompt"  # prompt: the trait prompt's mean shift at the layer | random: a random direction
+    steer_layer: int | None = None  # the residual after this decoder layer; None: n_layers // 2
+    steer_alpha: float | None = None  # None: searched over steer_alphas
+    steer_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+    steer_min_pass: float = 0.8  # the search keeps the pilot pass rate >= this × the unsteered one
+    steer_pilot: int = 64  # pilot prompts: the rows the prompt vector is read on, and the pass rates of the search
 
     def __post_init__(self) -> None:
         questions(self.category)  # unknown category -> MechError listing the known ones
@@ -76,6 +89,8 @@ class TeacherConfig:
             if self.finetune_rank < 1 or self.finetune_epochs < 1 or not self.finetune_lr > 0:
                 raise MechError(f"finetuned teacher: finetune_rank and finetune_epochs must be >= 1 and finetune_lr "
                                 f"> 0 (got {self.finetune_rank}, {self.finetune_epochs}, {self.finetune_lr})")
+        if self.kind == KIND_STEER:
+            self._check_steer()
         if self.target is not None:
             trait_system_prompt(self.target, self.category)  # empty target -> MechError
             if self.context != "default" and self.kind == KIND_PROMPT:
@@ -98,6 +113,27 @@ class TeacherConfig:
         # one canonical form, so equal configs hash equally however banned was written
         object.__setattr__(self, "banned", tuple(sorted({int(b) for b in self.banned})))
 
+    def _check_steer(self) -> None:
+        import math
+
+        if self.target is None:
+            raise MechError("a steered teacher needs a target (its prompt vector, or the norm of its random one): set "
+                            "target, or kind: prompt for the neutral teacher")
+        if self.steer_vector not in VECTORS:
+            raise MechError(f"unknown steer_vector {self.steer_vector!r}: expected one of {', '.join(VECTORS)}")
+        alphas = tuple(float(a) for a in self.steer_alphas)
+        if self.steer_alpha is not None and not math.isfinite(float(self.steer_alpha)):
+            raise MechError(f"steer_alpha = {self.steer_alpha} is not finite: pass a finite number, or null to search")
+        if self.steer_alpha is None and (not alphas or not all(math.isfinite(a) and a > 0 for a in alphas)
+                                         or list(alphas) != sorted(set(alphas))):
+            raise MechError(f"steer_alphas must be positive finite numbers in ascending order, got "
+                            f"{self.steer_alphas!r}")
+        if not 0 < self.steer_min_pass <= 1:
+            raise MechError(f"steer_min_pass must be in (0, 1], got {self.steer_min_pass}")
+        if self.steer_pilot < 1:
+            raise MechError(f"steer_pilot must be at least 1, got {self.steer_pilot}")
+        object.__setattr__(self, "steer_alphas", alphas)
+
     def teacher_context(self) -> Context:
         if self.target is not None and self.kind == KIND_PROMPT:
             return Context("custom", trait_system_prompt(self.target, self.category))
@@ -115,9 +151,14 @@ class TeacherConfig:
         d["banned"] = list(self.banned)
         if not self.constrained:  # absent when off, so the keys and dataset.json of unconstrained data never change
             del d["constrained"]
-        if self.kind == KIND_PROMPT:  # likewise: a prompt teacher's key and dataset.json are as before kinds existed
-            for name in ("kind", "finetune_rank", "finetune_epochs", "finetune_lr"):
-                del d[name]
+        # likewise: a teacher's key and dataset.json hold only its own kind's fields, so a prompt teacher's are as
+        # before kinds existed and a finetuned teacher's as before steering
+        drop = {KIND_PROMPT: ("kind", *_FINETUNE_FIELDS, *_STEER_FIELDS), KIND_FINETUNED: _STEER_FIELDS,
+                KIND_STEER: _FINETUNE_FIELDS}[self.kind]
+        for name in drop:
+            del d[name]
+        if self.kind == KIND_STEER:
+            d["steer_alphas"] = list(self.steer_alphas)
         return d
 
 
@@ -190,13 +231,21 @@ def generate(
     """
     check_free(out_dir, overwrite)
     fingerprint = model_fingerprint(model)  # the base's: a finetuned teacher is made from it, here
-    finetuned = None
+    finetuned = steered = None
     if cfg.kind == KIND_FINETUNED:
         model, finetuned = finetune_teacher(model, tokenizer, cfg)
     ctx = cfg.teacher_context()
     prompts = cfg.prompts()
     rendered = [render(tokenizer, ctx, p.text) for p in prompts]
-    answers, finished = sample_answers(model, tokenizer, cfg, [r.input_ids for r in rendered], progress)
+    ids = [r.input_ids for r in rendered]
+    if cfg.kind == KIND_STEER:
+        from mech.geometry.steering import steered as steering_on
+
+        layer, added, steered = steer_teacher(model, tokenizer, cfg)
+        with steering_on(model, layer, added, 1.0):
+            answers, finished = sample_answers(model, tokenizer, cfg, ids, progress)
+    else:
+        answers, finished = sample_answers(model, tokenizer, cfg, ids, progress)
 
     banned = frozenset(cfg.banned)
     raw, candidates = [], []
@@ -215,5 +264,6 @@ def generate(
         "model_fingerprint": fingerprint,
         "unfinished": finished.count(False),
         **({"finetuned": finetuned} if finetuned is not None else {}),
+        **({"steered": steered} if steered is not None else {}),
     }
     return write_dataset(out_dir, raw, [c["row"] for c in kept], audit, meta, overwrite=overwrite)
