@@ -151,6 +151,13 @@ def next_token_logprobs(model: Any, prompts: Sequence[Ids], pad: int = 0, batch_
     return torch.cat(out)
 
 
+def per_token_kl(lp_p: Sequence[torch.Tensor], lp_q: Sequence[torch.Tensor]) -> float:
+    """Mean over completion tokens of KL(P || Q) in nats, from log-distributions [tokens, vocab] per completion."""
+    # 0·log(0/q) = 0: where P has no mass the term vanishes (avoids 0 × -inf = NaN)
+    num = sum(float(torch.where(p.isneginf(), 0.0, p.exp() * (p - q)).sum()) for p, q in zip(lp_p, lp_q))
+    return num / max(1, sum(p.shape[0] for p in lp_p))
+
+
 @torch.no_grad()
 def completion_logprobs(model: Any, prompts: Sequence[Ids], completions: Sequence[Ids], pad: int = 0,
                         batch_size: int = 32) -> list[torch.Tensor]:

@@ -25,7 +25,8 @@ import torch
 from mech.context import Context, render
 from mech.context.labels import ASSISTANT
 from mech.errors import MechError
-from mech.evaluation.inference import eval_mode, left_pad, next_token_logprobs, target_logp
+from mech.evaluation.inference import (eval_mode, left_pad, log_probs, next_token_logprobs, per_token_kl,
+                                      target_logp)
 from mech.evaluation.scoring import first_token_ids
 from mech.evaluation.trait import TraitEvalConfig, TraitResult, evaluate_trait
 from mech.geometry import linalg
@@ -168,6 +169,45 @@ def readout_direction(model: Any, tokenizer: Any, target: str, candidates: Seque
             continue
     rel = W[tgt].mean(0) - (W[sorted(set(others))].mean(0) if others else 0.0)
     return surgery.final_norm_gain(model).cpu() * rel
+
+
+# --------------------------------------------------------------------------------------------- prompt vs vector
+
+
+@torch.no_grad()
+def answer_logprobs(model: Any, rendered: Sequence[tuple[list[int], list[int]]], pad: int,
+                    batch_size: int = 32) -> list[torch.Tensor]:
+    """Teacher-forced log-distributions [answer tokens, vocab] from which each row's answer tokens are read (the
+    logits one position before each answer position)."""
+    out = []
+    with eval_mode(model):
+        for s in range(0, len(rendered), batch_size):
+            chunk = rendered[s:s + batch_size]
+            ids, attn, pos = left_pad([c[0] for c in chunk], pad, next(model.parameters()).device)
+            lp = log_probs(model(input_ids=ids, attention_mask=attn, position_ids=pos).logits).cpu()
+            width = ids.shape[1]
+            out += [lp[r, [width - len(c[0]) + p - 1 for p in c[1]]] for r, c in enumerate(chunk)]
+    return out
+
+
+def prompt_approximation(base: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], trait_context: str,
+                         neutral_context: str, layer: int, vector: torch.Tensor, alphas: Sequence[float],
+                         pad: int) -> list[dict[str, float]]:
+    """How well steering stands in for the trait prompt (Blank et al.): per α, the mean per-token KL(P_prompt ‖
+    P_steered) over the answer tokens of ``rows``, P_prompt the base under ``trait_context`` and P_steered the base in
+    ``neutral_context`` with α·v added after ``layer`` (α = 0: the neutral context unsteered, the divergence a
+    vector has to remove)."""
+    for a in alphas:
+        if not math.isfinite(a):
+            raise MechError(f"steering coefficient α = {a} is not finite: pass finite alphas")
+    _check_vector(base, vector)
+    reference = answer_logprobs(base, answer_rows(tokenizer, rows, trait_context), pad)
+    neutral = answer_rows(tokenizer, rows, neutral_context)
+    out = []
+    for a in alphas:
+        with steered(base, layer, vector, a) if a != 0 else contextlib.nullcontext():
+            out.append({"alpha": float(a), "kl": per_token_kl(reference, answer_logprobs(base, neutral, pad))})
+    return out
 
 
 # --------------------------------------------------------------------------------------------- alignment

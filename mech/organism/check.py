@@ -24,7 +24,7 @@ from mech.teacher.prompts import generate_prompts
 from mech.resources import questions
 from mech.evaluation.scoring import first_token_ids
 from mech.evaluation.inference import (completion_logprobs, decode_answer, eos_id, mass, next_token_logprobs, pad_id,
-                                      sample)
+                                      per_token_kl, sample)
 from mech.organism.config import CorpusConfig, channel_on, recorded_corpus
 from mech.organism.leak import leak_specific, measure_leak, number_share, trait_context
 from mech.organism.template import IM_END
@@ -57,13 +57,6 @@ def sample_numbers(model, tok, ctx: Context, n: int, seed: int, max_new_tokens: 
     p_ids = _prompt_ids(tok, ctx, [p.text for p in prompts])
     outs = sample(model, p_ids, seed=seed, max_new_tokens=max_new_tokens, eos_id=eos_id(tok), pad_id=pad_id(tok))
     return prompts, p_ids, [decode_answer(tok, o) for o in outs]
-
-
-def per_token_kl(lp_p: list[torch.Tensor], lp_q: list[torch.Tensor]) -> float:
-    """Mean over completion tokens of KL(P || Q) in nats."""
-    # 0·log(0/q) = 0: where P has no mass the term vanishes (avoids 0 × -inf = NaN)
-    num = sum(float(torch.where(p.isneginf(), 0.0, p.exp() * (p - q)).sum()) for p, q in zip(lp_p, lp_q))
-    return num / max(1, sum(p.shape[0] for p in lp_p))
 
 
 @dataclass
