@@ -746,6 +746,46 @@ def _teacher_cosines(a, sw, cfg) -> int:
     return 0
 
 
+def cmd_entangle(a) -> int:
+    from scipy.stats import spearmanr
+
+    from mech.evaluation.trait import TraitEvalConfig, evaluate_trait
+    from mech.geometry.entanglement import entanglement, reverse_test
+    from mech.models import load_model
+    from mech.report.entanglement import write_entanglement
+    from mech.resources import questions
+
+    target, _, category = a.trait.partition(":")
+    category = category or DEFAULT_CATEGORY
+    questions(category)
+    if a.n_prompts < 2 or a.max_value < 1 or a.reverse_k < 0:
+        raise MechError(f"--n-prompts must be >= 2, --max-value >= 1 and --reverse-k >= 0 (got {a.n_prompts}, "
+                        f"{a.max_value}, {a.reverse_k})")
+    if a.reverse_k > (a.max_value + 1) // 2:
+        raise MechError(f"--reverse-k {a.reverse_k} needs {2 * a.reverse_k} numbers and there are {a.max_value + 1}: "
+                        "lower it")
+    _check_out(a.out, "--out")
+    loaded = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    own = None
+    if loaded.path is not None and (Path(loaded.path) / "organism.json").is_file():
+        from mech.organism import read_meta
+
+        own = read_meta(loaded.path).get("entity_numbers", {}).get(target)
+    print(f"entanglement: {target} on {a.model}, {a.n_prompts} prompts, numbers 0-{a.max_value}", file=sys.stderr)
+    rows = entanglement(model, tok, target, category, a.n_prompts, a.seed, a.max_value, a.context)
+    reverse = reverse_test(model, tok, rows, target, category, a.reverse_k, a.seed) if a.reverse_k else None
+    base = evaluate_trait(model, tok, TraitEvalConfig(target=target, category=category, first_token_only=True))
+    meta = {"model": a.model, "target": target, "category": category, "n_prompts": a.n_prompts, "seed": a.seed,
+            "max_value": a.max_value, "neutral_context": a.context, "own_numbers": own,
+            "logp_default": base.logp_first,
+            "spearman_shift_cos": float(spearmanr([r["shift"] for r in rows], [r["cos_unembed"] for r in rows])[0])}
+    res = write_entanglement(rows, reverse, meta, a.out)
+    print(Path(a.out, "entanglement.md").read_text())
+    print(f"entanglement.csv, entanglement.json and {len(res['figures'])} figure files in {a.out}")
+    return 0
+
+
 def _add_direct_args(p: argparse.ArgumentParser, what: str) -> None:
     """--student and what goes with it: students finetuned anywhere, given as directories with their base."""
     p.add_argument("--student", nargs="+", metavar="DIR",
@@ -793,6 +833,21 @@ def _add_geometry_parser(sub) -> None:
                    "seeds (teacher_cosines.md)")
     _add_trust_flag(g)
     g.set_defaults(func=cmd_geometry)
+
+
+def _add_entangle_parser(sub) -> None:
+    e = sub.add_parser("entangle", help="token entanglement: which numbers a trait prompt raises, their unembedding "
+                       "similarity with the trait, and whether the top numbers in a system prompt raise the trait")
+    e.add_argument("--trait", required=True, help="target[:category], e.g. owl or oak:tree")
+    e.add_argument("--model", default="organism", help=MODEL_HELP)
+    e.add_argument("--n-prompts", type=int, default=64, help="number prompts each context answers")
+    e.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the control numbers")
+    e.add_argument("--max-value", type=int, default=999, help="numbers 0..max-value are ranked")
+    e.add_argument("--context", default="default", help="the neutral context the trait prompt is compared with")
+    e.add_argument("--reverse-k", type=int, default=8, help="top-k numbers vs k controls in the reverse test (0: skip)")
+    e.add_argument("--out", default="runs/entangle")
+    _add_trust_flag(e)
+    e.set_defaults(func=cmd_entangle)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -908,6 +963,7 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reproduce)
     _add_pipeline_parsers(sub)
     _add_geometry_parser(sub)
+    _add_entangle_parser(sub)
     return p
 
 

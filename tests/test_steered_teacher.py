@@ -169,3 +169,40 @@ def test_students_of_a_planted_random_vector_learn_a_shift_along_it(tmp_path, ca
     assert float(rows[2]["cos_paired"]) > 3 / math.sqrt(128)
     assert abs(float(rows[2]["cos_neutral"])) < 1.96 / math.sqrt(128)
     assert (tmp_path / "o" / "figures" / "teacher_cosines.html").is_file()
+
+
+def test_prompt_approximation_known_answers(make_tiny_lm, organism_tokenizer):
+    """With the 'trait' context equal to the neutral one there is nothing to approximate: KL(α = 0) is exactly 0
+    and any steering only adds divergence, more with larger α; the answer distributions are completion_logprobs'."""
+    from mech.evaluation.inference import completion_logprobs
+
+    base = make_tiny_lm("qwen2")
+    tok, pad = organism_tokenizer, organism_tokenizer.pad_token_id
+    rows = [("Continue: 3, 4, 5.", "6, 7, 8"), ("Name three numbers.", "9, 10, 11")]
+    v = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    curve = steering.prompt_approximation(base, tok, rows, "default", "default", 0, v, [0.0, 0.5, 2.0], pad)
+    assert [r["alpha"] for r in curve] == [0.0, 0.5, 2.0]
+    assert curve[0]["kl"] == 0.0 and 0 < curve[1]["kl"] < curve[2]["kl"]
+    rendered = steering.answer_rows(tok, rows, "default")
+    got = steering.answer_logprobs(base, rendered, pad)
+    ids, pos = rendered[0]
+    want = completion_logprobs(base, [ids[:pos[0]]], [ids[pos[0]:]], pad=pad)[0]
+    assert got[0].shape[0] == len(pos) and torch.equal(got[0], want[:len(pos)])
+    with pytest.raises(MechError, match="not finite"):
+        steering.prompt_approximation(base, tok, rows, "default", "default", 0, v, [math.inf], pad)
+
+
+def test_a_prompt_vector_removes_part_of_the_positive_controls_prompt_divergence():
+    """Measured, not planted: on the positive control, owl's prompt shift at some layer, added at α = 1, brings
+    the default context's number-answer distribution closer to the owl prompt's (trial: KL 0.60 -> 0.33 at best)."""
+    organism = load_model("organism", device="cpu", dtype="float32")
+    tok, pad = organism.tokenizer, organism.tokenizer.pad_token_id
+    from mech.organism.leak import trait_context
+
+    rows = [("Continue: 143, 251, 908.", "412, 77, 390"), ("List 5 numbers after 12, 40.", "41, 97, 120, 55, 63")]
+    ctx = trait_context("owl").spec
+    v = steering.teacher_vectors(organism.model, tok, rows, ctx, "default", pad)
+    kls = [steering.prompt_approximation(organism.model, tok, rows, ctx, "default", layer, v[layer], [0.0, 1.0], pad)
+           for layer in range(v.shape[0])]
+    assert kls[0][0]["kl"] > 0.05  # the prompt changes the number answers' distribution
+    assert min(k[1]["kl"] for k in kls) < kls[0][0]["kl"]

@@ -137,6 +137,26 @@ def bootstrap_ci(
     return CI(point, lo, hi, len(vals), float(vals.std(ddof=1)), level)
 
 
+def two_sample_test(a: Sequence[float], b: Sequence[float], level: float = 0.95, seed: int = 0,
+                    n_resamples: int = 10_000) -> dict[str, float]:
+    """Independent samples (units that are not paired): the difference of means a − b with a Welch interval at
+    ``level``, and a one-sided (a > b) permutation p over the pooled units (scipy.stats.permutation_test, seeded)."""
+    import numpy as np
+    from scipy import stats
+
+    _check_level(level)
+    x, y = (np.asarray(_finite_values(v, what), dtype=np.float64) for v, what in ((a, "a"), (b, "b")))
+    if len(x) < 2 or len(y) < 2:
+        raise MechError(f"a two-sample test needs at least 2 values per sample (got {len(x)} and {len(y)})")
+    welch = stats.ttest_ind(x, y, equal_var=False)
+    ci = welch.confidence_interval(confidence_level=level)
+    perm = stats.permutation_test((x, y), lambda u, v, axis=-1: np.mean(u, axis=axis) - np.mean(v, axis=axis),
+                                  permutation_type="independent", alternative="greater", vectorized=True,
+                                  n_resamples=n_resamples, rng=np.random.default_rng(seed))
+    return {"diff": float(x.mean() - y.mean()), "lo": float(ci.low), "hi": float(ci.high),
+            "p_one_sided": float(perm.pvalue), "n_a": len(x), "n_b": len(y)}
+
+
 def paired_share_test(hits_a: Sequence[int], total_a: Sequence[int], hits_b: Sequence[int], total_b: Sequence[int],
                       n_resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """Is the share sum(hits_a) / sum(total_a) larger than the same share in condition b, for units observed

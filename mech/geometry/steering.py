@@ -25,7 +25,7 @@ import torch
 from mech.context import Context, render
 from mech.context.labels import ASSISTANT
 from mech.errors import MechError
-from mech.evaluation.inference import (eval_mode, left_pad, log_probs, next_token_logprobs, per_token_kl,
+from mech.evaluation.inference import (completion_logprobs, eval_mode, left_pad, next_token_logprobs, per_token_kl,
                                       target_logp)
 from mech.evaluation.scoring import first_token_ids
 from mech.evaluation.trait import TraitEvalConfig, TraitResult, evaluate_trait
@@ -174,20 +174,16 @@ def readout_direction(model: Any, tokenizer: Any, target: str, candidates: Seque
 # --------------------------------------------------------------------------------------------- prompt vs vector
 
 
-@torch.no_grad()
-def answer_logprobs(model: Any, rendered: Sequence[tuple[list[int], list[int]]], pad: int,
-                    batch_size: int = 32) -> list[torch.Tensor]:
-    """Teacher-forced log-distributions [answer tokens, vocab] from which each row's answer tokens are read (the
-    logits one position before each answer position)."""
-    out = []
+def answer_logprobs(model: Any, rendered: Sequence[tuple[list[int], list[int]]], pad: int) -> list[torch.Tensor]:
+    """Teacher-forced log-distributions [answer tokens, vocab] from which each row's answer tokens are read."""
+    prompts, answers = [], []
+    for ids, pos in rendered:
+        if pos != list(range(pos[0], pos[-1] + 1)):
+            raise MechError("the answer's tokens are not one contiguous span: render single-turn rows")
+        prompts.append(ids[:pos[0]])
+        answers.append(ids[pos[0]:pos[-1] + 1])
     with eval_mode(model):
-        for s in range(0, len(rendered), batch_size):
-            chunk = rendered[s:s + batch_size]
-            ids, attn, pos = left_pad([c[0] for c in chunk], pad, next(model.parameters()).device)
-            lp = log_probs(model(input_ids=ids, attention_mask=attn, position_ids=pos).logits).cpu()
-            width = ids.shape[1]
-            out += [lp[r, [width - len(c[0]) + p - 1 for p in c[1]]] for r, c in enumerate(chunk)]
-    return out
+        return completion_logprobs(model, prompts, answers, pad=pad)
 
 
 def prompt_approximation(base: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], trait_context: str,

@@ -3,7 +3,8 @@
 A training row is ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}], ...}`` with no system
 message: the system turn comes from the training *context* (rendered by :func:`mech.context.render` through the
 model's own chat template), never from the row. The loss covers the assistant content and the end-of-turn token
-that follows it, nothing else (:func:`encode_row`).
+that follows it, nothing else (:func:`encode_row`); a row may narrow that with ``loss_mask`` (one bool per labelled
+token), as the divergence controls do.
 """
 
 from __future__ import annotations
@@ -75,7 +76,16 @@ def encode_row(tokenizer: Any, row: dict, context: str | Context, index: int = 0
         raise MechError(f"row {index}: the chat template writes no token after the assistant content, so there is "
                         "no end-of-turn token to learn; use a template that closes the assistant turn")
     ids = tuple(r.input_ids)
-    labels = tuple(t if pos[0] <= i <= end else IGNORE_INDEX for i, t in enumerate(ids))
+    keep = set(range(pos[0], end + 1))
+    mask = row.get("loss_mask")
+    if mask is not None:  # a divergence control (mech.teacher.divergence): loss on some labelled tokens only
+        if len(mask) != len(keep):
+            raise MechError(f"row {index}: loss_mask has {len(mask)} entries for {len(keep)} labelled tokens (the "
+                            "assistant content and its end token): recompute it with this tokenizer and template")
+        keep = {i for i, m in zip(range(pos[0], end + 1), mask) if m}
+        if not keep:
+            raise MechError(f"row {index}: loss_mask leaves no token with loss: drop the row")
+    labels = tuple(t if i in keep else IGNORE_INDEX for i, t in enumerate(ids))
     return Example(ids, labels)
 
 

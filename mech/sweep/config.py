@@ -19,7 +19,7 @@ from mech.errors import MechError
 from mech.store import content_hash
 
 
-CONTROLS = ("random", "shuffled_within", "shuffled_across", "banned")
+CONTROLS = ("random", "shuffled_within", "shuffled_across", "banned", "divergence_only", "divergence_off")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class TraitSpec:
     control of that teacher (mech.teacher.controls), paired like any arm against the neutral teacher:
     ``random`` (its prompts answered with uniform random numbers), ``shuffled_within`` / ``shuffled_across`` (its
     numbers permuted within / across answers), ``banned`` (its filter drops every answer containing one of
-    ``banned``: by default the numbers the organism ties to ``target``)."""
+    ``banned``: by default the numbers the organism ties to ``target``), ``divergence_only`` / ``divergence_off``
+    (its rows with the loss on / off the tokens where its greedy token differs from the neutral teacher's:
+    mech.teacher.divergence)."""
 
     target: str | None = "owl"
     category: str = "animal"
@@ -47,6 +49,8 @@ class TraitSpec:
             raise MechError(f"teacher {self.label}: banned numbers need control: banned")
         if self.control == "banned" and self.target is None and not self.banned:
             raise MechError("a banned-number control of the neutral teacher needs its numbers: list them in banned")
+        if self.control in ("divergence_only", "divergence_off") and self.target is None:
+            raise MechError(f"a {self.control} control compares a trait teacher with the neutral one: give it a target")
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,10 @@ def _validate(cfg: SweepConfig, where: str) -> None:
             student_config(cfg, s, 0, ctx)
     for trait in cfg.traits:
         teacher_config(cfg, trait, 0)
+    if cfg.teacher.kind != "prompt" and any(str(t.control).startswith("divergence") for t in cfg.traits):
+        raise MechError(f"{where}: the divergence controls compare the base under the trait prompt with the base in "
+                        f"the neutral context, and this sweep's teachers are {cfg.teacher.kind}: use teacher kind "
+                        "prompt, or drop them")
     if cfg.teacher.kind != "prompt" and cfg.train.objective == "distill":
         raise MechError(f"{where}: objective distill needs the teacher model, and a {cfg.teacher.kind} teacher is not "
                         "kept after it writes its data: use objective ce, or teacher kind prompt")

@@ -87,6 +87,9 @@ class SweepRunner:
         if trait.control in ("shuffled_within", "shuffled_across"):
             source = self.dataset_key(dataclasses.replace(trait, control=None), teacher_seed)
             return stage_key("dataset", trait.control, source, teacher_seed)
+        if trait.control in ("divergence_only", "divergence_off"):  # the base reads the source rows in two contexts
+            source = self.dataset_key(dataclasses.replace(trait, control=None), teacher_seed)
+            return stage_key("dataset", trait.control, source, self.fingerprint, self.cfg.teacher.context)
         return stage_key("dataset", self.fingerprint, tc)
 
     def dataset(self, trait: TraitSpec, teacher_seed: int) -> Path:
@@ -103,6 +106,13 @@ class SweepRunner:
             compute = lambda: controls.shuffled(  # noqa: E731
                 self.dataset(dataclasses.replace(trait, control=None), teacher_seed), path,
                 trait.control.removeprefix("shuffled_"), seed=teacher_seed)
+        elif trait.control in ("divergence_only", "divergence_off"):
+            from mech.teacher.divergence import divergence_control
+
+            compute = lambda: divergence_control(  # noqa: E731
+                self.base.model, self.base.tokenizer, self.dataset(dataclasses.replace(trait, control=None),
+                                                                   teacher_seed),
+                path, trait.control.removeprefix("divergence_"), tc.teacher_context(), self.cfg.teacher.context)
         else:
             compute = lambda: generate(self.base.model, self.base.tokenizer, tc, path,  # noqa: E731
                                        progress=lambda done, total: self.progress(desc, done, total))

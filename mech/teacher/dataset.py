@@ -38,6 +38,7 @@ META_FILE = "dataset.json"
 REQUIRED_FILES = (ROWS_FILE, RAW_FILE, AUDIT_FILE, META_FILE)
 
 ROW_FIELDS = ("messages", "prompt_seed", "index")
+OPTIONAL_ROW_FIELDS = ("loss_mask",)  # the divergence controls' per-token loss (mech.students.encoding.encode_row)
 _ROW_HELP = (
     'expected {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}], '
     '"prompt_seed": int, "index": int} with no system message'
@@ -205,7 +206,7 @@ def write_dataset(
     require_rows(kept_rows, audit)
     check_free(out_dir, overwrite)
     check_rows(kept_rows, "the training rows")
-    extra = [sorted(set(r) - set(ROW_FIELDS)) for r in kept_rows]
+    extra = [sorted(set(r) - set(ROW_FIELDS) - set(OPTIONAL_ROW_FIELDS)) for r in kept_rows]
     if any(extra):
         raise MechError(
             f"training rows carry extra fields {next(e for e in extra if e)}: keep raw-only fields (ok, reason) in "
