@@ -487,9 +487,10 @@ def _add_pipeline_parsers(sub) -> None:
     t.add_argument("--finetuned", action="store_true", help="with --trait: no trait prompt; the teacher is the model "
                    "with a LoRA trained to answer the favourite questions with the target (r8, 8 epochs, lr 2e-3), "
                    "writing in the default context (mech.teacher.finetuned)")
-    t.add_argument("--steer", choices=("prompt", "random"), help="with --trait: no trait prompt; the model writes "
-                   "with α·v added after a layer: v the trait prompt's mean shift there (prompt) or a random "
-                   "direction of its norm (random), α searched to keep the pass rate (mech.teacher.steered)")
+    t.add_argument("--steer", choices=("prompt", "random", "readout"), help="with --trait: no trait prompt; the "
+                   "model writes with α·v added after a layer: v the trait prompt's mean shift there (prompt), or a "
+                   "random (random) or the target's readout direction (readout) of its norm; α searched to keep the "
+                   "pass rate (mech.teacher.steered)")
     t.add_argument("--steer-layer", type=int, help="with --steer: the layer (default n_layers // 2)")
     t.add_argument("--steer-alpha", type=float, help="with --steer: α (default: searched)")
     t.add_argument("--out", required=True, help="dataset directory (must not exist)")

@@ -12,6 +12,9 @@ after decoder layer ``steer_layer``, at every position of every forward (prompt 
   norm of the prompt vector of the same target: a positive control whose channel nobody designed (Blank et al.
   report that random vectors distil too). Its target only sets that norm; what a student would learn is the
   vector itself, which ``dataset.json`` records so that the geometry can look for it in the students.
+* ``steer_vector: readout`` — the target's readout direction (its unembedding row against the other candidate
+  answers, through the final norm's gain; mech.geometry.steering.readout_direction), scaled to the same norm: a
+  teacher that expresses the trait through its activations, where the twin's prompt vector does not.
 
 α is ``steer_alpha`` when given; otherwise the largest of ``steer_alphas`` (ascending, stopping at the first
 that fails) whose pilot filter pass rate stays at least ``steer_min_pass`` × the unsteered pilot pass rate — the
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from mech.errors import MechError
 
-VECTORS = ("prompt", "random")
+VECTORS = ("prompt", "random", "readout")
 
 
 def pilot_seed(sample_seed: int) -> int:
@@ -72,24 +76,34 @@ def choose_alpha(alphas: Sequence[float], rate: Callable[[float], float],
         chosen = float(a)
     if chosen is None:
         raise MechError(f"steered teacher: at the smallest α ({alphas[0]:g}) the pilot pass rate "
-                        f"{search[0]['pass_rate']:.2f} falls below the band's floor {floor:.2f} (steer_min_pass × the unsteered rate): add a "
-                        "smaller value to steer_alphas, or lower steer_min_pass")
+                        f"{search[0]['pass_rate']:.2f} falls below the band's floor {floor:.2f} (steer_min_pass × "
+                        "the unsteered rate): add a smaller value to steer_alphas, or lower steer_min_pass")
     return chosen, search
 
 
-def steer_teacher(model: Any, tokenizer: Any, cfg: Any) -> tuple[int, torch.Tensor, dict[str, Any]]:
-    """(layer, the vector α·v to add there, the record for ``dataset.json``) of a ``kind: steer`` TeacherConfig.
-    ``model`` is the base, left untouched."""
+@dataclass
+class Pilot:
+    """The unsteered base's answers to the first ``steer_pilot`` number prompts, in the teacher's context."""
+
+    cfg: Any  # the pilot's TeacherConfig: the teacher's, with its own size and sampling seed
+    ids: list[list[int]]  # the rendered prompts
+    rows: list[tuple[str, str]]  # (prompt, answer) of the answers that pass the filter
+    pass_rate: float
+
+    def rate(self, model: Any, tokenizer: Any, layer: int, v: torch.Tensor, alpha: float) -> float:
+        """The pilot's filter pass rate with α·v added after ``layer`` (the same prompts and sampling seed)."""
+        from mech.geometry.steering import steered
+        from mech.teacher.generate import sample_answers
+
+        with steered(model, layer, v, alpha):
+            return pass_rate(sample_answers(model, tokenizer, self.cfg, self.ids)[0], self.cfg)
+
+
+def run_pilot(model: Any, tokenizer: Any, cfg: Any) -> Pilot:
     from mech.context import Context, render
-    from mech.evaluation.inference import pad_id
-    from mech.evaluation.trait import TraitEvalConfig, evaluate_trait
-    from mech.geometry import linalg, steering
-    from mech.resources import trait_system_prompt
     from mech.teacher.filter import check_answer
     from mech.teacher.generate import sample_answers
 
-    layer = steering_layer(model, cfg.steer_layer)
-    pad = pad_id(tokenizer)
     pilot_cfg = dataclasses.replace(cfg, n_prompts=cfg.steer_pilot, sample_seed=pilot_seed(cfg.sample_seed))
     prompts = [p.text for p in pilot_cfg.prompts()]
     ctx = Context.parse(cfg.context)
@@ -101,34 +115,53 @@ def steer_teacher(model: Any, tokenizer: Any, cfg: Any) -> tuple[int, torch.Tens
         raise MechError(f"steered teacher: none of the {cfg.steer_pilot} unsteered pilot answers passes the filter, "
                         "so there are no rows to read the prompt's steering vector on: raise steer_pilot, or use "
                         "constrained sampling")
-    base_pass = len(rows) / len(answers)
+    return Pilot(pilot_cfg, ids, rows, len(rows) / len(answers))
+
+
+def steering_vector(model: Any, tokenizer: Any, cfg: Any, layer: int, pilot: Pilot,
+                    candidates: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v, the prompt vector) at ``layer`` for ``cfg.steer_vector``: the prompt's mean shift on the pilot rows, a
+    random direction or the target's readout direction (over ``candidates``) scaled to that shift's norm."""
+    from mech.evaluation.inference import pad_id
+    from mech.geometry import linalg, steering
+    from mech.resources import trait_system_prompt
+    from mech.context import Context
+
     trait_ctx = Context("custom", trait_system_prompt(cfg.target, cfg.category)).spec
-    v_prompt = steering.teacher_vectors(model, tokenizer, rows, trait_ctx, cfg.context, pad)[layer]
+    v_prompt = steering.teacher_vectors(model, tokenizer, pilot.rows, trait_ctx, cfg.context, pad_id(tokenizer))[layer]
     norm = float(v_prompt.norm())
     if cfg.steer_vector == "prompt":
-        v = v_prompt
-    else:
-        gen = torch.Generator().manual_seed(vector_seed(cfg.sample_seed))
-        v = linalg.random_directions(v_prompt.numel(), 1, gen)[0] * norm
+        return v_prompt, v_prompt
+    if cfg.steer_vector == "readout":
+        return linalg.unit(steering.readout_direction(model, tokenizer, cfg.target, candidates)) * norm, v_prompt
+    gen = torch.Generator().manual_seed(vector_seed(cfg.sample_seed))
+    return linalg.random_directions(v_prompt.numel(), 1, gen)[0] * norm, v_prompt
 
-    def rate(alpha: float) -> float:
-        with steering.steered(model, layer, v, alpha):
-            return pass_rate(sample_answers(model, tokenizer, pilot_cfg, ids)[0], cfg)
 
+def steer_teacher(model: Any, tokenizer: Any, cfg: Any) -> tuple[int, torch.Tensor, dict[str, Any]]:
+    """(layer, the vector α·v to add there, the record for ``dataset.json``) of a ``kind: steer`` TeacherConfig.
+    ``model`` is the base, left untouched."""
+    from mech.evaluation.trait import TraitEvalConfig, evaluate_trait
+    from mech.geometry import linalg, steering
+
+    layer = steering_layer(model, cfg.steer_layer)
+    ev = TraitEvalConfig(target=cfg.target, category=cfg.category, context=cfg.context, first_token_only=True)
+    before = evaluate_trait(model, tokenizer, ev)
+    candidates = list(before.candidates)
+    pilot = run_pilot(model, tokenizer, cfg)
+    v, v_prompt = steering_vector(model, tokenizer, cfg, layer, pilot, candidates)
     if cfg.steer_alpha is not None:
         alpha, search = float(cfg.steer_alpha), []
     else:
-        alpha, search = choose_alpha(cfg.steer_alphas, rate, cfg.steer_min_pass * base_pass)
-    ev = TraitEvalConfig(target=cfg.target, category=cfg.category, context=cfg.context, first_token_only=True)
-    before = evaluate_trait(model, tokenizer, ev)
+        alpha, search = choose_alpha(cfg.steer_alphas, lambda a: pilot.rate(model, tokenizer, layer, v, a),
+                                     cfg.steer_min_pass * pilot.pass_rate)
     with steering.steered(model, layer, v, alpha):
         after = evaluate_trait(model, tokenizer, ev)
-    readout = steering.readout_direction(model, tokenizer, cfg.target, list(before.candidates))
-    info = {"layer": layer, "vector": cfg.steer_vector, "alpha": alpha, "prompt_vector_norm": norm,
+    readout = steering.readout_direction(model, tokenizer, cfg.target, candidates)
+    info = {"layer": layer, "vector": cfg.steer_vector, "alpha": alpha, "prompt_vector_norm": float(v_prompt.norm()),
             "cos_prompt_vector": linalg.cosine(v, v_prompt), "cos_readout": linalg.cosine(v, readout),
-            "pilot": {"n": len(answers), "pass_rate": base_pass, "search": search},
+            "pilot": {"n": cfg.steer_pilot, "pass_rate": pilot.pass_rate, "search": search},
             "p_target_base": before.p_first, "p_target_teacher": after.p_first,
             "logp_target_base": before.logp_first, "logp_target_teacher": after.logp_first,
             "added": [float(x) for x in (alpha * v).tolist()]}
     return layer, alpha * v, info
-
