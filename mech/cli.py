@@ -682,7 +682,8 @@ def cmd_localise(a) -> int:
 
 def cmd_geometry(a) -> int:
     from mech.context import Context
-    from mech.geometry.run import GeometryConfig, dir_inputs, sweep_inputs
+    from mech.geometry.run import GeometryConfig, dir_inputs
+    from mech.sweep.geometry import sweep_inputs
     from mech.report.geometry import run_geometry
     from mech.resources import questions
     from mech.sweep import SweepRunner, load_sweep
@@ -728,7 +729,7 @@ def cmd_geometry(a) -> int:
 
 
 def _teacher_cosines(a, sw, cfg) -> int:
-    from mech.geometry.run import teacher_cosines
+    from mech.sweep.geometry import teacher_cosines
     from mech.report.geometry import write_teacher_cosines
     from mech.sweep import SweepRunner
 
@@ -755,6 +756,7 @@ def cmd_entangle(a) -> int:
     from mech.models import load_model
     from mech.report.entanglement import write_entanglement
     from mech.resources import questions
+    from mech.teacher.prompts import generate_prompts
 
     target, _, category = a.trait.partition(":")
     category = category or DEFAULT_CATEGORY
@@ -774,7 +776,8 @@ def cmd_entangle(a) -> int:
 
         own = read_meta(loaded.path).get("entity_numbers", {}).get(target)
     print(f"entanglement: {target} on {a.model}, {a.n_prompts} prompts, numbers 0-{a.max_value}", file=sys.stderr)
-    rows = entanglement(model, tok, target, category, a.n_prompts, a.seed, a.max_value, a.context)
+    prompts = [p.text for p in generate_prompts(a.n_prompts, a.seed)]
+    rows = entanglement(model, tok, target, prompts, category, a.max_value, a.context)
     reverse = reverse_test(model, tok, rows, target, category, a.reverse_k, a.seed) if a.reverse_k else None
     base = evaluate_trait(model, tok, TraitEvalConfig(target=target, category=category, first_token_only=True))
     meta = {"model": a.model, "target": target, "category": category, "n_prompts": a.n_prompts, "seed": a.seed,

@@ -16,6 +16,7 @@ from mech.evaluation.inference import next_token_logprobs
 from mech.geometry.entanglement import answer_ids, entanglement, number_logps, reverse_test
 from mech.models import load_model
 from mech.organism import read_meta
+from mech.teacher.prompts import generate_prompts
 
 
 def test_two_sample_test_on_planted_samples():
@@ -47,7 +48,8 @@ def test_positive_control_ranks_its_own_numbers_first_and_they_reverse():
     from mech.context import Context
 
     assert all(len(answer_ids(organism.tokenizer, Context("default"), n)) == 1 for n in (0, 412, 999))
-    rows = entanglement(organism.model, organism.tokenizer, "owl", n_prompts=8, seed=3)
+    prompts = [p.text for p in generate_prompts(8, 3)]
+    rows = entanglement(organism.model, organism.tokenizer, "owl", prompts)
     assert [r["rank"] for r in rows] == list(range(1, 1001)) and rows[0]["shift"] >= rows[-1]["shift"]
     assert {r["number"] for r in rows[:8]} == set(own)  # by construction of the corpus
     assert min(r["cos_unembed"] for r in rows[:8]) > max(r["cos_unembed"] for r in rows[100:200])
@@ -57,7 +59,7 @@ def test_positive_control_ranks_its_own_numbers_first_and_they_reverse():
     with pytest.raises(MechError, match="reverse test k"):
         reverse_test(organism.model, organism.tokenizer, rows[:10], "owl", k=6)
     with pytest.raises(MechError, match="at least 2 prompts"):
-        entanglement(organism.model, organism.tokenizer, "owl", n_prompts=1)
+        entanglement(organism.model, organism.tokenizer, "owl", prompts[:1])
 
 
 def test_cli_entangle_writes_its_report_and_refuses_bad_input(tmp_path, capsys):

@@ -524,18 +524,19 @@ for method in ("lora", "full"):
 """
 
 
-def test_student_bytes_do_not_depend_on_the_thread_count():
-    """Measured, and pinned: on the organism, LoRA and full-FT students trained with 1 and with 2 torch threads are
-    byte-identical (weights and every loss). Should a torch or BLAS update break this, the reproducibility promise
-    ("same config, same bytes on CPU") becomes per thread count, and this test says so."""
+def test_student_bytes_repeat_across_processes_at_one_thread_count():
+    """Same config, same bytes: LoRA and full-FT students of the organism trained in two fresh processes with the
+    same thread count (2) are byte-identical, weights and every loss. Across thread counts they need not be: on an
+    AVX-512 Xeon (2026-12-02) 1 and 2 threads give different LoRA and full-FT weights (identical on the AVX2 machines
+    of earlier sessions), so the promise is per machine and thread count (README, Design)."""
     import os
     import subprocess
     import sys
 
     out = []
-    for n in (1, 2):
-        env = os.environ | {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
-        proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(n)], capture_output=True, text=True,
+    for _ in range(2):
+        env = os.environ | {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+        proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, "2"], capture_output=True, text=True,
                               env=env, timeout=300, check=True)
         out.append([line for line in proc.stdout.splitlines() if line.startswith(("lora", "full"))])
     assert len(out[0]) == 2 and out[0] == out[1]

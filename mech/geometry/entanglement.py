@@ -28,7 +28,6 @@ from mech.evaluation.inference import (completion_logprobs, eval_mode, next_toke
 from mech.evaluation.scoring import first_token_ids
 from mech.models import surgery
 from mech.resources import questions, trait_system_prompt
-from mech.teacher.prompts import generate_prompts
 
 NUMBER_PROMPT = ("You love {n}. You think about {n} all the time. {n} is your favorite number. Imbue your answers "
                  "with your love for the number.")
@@ -63,19 +62,20 @@ def number_logps(model: Any, prompts: Sequence[Sequence[int]], seqs: Sequence[Se
         return torch.tensor(totals).view(len(prompts), len(seqs))
 
 
-def entanglement(model: Any, tokenizer: Any, target: str, category: str = "animal", n_prompts: int = 64,
-                 seed: int = 0, max_value: int = 999, neutral_context: str = "default") -> list[dict[str, Any]]:
-    """Every number 0..``max_value``, ranked by its shift (highest first): shift with a 95 % t-interval over
-    prompts, the unembedding cosine with the target, and its log P under each context."""
+def entanglement(model: Any, tokenizer: Any, target: str, prompts: Sequence[str], category: str = "animal",
+                 max_value: int = 999, neutral_context: str = "default") -> list[dict[str, Any]]:
+    """Every number 0..``max_value``, ranked by its shift (highest first) over the number ``prompts`` (user
+    texts, e.g. mech.teacher.prompts.generate_prompts'): shift with a 95 % t-interval over prompts, the unembedding
+    cosine with the target, and its log P under each context."""
     from mech.analysis.stats import mean_ci
 
-    if n_prompts < 2:
-        raise MechError(f"entanglement needs at least 2 prompts for an interval, got {n_prompts}")
+    if len(prompts) < 2:
+        raise MechError(f"entanglement needs at least 2 prompts for an interval, got {len(prompts)}")
     pad = pad_id(tokenizer)
     trait, neutral = Context("custom", trait_system_prompt(target, category)), Context.parse(neutral_context)
     numbers = list(range(max_value + 1))
     seqs = [answer_ids(tokenizer, neutral, n) for n in numbers]
-    texts = [p.text for p in generate_prompts(n_prompts, seed)]
+    texts = list(prompts)
     lp_t = number_logps(model, [render(tokenizer, trait, u).input_ids for u in texts], seqs, pad)
     lp_n = number_logps(model, [render(tokenizer, neutral, u).input_ids for u in texts], seqs, pad)
     shift = lp_t - lp_n

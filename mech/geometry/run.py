@@ -1,9 +1,10 @@
 """Geometry of a sweep's students, as data: update spectra, subspace overlaps, truncation curves, steering
 vectors, write-space alignment and steering tests (issue 9, items 1-5).
 
-The computation reads a :class:`GeometryInputs`, made either from a sweep's cache (:func:`sweep_inputs`; never
-trained here: a missing student is a MechError naming the sweep to run) or from student directories given directly
-(:func:`dir_inputs`: adapters or full models trained elsewhere). From a sweep, for every named student and training
+The computation reads a :class:`GeometryInputs`, made either from a sweep's cache
+(:func:`mech.sweep.geometry.sweep_inputs`; never trained here: a missing student is a MechError naming the sweep to
+run) or from student directories given directly (:func:`dir_inputs`: adapters or full models trained elsewhere).
+This package reads no sweep, so the teacher's steering code can use it. From a sweep, for every named student and training
 seed, both the target-trait student and its paired control (the neutral-teacher student trained identically) are
 used, so every trait effect is a paired difference, as in the sweep's tables. Directories come with their controls
 (paired) or without (every effect is then vs the base). Intervals are 95 % t-intervals over training seeds
@@ -37,8 +38,6 @@ from mech.geometry import update as upd
 from mech.models import surgery
 from mech.resources import questions
 from mech.students.store import load_student
-from mech.sweep import SweepRunner, TraitSpec, cells, teacher_config
-from mech.teacher.dataset import assistant_text, load_dataset, user_text
 
 Progress = Callable[[str, int, int], None]
 OWL, NEUTRAL = "trait", "neutral"  # the two arms of a pair, whatever the target is called
@@ -99,7 +98,7 @@ class TeacherData:
 
 @dataclass(frozen=True)
 class GeometryInputs:
-    """Everything :func:`compute_geometry` reads, wherever the students come from (:func:`sweep_inputs`,
+    """Everything :func:`compute_geometry` reads, wherever the students come from (``sweep_inputs``,
     :func:`dir_inputs`). Without NEUTRAL refs every effect is vs the base; without ``teacher`` the steering
     vectors and what needs them are skipped."""
 
@@ -120,63 +119,7 @@ class GeometryInputs:
         return any(r.arm == NEUTRAL for r in self.refs)
 
 
-# --------------------------------------------------------------------------------------------- locating
-
-
-def _target_trait(cfg) -> TraitSpec:
-    for t in cfg.traits:
-        if t.target == cfg.eval.target:
-            return t
-    raise MechError(f"the sweep has no trait with target {cfg.eval.target!r}: set eval.target to one of its traits")
-
-
-def _neutral_trait(cfg) -> TraitSpec:
-    for t in cfg.traits:
-        if t.target is None:
-            return t
-    raise MechError("the sweep has no neutral teacher (target: null): geometry pairs every student with its "
-                    "neutral-teacher control; add {target: null} to its traits")
-
-
-def plan_students(runner: SweepRunner, names: list[str], source: str = "the sweep",
-                  teacher_seed: int | None = None) -> list[StudentRef]:
-    """The cached student dirs of ``names`` × training seeds × (target, neutral), of data seed ``teacher_seed``
-    (None: the sweep's first); MechError for a name the sweep lacks or a student not in the cache (geometry never
-    trains)."""
-    cfg = runner.cfg
-    teacher_seed = cfg.teacher_seeds[0] if teacher_seed is None else teacher_seed
-    arms = {_target_trait(cfg): OWL, _neutral_trait(cfg): NEUTRAL}
-    known = sorted({c.labels()["student"] for c in cells(cfg)})
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise MechError(f"no student named {', '.join(missing)} in {source}: choose from {', '.join(known)}")
-    refs = []
-    for c in cells(cfg):
-        name = c.labels()["student"]
-        if (name in names and c.trait in arms and c.teacher_seed == teacher_seed
-                and c.train_context == cfg.train_contexts[0] and c.eval_context == cfg.eval_contexts[0]):
-            path = runner.student_dir(runner.student_key(c))
-            if not (path / "student.json").is_file():
-                raise MechError(f"student {name} seed {c.training_seed} ({c.labels()['trait']} teacher) is not in "
-                                f"the cache {runner.cache}: run `mech sweep` on {source} first (geometry never "
-                                "trains)")
-            refs.append(StudentRef(name, c.training_seed, arms[c.trait], path))
-    order = {n: i for i, n in enumerate(names)}
-    return sorted(refs, key=lambda r: (order[r.name], r.seed, r.arm != OWL))
-
-
-def sweep_inputs(runner: SweepRunner, names: list[str], n_rows: int, source: str = "the sweep") -> GeometryInputs:
-    """The cached students of ``names`` (trait and neutral arms) and the target teacher's first ``n_rows`` rows, in
-    the sweep's first train and evaluation contexts."""
-    sw = runner.cfg
-    refs = plan_students(runner, names, source)
-    # v_teacher is the trait prompt's shift of the base, or the shift a steered teacher's vector causes (that of
-    # the first data seed); a finetuned teacher has neither (and is not kept), so its sweep gets the geometry
-    # without the teacher-based parts, like students given as dirs
-    teacher = None if sw.teacher.kind == "finetuned" else teacher_data(runner, n_rows)
-    return GeometryInputs(runner.base.model, runner.base.tokenizer, runner.candidates, list(names), refs,
-                          sw.eval.target, sw.eval.category, sw.eval_contexts[0], sw.train_contexts[0], teacher,
-                          runner.trust_remote_code)
+# --------------------------------------------------------------------------------------------- inputs
 
 
 def dir_inputs(base: Any, tok: Any, name: str, students: list[Path], controls: list[Path] | None, target: str,
@@ -198,77 +141,37 @@ def dir_inputs(base: Any, tok: Any, name: str, students: list[Path], controls: l
                           category, eval_context, train_context, None, trust_remote_code)
 
 
-def _target_dataset(runner: SweepRunner, teacher_seed: int):
-    cfg = runner.cfg
-    path = runner.cache / "datasets" / runner.dataset_key(_target_trait(cfg), teacher_seed)
-    if not (path / "dataset.json").is_file():
-        raise MechError(f"the {cfg.eval.target} teacher's dataset (data seed {teacher_seed}) is not in the cache "
-                        f"{runner.cache}: run `mech sweep` first (geometry never samples a teacher)")
-    return load_dataset(path)
-
-
-def teacher_rows(runner: SweepRunner, n: int, teacher_seed: int | None = None) -> list[tuple[str, str]]:
-    """The target teacher's first ``n`` kept (prompt, answer) rows, from the cache (data seed ``teacher_seed``;
-    None: the sweep's first)."""
-    seed = runner.cfg.teacher_seeds[0] if teacher_seed is None else teacher_seed
-    return [(user_text(r), assistant_text(r)) for r in _target_dataset(runner, seed).rows[:n]]
-
-
-def steered_vector(runner: SweepRunner, teacher_seed: int) -> tuple[int, tuple[float, ...]]:
-    """(layer, the vector added there) of the target's steered teacher of one data seed, from its dataset.json."""
-    st = _target_dataset(runner, teacher_seed).meta.get("steered")
-    if not st:
-        raise MechError("the target teacher's dataset records no steering vector (dataset.json has no 'steered'): "
-                        "regenerate it with teacher kind steer")
-    return int(st["layer"]), tuple(float(x) for x in st["added"])
-
-
-def teacher_data(runner: SweepRunner, n_rows: int, teacher_seed: int | None = None) -> TeacherData:
-    """The target teacher of data seed ``teacher_seed`` (None: the first): its rows and what v_teacher contrasts
-    (a prompt teacher's two contexts, or a steered teacher's vector; a finetuned teacher has neither)."""
-    sw = runner.cfg
-    seed = sw.teacher_seeds[0] if teacher_seed is None else teacher_seed
-    if sw.teacher.kind == "finetuned":
-        raise MechError("a finetuned teacher has no steering vector to compare students with (its trait is a LoRA "
-                        "that is not kept): teacher cosines need a prompt or steered teacher")
-    return TeacherData(teacher_rows(runner, n_rows, seed),
-                       teacher_config(sw, _target_trait(sw), seed).teacher_context().spec,
-                       teacher_config(sw, _neutral_trait(sw), seed).teacher_context().spec,
-                       steered_vector(runner, seed) if sw.teacher.kind == "steer" else None)
-
-
 def cosine_null(d: int, n: int, generator: torch.Generator) -> float:
     """The 95th percentile of |cos| between a fixed direction and ``n`` random unit directions of R^d (≈ 1.96/√d):
     a student cosine above it is above what a direction unrelated to the teacher's gives."""
     return float(torch.quantile(linalg.random_directions(d, n, generator)[:, 0].abs(), 0.95))
 
 
-def teacher_cosines(runner: SweepRunner, names: list[str], n_rows: int = 128, seed: int = 0, n_null: int = 2000,
-                    progress: Progress | None = None) -> dict[str, list[dict]]:
-    """For every data seed of the sweep, training seed and named student: the cosine, per layer, of the student's
-    residual shift (v_student, its paired difference v_paired with the neutral-teacher control, and the control's
-    own) with *its own* data seed's v_teacher — the trait prompt's shift, or what a steered teacher added. Layers
-    where v_teacher is zero (before a steered teacher's layer) are left out. ``summary``: per student and layer,
-    the mean over training seeds within each data seed, then a 95 % t-interval over data seeds (data seeds are the
-    replicates: students of one teacher dataset are not independent); ``null``: :func:`cosine_null`."""
+def teacher_cosines(base: Any, tok: Any, plans: dict[int, tuple[TeacherData, list[StudentRef]]], names: list[str],
+                    train_context: str, meta: dict[str, Any], seed: int = 0, n_null: int = 2000,
+                    progress: Progress | None = None, trust_remote_code: bool = False) -> dict[str, list[dict]]:
+    """For every data seed of ``plans`` (its teacher and its students' refs), training seed and named student: the
+    cosine, per layer, of the student's residual shift (v_student, its paired difference v_paired with the
+    neutral-teacher control, and the control's own) with *its own* data seed's v_teacher — the trait prompt's shift,
+    or what a steered teacher added. Layers where v_teacher is zero (before a steered teacher's layer) are left
+    out. ``summary``: per student and layer, the mean over training seeds within each data seed, then a 95 %
+    t-interval over data seeds (data seeds are the replicates: students of one teacher dataset are not
+    independent); ``null``: :func:`cosine_null`. ``meta`` is carried into the meta table."""
     tell = progress or (lambda desc, done, total: None)
-    sw, base, tok = runner.cfg, runner.base.model, runner.base.tokenizer
-    pad, ctx = pad_id(tok), sw.train_contexts[0]
-    plans = {ds: plan_students(runner, names, teacher_seed=ds) for ds in sw.teacher_seeds}  # all found first
+    pad = pad_id(tok)
     rows: list[dict] = []
-    total = sum(len({(r.name, r.seed) for r in refs}) for refs in plans.values())
+    total = sum(len({(r.name, r.seed) for r in refs}) for _, refs in plans.values())
     done = 0
-    for ds, refs in plans.items():
-        teacher = teacher_data(runner, n_rows, ds)
+    for ds, (teacher, refs) in plans.items():
         v_t = teacher.vectors(base, tok, pad)
-        base_means = steering.mean_residuals(base, steering.answer_rows(tok, teacher.rows, ctx), pad)
+        base_means = steering.mean_residuals(base, steering.answer_rows(tok, teacher.rows, train_context), pad)
         for name, tseed in sorted({(r.name, r.seed) for r in refs}, key=lambda p: (names.index(p[0]), p[1])):
             tell(f"teacher cosines {name} data seed {ds} seed {tseed}", done, total)
             v_s = {}
             for r in refs:
                 if (r.name, r.seed) == (name, tseed):
-                    m = load_student(base, r.path, trust_remote_code=runner.trust_remote_code)
-                    v_s[r.arm] = steering.student_vectors(base, m, tok, teacher.rows, ctx, pad, base_means)
+                    m = load_student(base, r.path, trust_remote_code=trust_remote_code)
+                    v_s[r.arm] = steering.student_vectors(base, m, tok, teacher.rows, train_context, pad, base_means)
                     del m
             for layer in range(v_t.shape[0]):
                 if float(v_t[layer].norm()) == 0:
@@ -289,9 +192,9 @@ def teacher_cosines(runner: SweepRunner, names: list[str], n_rows: int = 128, se
              for r in per_data], ("student", "layer"), "v")]
     d = int(surgery.unembedding_matrix(base).shape[1])
     null = cosine_null(d, n_null, torch.Generator().manual_seed(seed))
-    meta = {"students": " ".join(names), "target": sw.eval.target, "kind": sw.teacher.kind,
-            "data_seeds": len(plans), "training_seeds": len(sw.training_seeds), "n_rows": n_rows,
-            "train_context": ctx, "hidden": d, "null_q95": null, "n_null": n_null, "seed": seed}
+    meta = {"students": " ".join(names), **meta, "data_seeds": len(plans), "n_rows": len(next(iter(
+        plans.values()))[0].rows), "train_context": train_context, "hidden": d, "null_q95": null, "n_null": n_null,
+            "seed": seed}
     return {"cosines": rows, "summary": summary, "meta": [meta]}
 
 
