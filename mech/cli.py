@@ -709,6 +709,8 @@ def cmd_geometry(a) -> int:
                             "lora_r1 full")
         sw = _with_model(load_sweep(a.sweep), a.model)
     _check_out(a.out, "--out")
+    if a.epochs and not a.teacher_cosines:
+        raise MechError("--epochs reads the teacher cosines at each checkpoint: add --teacher-cosines")
     if a.teacher_cosines:
         return _teacher_cosines(a, sw, cfg)
     if direct:
@@ -739,7 +741,7 @@ def _teacher_cosines(a, sw, cfg) -> int:
     bar, stage = _stage_bar("teacher cosines")
     try:
         runner = SweepRunner(sw, a.cache, stage, trust_remote_code=a.trust_remote_code)
-        t = teacher_cosines(runner, a.students, cfg.n_rows, cfg.seed, cfg.n_null, stage)
+        t = teacher_cosines(runner, a.students, cfg.n_rows, cfg.seed, cfg.n_null, stage, a.epochs)
         res = write_teacher_cosines(t, a.out)
     finally:
         bar.close()
@@ -835,6 +837,8 @@ def _add_geometry_parser(sub) -> None:
                    help="with a sweep: only the cosines of each student's residual shift with its own data seed's "
                    "v_teacher (a prompt's shift, or a steered teacher's vector), over every data seed, CI over data "
                    "seeds (teacher_cosines.md)")
+    g.add_argument("--epochs", action="store_true", help="with --teacher-cosines: also at every per-epoch checkpoint "
+                   "(a sweep trained with train.save_every_epoch: true): the alignment curve over training")
     _add_trust_flag(g)
     g.set_defaults(func=cmd_geometry)
 

@@ -135,6 +135,18 @@ def test_cli_steer_flags_and_errors(capsys, tmp_path):
     assert code == 0 and "steered: random vector after layer 2, α 8" in out
 
 
+def test_epoch_cosines_need_checkpoints(tmp_path):
+    from mech.geometry.run import StudentRef, _checkpoints
+
+    (tmp_path / "s" / "epoch-2").mkdir(parents=True)
+    (tmp_path / "s" / "epoch-1").mkdir()
+    ref = StudentRef("lora_r8", 0, "trait", tmp_path / "s")
+    assert _checkpoints(ref, False) == {0: tmp_path / "s"}
+    assert list(_checkpoints(ref, True)) == [1, 2]
+    with pytest.raises(MechError, match="train.save_every_epoch: true"):
+        _checkpoints(StudentRef("lora_r8", 0, "trait", tmp_path), True)
+
+
 def test_cli_teacher_cosines_refusals(capsys, tmp_path):
     ft = tmp_path / "ft.yaml"
     ft.write_text("name: ft\nbase_model: organism-free\nteacher: {kind: finetuned, n_prompts: 8}\n"
@@ -144,6 +156,8 @@ def test_cli_teacher_cosines_refusals(capsys, tmp_path):
     code, last = _cli(["geometry", "--student", tmp_path, "--model", "organism-free", "--target", "owl",
                        "--teacher-cosines", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "pass a sweep" in last and not (tmp_path / "o").exists()
+    code, last = _cli(["geometry", ft, "--students", "lora_r2", "--epochs", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "add --teacher-cosines" in last and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -158,7 +172,8 @@ def test_students_of_a_planted_random_vector_learn_a_shift_along_it(tmp_path, ca
     cfg.write_text("name: s\nbase_model: organism-free\ntraits: [{target: owl}, {target: null}]\n"
                    "teacher: {kind: steer, steer_vector: random, steer_alpha: 48, steer_layer: 2, n_prompts: 400, "
                    "steer_pilot: 32}\nstudents: [{method: lora, rank: 8}]\ntraining_seeds: [0]\n"
-                   "train: {epochs: 3, batch_size: 16, lr: 0.002}\neval: {target: owl, first_token_only: true}\n")
+                   "train: {epochs: 3, batch_size: 16, lr: 0.002, save_every_epoch: true}\n"
+                   "eval: {target: owl, first_token_only: true}\n")
     cache = tmp_path / "c"
     assert main(["sweep", str(cfg), "--cache", str(cache), "--out", str(tmp_path / "sw")]) == 0
     code, _ = _cli(["geometry", cfg, "--students", "lora_r8", "--teacher-cosines", "--cache", cache, "--out",
@@ -169,6 +184,14 @@ def test_students_of_a_planted_random_vector_learn_a_shift_along_it(tmp_path, ca
     assert float(rows[2]["cos_paired"]) > 3 / math.sqrt(128)
     assert abs(float(rows[2]["cos_neutral"])) < 1.96 / math.sqrt(128)
     assert (tmp_path / "o" / "figures" / "teacher_cosines.html").is_file()
+    # the alignment over training: one row per epoch checkpoint, the last being the final student itself
+    code, _ = _cli(["geometry", cfg, "--students", "lora_r8", "--teacher-cosines", "--epochs", "--cache", cache,
+                    "--out", tmp_path / "e"], capsys)
+    assert code == 0
+    by_epoch = {(int(r["epoch"]), int(r["layer"])): r for r in
+                csv.DictReader((tmp_path / "e" / "teacher_cosines.csv").open())}
+    assert sorted({e for e, _ in by_epoch}) == [1, 2, 3]
+    assert float(by_epoch[(3, 2)]["cos_paired"]) == pytest.approx(float(rows[2]["cos_paired"]), abs=1e-6)
 
 
 def test_prompt_approximation_known_answers(make_tiny_lm, organism_tokenizer):

@@ -37,7 +37,7 @@ from mech.geometry import linalg, steering
 from mech.geometry import update as upd
 from mech.models import surgery
 from mech.resources import questions
-from mech.students.store import load_student
+from mech.students.store import epoch_dirs, load_student
 
 Progress = Callable[[str, int, int], None]
 OWL, NEUTRAL = "trait", "neutral"  # the two arms of a pair, whatever the target is called
@@ -147,19 +147,34 @@ def cosine_null(d: int, n: int, generator: torch.Generator) -> float:
     return float(torch.quantile(linalg.random_directions(d, n, generator)[:, 0].abs(), 0.95))
 
 
+def _checkpoints(ref: StudentRef, epochs: bool) -> dict[int, Path]:
+    """{0: the final student} or, with ``epochs``, {k: its epoch-k checkpoint}."""
+    if not epochs:
+        return {0: ref.path}
+    found = epoch_dirs(ref.path)
+    if not found:
+        raise MechError(f"student {ref.name} seed {ref.seed} ({ref.arm} arm) has no per-epoch checkpoints: train "
+                        "the sweep with train.save_every_epoch: true (it changes the student keys), or drop --epochs")
+    return found
+
+
 def teacher_cosines(base: Any, tok: Any, plans: dict[int, tuple[TeacherData, list[StudentRef]]], names: list[str],
                     train_context: str, meta: dict[str, Any], seed: int = 0, n_null: int = 2000,
-                    progress: Progress | None = None, trust_remote_code: bool = False) -> dict[str, list[dict]]:
+                    progress: Progress | None = None, trust_remote_code: bool = False,
+                    epochs: bool = False) -> dict[str, list[dict]]:
     """For every data seed of ``plans`` (its teacher and its students' refs), training seed and named student: the
     cosine, per layer, of the student's residual shift (v_student, its paired difference v_paired with the
     neutral-teacher control, and the control's own) with *its own* data seed's v_teacher — the trait prompt's shift,
     or what a steered teacher added. Layers where v_teacher is zero (before a steered teacher's layer) are left
     out. ``summary``: per student and layer, the mean over training seeds within each data seed, then a 95 %
     t-interval over data seeds (data seeds are the replicates: students of one teacher dataset are not
-    independent); ``null``: :func:`cosine_null`. ``meta`` is carried into the meta table."""
+    independent); ``null``: :func:`cosine_null`. ``meta`` is carried into the meta table. With ``epochs``, every
+    row is also read at each per-epoch checkpoint (``epoch`` k ≥ 1; the last is the final student): the curve of
+    alignment over training (Blank et al.'s EAS); without, ``epoch`` is 0, the final student."""
     tell = progress or (lambda desc, done, total: None)
     pad = pad_id(tok)
     rows: list[dict] = []
+    ckpts = {r: _checkpoints(r, epochs) for _, refs in plans.values() for r in refs}  # all found before any load
     total = sum(len({(r.name, r.seed) for r in refs}) for _, refs in plans.values())
     done = 0
     for ds, (teacher, refs) in plans.items():
@@ -167,34 +182,35 @@ def teacher_cosines(base: Any, tok: Any, plans: dict[int, tuple[TeacherData, lis
         base_means = steering.mean_residuals(base, steering.answer_rows(tok, teacher.rows, train_context), pad)
         for name, tseed in sorted({(r.name, r.seed) for r in refs}, key=lambda p: (names.index(p[0]), p[1])):
             tell(f"teacher cosines {name} data seed {ds} seed {tseed}", done, total)
-            v_s = {}
-            for r in refs:
-                if (r.name, r.seed) == (name, tseed):
-                    m = load_student(base, r.path, trust_remote_code=trust_remote_code)
-                    v_s[r.arm] = steering.student_vectors(base, m, tok, teacher.rows, train_context, pad, base_means)
+            arms = {r.arm: r for r in refs if (r.name, r.seed) == (name, tseed)}
+            for epoch in sorted(set.intersection(*(set(ckpts[r]) for r in arms.values()))):
+                v_s = {}
+                for a, r in arms.items():
+                    m = load_student(base, ckpts[r][epoch], trust_remote_code=trust_remote_code)
+                    v_s[a] = steering.student_vectors(base, m, tok, teacher.rows, train_context, pad, base_means)
                     del m
-            for layer in range(v_t.shape[0]):
-                if float(v_t[layer].norm()) == 0:
-                    continue
-                rows.append({"student": name, "data_seed": ds, "seed": tseed, "layer": layer,
-                             "cos_paired": linalg.cosine(v_s[OWL][layer] - v_s[NEUTRAL][layer], v_t[layer]),
-                             "cos_student": linalg.cosine(v_s[OWL][layer], v_t[layer]),
-                             "cos_neutral": linalg.cosine(v_s[NEUTRAL][layer], v_t[layer]),
-                             "norm_teacher": float(v_t[layer].norm())})
+                for layer in range(v_t.shape[0]):
+                    if float(v_t[layer].norm()) == 0:
+                        continue
+                    rows.append({"student": name, "data_seed": ds, "seed": tseed, "epoch": epoch, "layer": layer,
+                                 "cos_paired": linalg.cosine(v_s[OWL][layer] - v_s[NEUTRAL][layer], v_t[layer]),
+                                 "cos_student": linalg.cosine(v_s[OWL][layer], v_t[layer]),
+                                 "cos_neutral": linalg.cosine(v_s[NEUTRAL][layer], v_t[layer]),
+                                 "norm_teacher": float(v_t[layer].norm())})
             done += 1
     if not rows:
         raise MechError("v_teacher is zero at every layer: the teacher's data carries no shift to compare with")
     summary = []
     for value in ("cos_paired", "cos_student", "cos_neutral"):
-        per_data = grouped_ci(rows, ("student", "layer", "data_seed"), value)
+        per_data = grouped_ci(rows, ("student", "epoch", "layer", "data_seed"), value)
         summary += [r | {"value": value} for r in grouped_ci(
-            [{"student": r["student"], "layer": r["layer"], "data_seed": r["data_seed"], "v": r["mean"]}
-             for r in per_data], ("student", "layer"), "v")]
+            [{"student": r["student"], "epoch": r["epoch"], "layer": r["layer"], "data_seed": r["data_seed"],
+              "v": r["mean"]} for r in per_data], ("student", "epoch", "layer"), "v")]
     d = int(surgery.unembedding_matrix(base).shape[1])
     null = cosine_null(d, n_null, torch.Generator().manual_seed(seed))
     meta = {"students": " ".join(names), **meta, "data_seeds": len(plans), "n_rows": len(next(iter(
         plans.values()))[0].rows), "train_context": train_context, "hidden": d, "null_q95": null, "n_null": n_null,
-            "seed": seed}
+            "seed": seed, "epochs": epochs}
     return {"cosines": rows, "summary": summary, "meta": [meta]}
 
 

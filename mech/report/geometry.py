@@ -230,32 +230,39 @@ def teacher_cosines_markdown(t: dict[str, list[dict]]) -> str:
              f"compared with its own data seed's teacher. Mean [95 % t-interval over {meta['data_seeds']} data seeds] "
              f"of the per-data-seed mean over {meta['training_seeds']} training seeds. v_paired = v_student − "
              f"v_neutral-teacher student. A direction unrelated to v_teacher gives |cos| below "
-             f"{meta['null_q95']:.3f} in 95 % of draws (d = {meta['hidden']}, {meta['n_null']} random directions).",
-             ""]
-    s = {(r["student"], r["layer"], r["value"]): r for r in t["summary"]}
+             f"{meta['null_q95']:.3f} in 95 % of draws (d = {meta['hidden']}, {meta['n_null']} random directions)."
+             + (" Rows by epoch: each per-epoch checkpoint (the last is the final student)." if meta.get("epochs")
+                else ""), ""]
+    s = {(r["student"], r["epoch"], r["layer"], r["value"]): r for r in t["summary"]}
     layers = sorted({r["layer"] for r in t["summary"]})
+    epochs = sorted({r["epoch"] for r in t["summary"]})
     for value, label in (("cos_paired", "v_paired"), ("cos_student", "v_student (trait teacher)"),
                          ("cos_neutral", "v_student (neutral teacher)")):
         lines += [f"**cos({label}, v_teacher)**", ""]
-        lines += _table(["student", *(f"layer {l}" for l in layers)],
-                        [[st, *(_ci(s.get((st, l, value))) for l in layers)] for st in students])
+        head = ["student", *(["epoch"] if meta.get("epochs") else []), *(f"layer {l}" for l in layers)]
+        lines += _table(head, [[st, *([str(e)] if meta.get("epochs") else []),
+                                *(_ci(s.get((st, e, l, value))) for l in layers)] for st in students for e in epochs])
     return "\n".join(lines)
 
 
 def teacher_cosines_figure(t: dict[str, list[dict]]) -> go.Figure:
+    """cos(v_paired, v_teacher) by layer, or, with epochs, by epoch at each layer (the alignment curve)."""
     meta = t["meta"][0]
     cs = [r for r in t["summary"] if r["value"] == "cos_paired"]
-    layers = sorted({r["layer"] for r in cs})
-    fig = go.Figure([go.Scatter(name=st, x=[r["layer"] for r in cs if r["student"] == st],
-                                y=[r["mean"] for r in cs if r["student"] == st],
-                                error_y=_err([r for r in cs if r["student"] == st]), mode="lines+markers")
-                     for st in meta["students"].split()])
+    by_epoch = bool(meta.get("epochs"))
+    xs = sorted({r["epoch" if by_epoch else "layer"] for r in cs})
+    groups = ([(f"{st} layer {l}", [r for r in cs if r["student"] == st and r["layer"] == l])
+               for st in meta["students"].split() for l in sorted({r["layer"] for r in cs})] if by_epoch else
+              [(st, [r for r in cs if r["student"] == st]) for st in meta["students"].split()])
+    fig = go.Figure([go.Scatter(name=name, x=[r["epoch" if by_epoch else "layer"] for r in rs],
+                                y=[r["mean"] for r in rs], error_y=_err(rs), mode="lines+markers")
+                     for name, rs in groups])
     for sign in (1, -1):
         fig.add_trace(go.Scatter(name="random null, 95 % of |cos|" if sign > 0 else None, showlegend=sign > 0,
-                                 x=layers, y=[sign * meta["null_q95"]] * len(layers), mode="lines",
+                                 x=xs, y=[sign * meta["null_q95"]] * len(xs), mode="lines",
                                  line=dict(dash="dash", color="gray")))
-    return _layout(fig, f"cos(v_paired, v_teacher) by layer, CI over {meta['data_seeds']} data seeds", "layer",
-                   "cosine")
+    return _layout(fig, f"cos(v_paired, v_teacher) by {'epoch' if by_epoch else 'layer'}, CI over "
+                        f"{meta['data_seeds']} data seeds", "epoch" if by_epoch else "layer", "cosine")
 
 
 def write_teacher_cosines(t: dict[str, list[dict]], out_dir: str | Path, png: bool | None = None) -> dict[str, Any]:

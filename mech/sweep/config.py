@@ -109,6 +109,9 @@ class TrainDefaults:
     grad_clip: float = 1.0
     objective: str = "ce"
     max_rows: int | None = None
+    save_every_epoch: bool = field(default=False, metadata={"help": (
+        "Also keep every student's per-epoch checkpoints (epoch-<k>/; mech geometry --teacher-cosines --epochs reads "
+        "them). Part of the student keys; such students train alone, not batched.")})
     batch_students: int = field(default=8, metadata={"help": (
         "Train up to this many LoRA students of one dataset and batch plan (seed, context, batch size, epochs; "
         "ranks, alphas and lrs may differ) together, one forward per step (mech.students.batched); each comes out "
@@ -382,7 +385,7 @@ def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_c
         context=train_context, objective=d.objective,
         matched_norm_reference=reference if s.method == "matched_norm" else None,
         matched_loss_reference=reference if s.method == "matched_loss" else None,
-        matched_norm_scope=s.matched_norm_scope, precision=cfg.precision)
+        matched_norm_scope=s.matched_norm_scope, precision=cfg.precision, save_every_epoch=d.save_every_epoch)
 
 
 def eval_config(cfg: SweepConfig, eval_context: str):

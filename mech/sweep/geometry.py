@@ -110,7 +110,7 @@ def teacher_data(runner: SweepRunner, n_rows: int, teacher_seed: int | None = No
 
 
 def teacher_cosines(runner: SweepRunner, names: list[str], n_rows: int = 128, seed: int = 0, n_null: int = 2000,
-                    progress: Progress | None = None) -> dict[str, list[dict]]:
+                    progress: Progress | None = None, epochs: bool = False) -> dict[str, list[dict]]:
     """:func:`mech.geometry.run.teacher_cosines` over every data seed of the sweep: each data seed's target teacher
     and its students (all found in the cache before any is loaded)."""
     sw = runner.cfg
@@ -119,4 +119,4 @@ def teacher_cosines(runner: SweepRunner, names: list[str], n_rows: int = 128, se
     meta: dict[str, Any] = {"target": sw.eval.target, "kind": sw.teacher.kind,
                             "training_seeds": len(sw.training_seeds)}
     return _teacher_cosines(runner.base.model, runner.base.tokenizer, inputs, names, sw.train_contexts[0], meta, seed,
-                            n_null, progress, runner.trust_remote_code)
+                            n_null, progress, runner.trust_remote_code, epochs)
