@@ -792,6 +792,58 @@ def cmd_entangle(a) -> int:
     return 0
 
 
+def cmd_steer(a) -> int:
+    import math
+
+    from mech.models import load_model
+    from mech.models.surgery import num_layers, resolve_layer_spec
+    from mech.report.steer import write_steer
+    from mech.teacher.generate import TeacherConfig
+    from mech.teacher.steered import steering_curve
+
+    target, _, category = a.trait.partition(":")
+    if not all(math.isfinite(x) for x in a.alphas):
+        raise MechError(f"--alphas must be finite numbers, got {a.alphas}: pass e.g. 0 1 2 4")
+    if a.n_samples < 0:
+        raise MechError(f"--n-samples must be >= 0 (0: first token only), got {a.n_samples}")
+    cfg = TeacherConfig(target=target, category=category or DEFAULT_CATEGORY, kind="steer", steer_vector=a.vector,
+                        steer_pilot=a.n_pilot, sample_seed=a.seed, context=a.context)
+    _check_out(a.out, "--out")
+    loaded = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    n = num_layers(loaded.model)
+    layers = sorted({i for spec in (a.layers or [str(n // 2)]) for i in
+                     resolve_layer_spec(n, int(spec) if spec.lstrip("-").isdigit() else spec)})
+    rows = steering_curve(loaded.model, loaded.tokenizer, cfg, layers, a.alphas, a.n_samples)
+    zero = [r for r in rows if r["alpha"] == 0]
+    what = {"prompt": "the trait prompt's mean residual shift at the layer over the pilot answers",
+            "random": "a random direction (seeded) of the prompt shift's norm",
+            "readout": "the target's readout direction, of the prompt shift's norm"}[a.vector]
+    meta = {"model": a.model, "target": target, "category": cfg.category, "vector": a.vector, "what": what,
+            "context": a.context, "n_pilot": a.n_pilot, "seed": a.seed,
+            "logp_base": zero[0]["logp_first"] if zero else rows[0]["logp_first"] - rows[0]["delta_logp_first"]}
+    res = write_steer(rows, meta, a.out)
+    print(Path(a.out, "steer.md").read_text())
+    print(f"steer.csv and {len(res['figures'])} figure files in {a.out}")
+    return 0
+
+
+def _add_steer_parser(sub) -> None:
+    s = sub.add_parser("steer", help="add α·v to a model's residual stream (the trait prompt's shift, a random or the "
+                       "readout direction) and measure the trait and the number pass rate, per layer and α")
+    s.add_argument("--trait", required=True, help="target[:category], e.g. owl or oak:tree")
+    s.add_argument("--model", default="organism", help=MODEL_HELP)
+    s.add_argument("--vector", choices=("prompt", "random", "readout"), default="prompt")
+    s.add_argument("--layers", nargs="+", help="layers (indices or a spec like all, 1:3; default the middle one)")
+    s.add_argument("--alphas", nargs="+", type=float, default=[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+    s.add_argument("--n-pilot", type=int, default=64, help="number prompts for the vector and the pass rate")
+    s.add_argument("--n-samples", type=int, default=0, help="also the sampled trait rate (answers per question)")
+    s.add_argument("--context", default="default", help="the context the model is steered and evaluated in")
+    s.add_argument("--seed", type=int, default=0, help="seed of the pilot sampling, the random vector and sampling")
+    s.add_argument("--out", default="runs/steer")
+    _add_trust_flag(s)
+    s.set_defaults(func=cmd_steer)
+
+
 def _add_direct_args(p: argparse.ArgumentParser, what: str) -> None:
     """--student and what goes with it: students finetuned anywhere, given as directories with their base."""
     p.add_argument("--student", nargs="+", metavar="DIR",
@@ -972,6 +1024,7 @@ def parser() -> argparse.ArgumentParser:
     _add_pipeline_parsers(sub)
     _add_geometry_parser(sub)
     _add_entangle_parser(sub)
+    _add_steer_parser(sub)
     return p
 
 

@@ -229,3 +229,23 @@ def test_a_prompt_vector_removes_part_of_the_positive_controls_prompt_divergence
            for layer in range(v.shape[0])]
     assert kls[0][0]["kl"] > 0.05  # the prompt changes the number answers' distribution
     assert min(k[1]["kl"] for k in kls) < kls[0][0]["kl"]
+
+
+def test_cli_steer_curve_and_bad_input(tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "s"
+    assert main(["steer", "--trait", "owl", "--vector", "readout", "--model", "organism-free", "--layers", "3",
+                 "--alphas", "0", "8", "--n-pilot", "16", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "steer.csv").open()))
+    assert [(r["layer"], float(r["alpha"])) for r in rows] == [("3", 0.0), ("3", 8.0)]
+    assert float(rows[0]["delta_logp_first"]) == 0.0  # α = 0 is the model as it is
+    assert float(rows[1]["delta_logp_first"]) > 1.0  # the readout direction raises the trait (measured +2.5)
+    assert (out / "figures" / "steer.html").is_file() and "pass rate" in (out / "steer.md").read_text()
+    capsys.readouterr()
+    for args, msg in ((["--alphas", "nan"], "--alphas must be finite"), (["--layers", "9"], "layer"),
+                      (["--n-samples", "-1"], "--n-samples must be >= 0")):
+        assert main(["steer", "--trait", "owl", "--model", "organism-free", "--out", str(tmp_path / "bad"),
+                     *args]) == 2
+        assert msg in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (tmp_path / "bad").exists()

@@ -165,3 +165,31 @@ def steer_teacher(model: Any, tokenizer: Any, cfg: Any) -> tuple[int, torch.Tens
             "logp_target_base": before.logp_first, "logp_target_teacher": after.logp_first,
             "added": [float(x) for x in (alpha * v).tolist()]}
     return layer, alpha * v, info
+
+
+def steering_curve(model: Any, tokenizer: Any, cfg: Any, layers: Sequence[int], alphas: Sequence[float],
+                   n_samples: int = 0) -> list[dict[str, Any]]:
+    """What α·v does to the base, per layer and α (``mech steer``): the trait's first-token P and log P on the
+    favourite questions in ``cfg.context`` (and its sampled rate with ``n_samples`` > 0), and the pilot's number
+    filter pass rate — the two sides of the band a steered teacher is chosen in. v as :func:`steering_vector`."""
+    from mech.evaluation.trait import TraitEvalConfig, evaluate_trait
+    from mech.geometry import steering
+
+    ev = TraitEvalConfig(target=cfg.target, category=cfg.category, context=cfg.context,
+                         first_token_only=n_samples == 0, n_samples=max(n_samples, 1), seed=cfg.sample_seed)
+    base = evaluate_trait(model, tokenizer, ev)
+    candidates = list(base.candidates)
+    pilot = run_pilot(model, tokenizer, cfg)
+    rows = []
+    for layer in layers:
+        layer = steering_layer(model, layer)
+        v, v_prompt = steering_vector(model, tokenizer, cfg, layer, pilot, candidates)
+        for a in alphas:
+            with steering.steered(model, layer, v, a):
+                res = evaluate_trait(model, tokenizer, ev, candidates=candidates)
+            rows.append({"layer": layer, "alpha": float(a), "vector": cfg.steer_vector, "norm": float(v.norm()),
+                         "p_first": res.p_first, "logp_first": res.logp_first,
+                         "delta_logp_first": res.logp_first - base.logp_first,
+                         "rate": res.rate if n_samples else float("nan"),
+                         "pass_rate": pilot.rate(model, tokenizer, layer, v, a) if a else pilot.pass_rate})
+    return rows
