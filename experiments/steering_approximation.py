@@ -34,13 +34,17 @@ def approximation(curves: dict[int, list[dict]]) -> dict:
 
 
 def own_effects(paths: list[str]) -> dict[str, float]:
-    """Each teacher's own paired Δ (the ``own`` column), mean over its replicates, from cross_trait_specificity.csv."""
-    vals: dict[str, list[float]] = {}
+    """Each teacher's own paired Δ (``own_mean``: the mean over its replicates) from cross_trait_specificity.csv
+    files (one student recipe each)."""
+    out: dict[str, float] = {}
     for p in paths:
         with open(p) as f:
-            for r in csv.DictReader(f):
-                vals.setdefault(r["teacher"], []).append(float(r["own"]))
-    return {t: sum(v) / len(v) for t, v in vals.items()}
+            rows = list(csv.DictReader(f))
+        if not rows or "own_mean" not in rows[0] or len({r["student"] for r in rows}) != 1:
+            raise MechError(f"{p} is not a cross_trait_specificity.csv of one student recipe (own_mean per teacher): "
+                            "pass the file a cross-trait sweep writes")
+        out |= {r["teacher"]: float(r["own_mean"]) for r in rows}
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -68,6 +72,7 @@ def main(argv: list[str]) -> int:
 
     if 0.0 not in a.alphas:
         raise MechError("--alphas must include 0 (the unsteered divergence the approximation is relative to)")
+    own = own_effects(a.effects) if a.effects else None  # read before minutes of work, not after
     loaded = load_model(a.model)
     if loaded.path is None:
         raise MechError(f"{a.model} is not a local organism build: pass organism, organism-free or a build directory")
@@ -92,8 +97,7 @@ def main(argv: list[str]) -> int:
               f"(layer {row['best_layer']}, α {row['best_alpha']:g})  approximation {row['approximation']:.3f}",
               flush=True)
     result: dict = {"model": a.model, "n": a.n, "seed": a.seed, "alphas": alphas, "rows": rows_out}
-    if a.effects:
-        own = own_effects(a.effects)
+    if own is not None:
         both = [r for r in rows_out if r["trait"] in own]
         x, y = [r["approximation"] for r in both], [own[r["trait"]] for r in both]
         test = spearmanr(x, y, alternative="greater")
