@@ -796,10 +796,10 @@ def cmd_steer(a) -> int:
     import math
 
     from mech.models import load_model
-    from mech.models.surgery import num_layers, resolve_layer_spec
+    from mech.models.surgery import resolve_layers
     from mech.report.steer import write_steer
     from mech.teacher.generate import TeacherConfig
-    from mech.teacher.steered import steering_curve
+    from mech.teacher.steered import steering_curve, steering_layer
 
     target, _, category = a.trait.partition(":")
     if not all(math.isfinite(x) for x in a.alphas):
@@ -810,17 +810,15 @@ def cmd_steer(a) -> int:
                         steer_pilot=a.n_pilot, sample_seed=a.seed, context=a.context)
     _check_out(a.out, "--out")
     loaded = load_model(a.model, trust_remote_code=a.trust_remote_code)
-    n = num_layers(loaded.model)
-    layers = sorted({i for spec in (a.layers or [str(n // 2)]) for i in
-                     resolve_layer_spec(n, int(spec) if spec.lstrip("-").isdigit() else spec)})
+    layers = (sorted({i for spec in a.layers for i in resolve_layers(loaded.model, spec)}) if a.layers
+              else [steering_layer(loaded.model, None)])
     rows = steering_curve(loaded.model, loaded.tokenizer, cfg, layers, a.alphas, a.n_samples)
-    zero = [r for r in rows if r["alpha"] == 0]
     what = {"prompt": "the trait prompt's mean residual shift at the layer over the pilot answers",
             "random": "a random direction (seeded) of the prompt shift's norm",
             "readout": "the target's readout direction, of the prompt shift's norm"}[a.vector]
     meta = {"model": a.model, "target": target, "category": cfg.category, "vector": a.vector, "what": what,
             "context": a.context, "n_pilot": a.n_pilot, "seed": a.seed,
-            "logp_base": zero[0]["logp_first"] if zero else rows[0]["logp_first"] - rows[0]["delta_logp_first"]}
+            "logp_base": rows[0]["logp_first"] - rows[0]["delta_logp_first"]}  # the unsteered model's
     res = write_steer(rows, meta, a.out)
     print(Path(a.out, "steer.md").read_text())
     print(f"steer.csv and {len(res['figures'])} figure files in {a.out}")

@@ -118,24 +118,31 @@ def run_pilot(model: Any, tokenizer: Any, cfg: Any) -> Pilot:
     return Pilot(pilot_cfg, ids, rows, len(rows) / len(answers))
 
 
-def steering_vector(model: Any, tokenizer: Any, cfg: Any, layer: int, pilot: Pilot,
-                    candidates: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v, the prompt vector) at ``layer`` for ``cfg.steer_vector``: the prompt's mean shift on the pilot rows, a
-    random direction or the target's readout direction (over ``candidates``) scaled to that shift's norm."""
-    from mech.evaluation.inference import pad_id
-    from mech.geometry import linalg, steering
-    from mech.resources import trait_system_prompt
+def prompt_vectors(model: Any, tokenizer: Any, cfg: Any, pilot: Pilot) -> torch.Tensor:
+    """[n_layers, d]: the trait prompt's mean residual shift after each layer (trait prompt minus ``cfg.context``)
+    over the answer tokens of the pilot rows."""
     from mech.context import Context
+    from mech.evaluation.inference import pad_id
+    from mech.geometry import steering
+    from mech.resources import trait_system_prompt
 
     trait_ctx = Context("custom", trait_system_prompt(cfg.target, cfg.category)).spec
-    v_prompt = steering.teacher_vectors(model, tokenizer, pilot.rows, trait_ctx, cfg.context, pad_id(tokenizer))[layer]
+    return steering.teacher_vectors(model, tokenizer, pilot.rows, trait_ctx, cfg.context, pad_id(tokenizer))
+
+
+def steering_vector(model: Any, tokenizer: Any, cfg: Any, v_prompt: torch.Tensor,
+                    candidates: Sequence[str]) -> torch.Tensor:
+    """v for ``cfg.steer_vector`` at a layer whose prompt vector (:func:`prompt_vectors`) is ``v_prompt``: that
+    vector itself, or a random direction or the target's readout direction (over ``candidates``) of its norm."""
+    from mech.geometry import linalg, steering
+
     norm = float(v_prompt.norm())
     if cfg.steer_vector == "prompt":
-        return v_prompt, v_prompt
+        return v_prompt
     if cfg.steer_vector == "readout":
-        return linalg.unit(steering.readout_direction(model, tokenizer, cfg.target, candidates)) * norm, v_prompt
+        return linalg.unit(steering.readout_direction(model, tokenizer, cfg.target, candidates)) * norm
     gen = torch.Generator().manual_seed(vector_seed(cfg.sample_seed))
-    return linalg.random_directions(v_prompt.numel(), 1, gen)[0] * norm, v_prompt
+    return linalg.random_directions(v_prompt.numel(), 1, gen)[0] * norm
 
 
 def steer_teacher(model: Any, tokenizer: Any, cfg: Any) -> tuple[int, torch.Tensor, dict[str, Any]]:
@@ -149,7 +156,8 @@ def steer_teacher(model: Any, tokenizer: Any, cfg: Any) -> tuple[int, torch.Tens
     before = evaluate_trait(model, tokenizer, ev)
     candidates = list(before.candidates)
     pilot = run_pilot(model, tokenizer, cfg)
-    v, v_prompt = steering_vector(model, tokenizer, cfg, layer, pilot, candidates)
+    v_prompt = prompt_vectors(model, tokenizer, cfg, pilot)[layer]
+    v = steering_vector(model, tokenizer, cfg, v_prompt, candidates)
     if cfg.steer_alpha is not None:
         alpha, search = float(cfg.steer_alpha), []
     else:
@@ -180,10 +188,11 @@ def steering_curve(model: Any, tokenizer: Any, cfg: Any, layers: Sequence[int], 
     base = evaluate_trait(model, tokenizer, ev)
     candidates = list(base.candidates)
     pilot = run_pilot(model, tokenizer, cfg)
+    v_prompts = prompt_vectors(model, tokenizer, cfg, pilot)  # every layer's, read once
     rows = []
     for layer in layers:
         layer = steering_layer(model, layer)
-        v, v_prompt = steering_vector(model, tokenizer, cfg, layer, pilot, candidates)
+        v = steering_vector(model, tokenizer, cfg, v_prompts[layer], candidates)
         for a in alphas:
             with steering.steered(model, layer, v, a):
                 res = evaluate_trait(model, tokenizer, ev, candidates=candidates)
