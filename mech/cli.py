@@ -191,7 +191,8 @@ def cmd_organism_info(a) -> int:
 SCALES = {
     "quick": ("experiments/quick.yaml",),
     "full": ("experiments/quick.yaml", "experiments/context_grid.yaml", "experiments/full_ft_controls.yaml",
-             "experiments/full_ft_matched_loss.yaml", "experiments/rank_sweep.yaml", "experiments/controls.yaml"),
+             "experiments/full_ft_matched_loss.yaml", "experiments/lr_grid.yaml", "experiments/rank_sweep.yaml",
+             "experiments/controls.yaml"),
     # The paper's sizes on a real model (GPU only). The rank sweep comes first: it is the paper's central claim
     # (C1) and has the paper's own student (LoRA r8 α8), which is what gets localised; it is LoRA only, so the
     # localisation does not wait on full finetuning, which comes last as the costliest in memory (README).
@@ -235,7 +236,8 @@ def cmd_reproduce(a) -> int:
     student_cells(first, a.students, a.sweep[0])  # a student the first sweep lacks fails now, not after the sweep
     from mech.interventions.battery import LocaliseConfig
 
-    LocaliseConfig(category=first.eval.category, n_questions=a.n_questions)  # a bad count fails before any model
+    LocaliseConfig(category=first.eval.category, n_questions=a.n_questions,  # bad values fail before any model
+                   sampled=a.sampled, sampled_positions=tuple(a.sampled_positions))
     for model in a.model:
         _with_model(first, model)  # a bad spec, or a hub id not downloaded, fails here, not after the first run
     reps = []
@@ -251,7 +253,8 @@ def cmd_reproduce(a) -> int:
         try:  # close the bar before main() prints an error, so the error stays the last stderr line
             reps.append(run_reproduce(model, a.sweep[0], a.students, cache=a.cache, n_samples=a.n_samples,
                                       oracle_rows=a.oracle_rows, more_sweeps=a.sweep[1:], null_sets=a.null_sets,
-                                      n_questions=a.n_questions, stage=stage,
+                                      n_questions=a.n_questions, stage=stage, sampled=a.sampled,
+                                      sampled_positions=tuple(a.sampled_positions),
                                       check_progress=lambda s: stage(f"organism check: {s}", 0, 0)))
         finally:
             bar.close()
@@ -655,7 +658,8 @@ def cmd_localise(a) -> int:
         target, category = sw.eval.target, sw.eval.category
     Context.parse(eval_context)  # a bad spec fails here, before any model loads
     cfg = LocaliseConfig(target=target, category=category, eval_context=eval_context, train_context=train_context,
-                         n_questions=a.n_questions, null_sets=a.null_sets, seed=a.seed, rest_from=a.rest_from)
+                         n_questions=a.n_questions, null_sets=a.null_sets, seed=a.seed, rest_from=a.rest_from,
+                         sampled=a.sampled, sampled_positions=tuple(a.sampled_positions))
     _check_out(a.out, "--out")
     if direct:
         loaded = _load_checked_base(a, students + (controls or []))
@@ -978,9 +982,12 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--train-context", help="localise the students trained in this context of the sweep (default: "
                     "its first; with --student, the context they record, else default); with another --eval-context, "
                     "tokens never seen in training are non-shared")
-    lo.add_argument("--rest-from", choices=("student", "base"), default="student",
-                    help="full-FT students: take embeddings, norms and lm_head from the base, so only the projections "
-                    "are grafted and no mask is offset by the student's trained embeddings")
+    lo.add_argument("--rest-from", choices=("masked", "student", "base"), default="masked",
+                    help="full-FT students: where embeddings, norms and lm_head come from: masked (default: grafted "
+                    "per position with the mask, like the projections, so the empty mask is the base), the student "
+                    "(on everywhere: every mask is offset by the student's trained embeddings), or the base (only the "
+                    "projections are grafted)")
+    _add_sampled_args(lo)
     lo.add_argument("--eval-context", help="evaluate in this context (default | none | empty | custom:<text>; "
                     "default: the sweep's first eval context, with --student default)")
     _add_trust_flag(lo)
@@ -1002,7 +1009,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--scale", choices=tuple(SCALES), default="quick",
                    help="which experiments run when --sweep is not given: quick (the quick sweep: C1, C2, and with "
                         "the null C4 / R3), full (every experiment YAML that declares tests: also the context grid, "
-                        "the full-FT controls, the rank sweep and the data controls; hours on a CPU) or paper "
+                        "the full-FT controls, the learning-rate grid, the rank sweep and the data controls; hours on "
+                        "a CPU) or paper "
                         "(experiments/paper/: the paper's sizes on a real model, CUDA only; never run so far)")
     r.add_argument("--sweep", nargs="+",
                    help="the sweeps to run after the organism check, instead of --scale's; the first one's students "
@@ -1018,6 +1026,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--n-questions", type=int, default=50,
                    help="evaluation questions the localisation battery runs on (the first N; fewer make a large "
                    "model's CPU run affordable)")
+    _add_sampled_args(r)
     r.set_defaults(func=cmd_reproduce)
     _add_pipeline_parsers(sub)
     _add_geometry_parser(sub)
@@ -1025,6 +1034,17 @@ def parser() -> argparse.ArgumentParser:
     _add_steer_parser(sub)
     return p
 
+
+def _add_sampled_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampled", type=int, default=SAMPLED_DEFAULT, metavar="N",
+                        help="a second localisation metric: N sampled answers per question and mask with the update "
+                        "grafted while the answer is written, for the primary masks (0 skips it)")
+    parser.add_argument("--sampled-positions", nargs="+", default=list(SAMPLED_POSITIONS),
+                        help="the primary position sets the sampled metric runs on (battery position sets)")
+
+
+SAMPLED_DEFAULT = 20  # per question and mask: 3 students x 50 questions give 3,000 answers per arm
+SAMPLED_POSITIONS = ("shared", "non_shared", "readout", "shared_minus_readout")
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, for SIGTERM too: both mean "stopped from outside", handled alike
 

@@ -62,12 +62,14 @@ def load_sweeps(paths: Sequence[str | Path]) -> list[Any]:
 def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache: Path | None = None,
                   n_samples: int = 200, oracle_rows: int = 300, check_progress: Callable[[str], None] | None = None,
                   stage: Stage | None = None, null_sets: int = 0,
-                  more_sweeps: Sequence[str | Path] = (), n_questions: int = 50) -> Reproduction:
+                  more_sweeps: Sequence[str | Path] = (), n_questions: int = 50, sampled: int = 0,
+                  sampled_positions: Sequence[str] | None = None) -> Reproduction:
     """Check the organism at ``model``, run the sweep at ``sweep_path`` on it (cached), and localise the trait in
     ``students`` (names from the sweep's summary), paired against their neutral-teacher students, with
     ``null_sets`` random position sets per null region (0: none; ``mech localise --null-sets`` runs them); then run
     ``more_sweeps`` (their tables and declared tests join the report; nothing is localised in them). The battery
-    runs on the first ``n_questions`` evaluation questions (fewer make it affordable on a large model's CPU run).
+    runs on the first ``n_questions`` evaluation questions (fewer make it affordable on a large model's CPU run);
+    ``sampled`` answers per question give its second, sampled metric for ``sampled_positions`` (0: none).
     The base model is loaded once and shared by all of it."""
     from mech import organism
     from mech.interventions.battery import LocaliseConfig, compute_localise
@@ -85,7 +87,8 @@ def run_reproduce(model: str, sweep_path: str | Path, students: list[str], cache
     lcfg = LocaliseConfig(target=sweep_cfg.eval.target, category=sweep_cfg.eval.category,
                           eval_context=sweep_cfg.eval_contexts[0], train_context=sweep_cfg.train_contexts[0],
                           null_sets=null_sets, null_positions=("shared",),  # the region the verdict reads
-                          n_questions=n_questions)
+                          n_questions=n_questions, sampled=sampled,
+                          **({"sampled_positions": tuple(sampled_positions)} if sampled_positions else {}))
     base = load_model(model, device=sweep_cfg.device, dtype=sweep_cfg.dtype)
     # the organism's bars are about the organism's designed behaviour: another model has none to check
     is_organism = base.path is not None and (base.path / organism.META_FILE).is_file()

@@ -247,6 +247,62 @@ def test_full_ft_rest_from_decides_what_is_outside_projections(base, rendered, m
     assert "forward" not in get_projection(get_layers(base)[0], "q").__dict__
 
 
+def _perturbed(model, seed: int, scale: float = 0.2, only: tuple[str, ...] = ()):
+    """A copy of ``model`` with every parameter (or only those whose name contains all of ``only``) moved."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if all(o in name for o in only):
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_full_ft_rest_masked_all_is_student_none_is_base(arch, rendered, make_tiny_lm):
+    """Every parameter moved (projections, norms, embeddings): the all-on mask is exactly the student, the
+    all-off mask exactly the base, and (1, 4, 7) sufficiency + necessity sit between them."""
+    base = make_tiny_lm(arch, seed=0)
+    student = _perturbed(base, seed=1)
+    got = graft(student, rendered, [Mask("all"), Mask("none")], base=base, rest_from="masked")
+    assert torch.equal(got[0], logits_of(student, rendered.input_ids))
+    assert torch.equal(got[1], logits_of(base, rendered.input_ids))
+    for name in ("forward",):  # every replaced forward is restored, in both models
+        assert all(name not in m.__dict__ for m in [*student.modules(), *base.modules()])
+
+
+def test_full_ft_rest_masked_grafts_embeddings_at_the_mask_positions(base, rendered):
+    """A student whose only change is its (tied) embedding matrix. With the rest masked, a position mask that
+    leaves out the readout equals the base run on embeddings taken from the student at exactly those positions
+    (and the base's lm_head at the readout); with the rest from the student it does not."""
+    student = _perturbed(base, seed=2, scale=0.5, only=("embed_tokens",))
+    assert torch.equal(student.lm_head.weight, student.get_input_embeddings().weight)  # tied: the head moved too
+    positions = (1, 4, 7)
+    ids = torch.tensor([list(rendered.input_ids)])
+    with torch.no_grad():
+        e_base, e_student = base.get_input_embeddings()(ids), student.get_input_embeddings()(ids)
+        mixed = e_base.clone()
+        mixed[0, list(positions)] = e_student[0, list(positions)]
+        want = base(inputs_embeds=mixed).logits[0, -1]
+    masked = graft(student, rendered, [Mask(positions)], base=base, rest_from="masked")[0, -1]
+    assert torch.allclose(masked, want, atol=1e-5)
+    metric = graft_metric(student, base, rendered, [Mask(positions)], [5, 9], rest_from="masked")  # logits_to_keep
+    assert torch.allclose(metric, first_token_logp(want, [5, 9]).reshape(1), atol=1e-5)
+    on_student = graft(student, rendered, [Mask(positions)], base=base, rest_from="student")[0, -1]
+    assert not torch.allclose(on_student, want, atol=1e-3)
+
+
+def test_full_ft_rest_masked_follows_the_mask_layers(base, rendered):
+    """A student whose only change is layer 1's norms: a mask on layer 0 alone leaves it the base, on layer 1
+    alone it is the student."""
+    student = _perturbed(base, seed=3, scale=0.5, only=("layers.1.", "norm"))
+    got = graft(student, rendered, [Mask("all", "all", 0), Mask("all", "all", 1)], base=base,
+                rest_from="masked")
+    assert torch.allclose(got[0], logits_of(base, rendered.input_ids), atol=1e-6)
+    assert torch.equal(got[1], logits_of(student, rendered.input_ids))
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
+
+
 def test_full_ft_needs_a_matching_base(lora_student, base, rendered, make_tiny_lm):
     res = [Mask("all").resolve(base, rendered)]
     with pytest.raises(MechError, match="needs its base"):
@@ -307,6 +363,23 @@ def test_graft_generate_policy_matters_and_is_checked(make_tiny_lm, rendered):
     assert off == base_tokens and on[0] == base_tokens[0]  # the first token is the prompt's alone
     with pytest.raises(MechError, match="decode_policy"):
         graft_generate(student, None, rendered, [Mask("all")], max_new_tokens=2, decode_policy="sometimes")
+
+
+def test_graft_generate_samples_share_a_prefill_and_equal_repeated_masks(lora_student, rendered):
+    """n_samples per mask (one prefill per mask, its cache expanded) draws the same tokens as listing each mask
+    n times; greedy samples of one mask are identical."""
+    masks = [Mask("all"), Mask("user"), Mask("none")]
+    got = graft_generate(lora_student, None, rendered, masks, max_new_tokens=5, decode_policy="as_last",
+                         temperature=1.0, seed=7, n_samples=4)
+    want = graft_generate(lora_student, None, rendered, [m for m in masks for _ in range(4)], max_new_tokens=5,
+                          decode_policy="as_last", temperature=1.0, seed=7)
+    assert got == want and len(got) == 12
+    assert len({tuple(t) for t in got}) > 3  # sampling, not one answer repeated
+    greedy_ = graft_generate(lora_student, None, rendered, masks, max_new_tokens=5, decode_policy="as_last",
+                             n_samples=3)
+    assert all(greedy_[3 * k] == greedy_[3 * k + j] for k in range(3) for j in (1, 2))
+    with pytest.raises(MechError, match="n_samples"):
+        graft_generate(lora_student, None, rendered, masks, max_new_tokens=2, decode_policy="on", n_samples=0)
 
 
 def test_single_position_masks(rendered, lora_student):

@@ -8,7 +8,8 @@ The effect is the trait's first-token log P over the target's token variants. Th
 ``(m_mask − m_base) / (m_student − m_base)`` on means over questions (ratios of means, because a single
 question's effect can be ~0). Fractions are then summarised over the students of a group (training seeds)
 with a 95 % t-interval. Activation patching and AtP grids (one question, denoising: the student's activations
-into the base) give the per-token heatmaps.
+into the base) give the per-token heatmaps. With ``sampled`` set, the primary position sets also get the paper's
+own metric, the sampled rate, with the update grafted while each answer is written (``sampled_rates``).
 
 This module computes and returns data (:class:`Localisation`: rows, summaries, heatmap grids);
 :mod:`mech.report.localise` writes the tables and figures.
@@ -28,7 +29,7 @@ from mech.teacher.prompts import generate_prompts
 from mech.resources import questions
 from mech.evaluation.scoring import first_token_ids
 from mech.evaluation.inference import next_token_logprobs, pad_id, target_logp
-from mech.interventions.graft import graft_metric, is_lora_student
+from mech.interventions.graft import DECODE_POLICIES, REST_FROM, graft_generate, graft_metric, is_lora_student
 from mech.interventions.mask import Mask
 from mech.interventions.positions import resolve_positions, spec_label
 from mech.interventions.result import Effect
@@ -60,10 +61,20 @@ class LocaliseConfig:
     null_questions: int = 10  # the null runs on the first this-many questions: 200 sets x 50 questions is too slow
     seed: int = 0  # the null sets and the bootstrap
     n_boot: int = 2000
-    # full-FT students: where embeddings, norms and lm_head come from (mech.interventions.graft). "base" keeps the
-    # student's trained embeddings and norms out of every mask, so a full-FT fraction is not offset by them (the
-    # all-on mask then shows how much of the effect the projections carry); LoRA students are unaffected
-    rest_from: str = "student"
+    # full-FT students: where embeddings, norms and lm_head come from (mech.interventions.graft). "masked" grafts
+    # them per position with the mask, so a position mask holds the student's whole update there and the empty mask
+    # is the base, as for LoRA; "student" leaves the student's trained embeddings and norms on everywhere (every
+    # fraction offset by them); "base" keeps them out of every mask (the all-on mask then shows how much of the
+    # effect the projections carry). LoRA students are unaffected
+    rest_from: str = "masked"
+    # a second metric for the primary masks: the sampled trait rate with the update grafted during generation
+    # (graft_generate); ``sampled`` answers per question and mask, 0: off. Each named position set runs with all
+    # components and layers (sufficiency) beside the references "all" (the student) and "none"; generated tokens
+    # keep the readout's weight (decode policy "as_last"), so a mask without the readout is off while writing
+    sampled: int = 0
+    sampled_positions: tuple[str, ...] = ("shared", "non_shared", "readout", "shared_minus_readout")
+    sampled_decode: str = "as_last"
+    sampled_tokens: int = 6  # as the trait evaluation's max_new_tokens
 
     def __post_init__(self) -> None:
         # checked here, before any student is trained or loaded; a count beyond the list was once clipped silently
@@ -71,11 +82,19 @@ class LocaliseConfig:
         if not 1 <= self.n_questions <= n:
             raise MechError(f"n_questions must be between 1 and {n} (the {self.category} questions), got "
                             f"{self.n_questions}: pass --n-questions in that range")
-        if self.rest_from not in ("student", "base"):
-            raise MechError(f"rest_from must be 'student' or 'base', got {self.rest_from!r}")
+        if self.rest_from not in REST_FROM:
+            raise MechError(f"rest_from must be one of {', '.join(REST_FROM)}, got {self.rest_from!r}")
         if self.null_sets < 0 or self.n_boot < 1 or self.null_questions < 1:
             raise MechError(f"null_sets must be >= 0, n_boot and null_questions >= 1, got {self.null_sets}, "
                             f"{self.n_boot} and {self.null_questions}: pass e.g. --null-sets 200")
+        if self.sampled < 0 or self.sampled_tokens < 1:
+            raise MechError(f"sampled must be >= 0 and sampled_tokens >= 1, got {self.sampled} and "
+                            f"{self.sampled_tokens}: pass e.g. --sampled 20, or 0 to skip the sampled metric")
+        odd = [p for p in self.sampled_positions if p not in POSITION_SETS]
+        if odd:
+            raise MechError(f"unknown sampled position set(s) {', '.join(odd)}: choose from {', '.join(POSITION_SETS)}")
+        if self.sampled_decode not in DECODE_POLICIES:
+            raise MechError(f"sampled_decode must be one of {', '.join(DECODE_POLICIES)}, got {self.sampled_decode!r}")
         if not 0 <= self.heatmap_question < n:
             raise MechError(f"heatmap_question must be between 0 and {n - 1} (the {self.category} questions), got "
                             f"{self.heatmap_question}")
@@ -241,6 +260,89 @@ def paired_tests(owl: list[QuestionMetrics], neutral: list[QuestionMetrics] | No
     return rows
 
 
+def sampled_masks(cfg: LocaliseConfig, present: set[str]) -> list[Mask]:
+    """The sampled metric's masks: "all" (the student), "none", then each of ``cfg.sampled_positions`` the prompt
+    has, with all components and layers, sufficiency."""
+    named = [p for p in cfg.sampled_positions if p not in SEGMENT_LABELS or p in present]
+    return [Mask("all", name="all"), Mask("none", name="none"), *(Mask(p, name=p) for p in named)]
+
+
+@dataclass
+class SampledRates:
+    """One student's sampled trait rate per question and mask [Q, K] (share of ``cfg.sampled`` answers naming the
+    target), and the base model's per question [Q] from the same seeds."""
+
+    masks: list[Mask]
+    rate: Any
+    base: Any
+
+
+def _question_seed(cfg: LocaliseConfig, q: int) -> int:
+    return cfg.seed * 1_000_003 + q  # the same draws for a student and its neutral twin: paired samples
+
+
+def sampled_rates(student: Any, base: Any, tok, cfg: LocaliseConfig,
+                  progress: Callable[[int, int], None] | None = None, with_base: bool = True) -> SampledRates:
+    """The sampled metric of ``cfg.sampled`` answers per question under each of :func:`sampled_masks`, the
+    update grafted while the answer is written (mech.interventions.graft.graft_generate); ``with_base`` also
+    samples the base model from the same seeds (what an unpaired effect subtracts; else ``base`` rates are NaN)."""
+    import numpy as np
+
+    from mech.evaluation.inference import decode_answer, eos_id, sample, stop_ids
+    from mech.evaluation.scoring import mentions
+
+    train_r = _train_rendered(tok, cfg)
+    rendered = _rendered_questions(tok, cfg)
+    masks = sampled_masks(cfg, set(rendered[0].segments))
+    n, stops, eos, pad = cfg.sampled, stop_ids(tok), eos_id(tok), pad_id(tok)
+
+    def rate(tokens: list[list[int]]) -> list[float]:
+        hits = [mentions(decode_answer(tok, t, stops), cfg.target) for t in tokens]
+        return [float(np.mean(hits[k:k + n])) for k in range(0, len(hits), n)]
+
+    grafted_base = None if is_lora_student(student) else base
+    rates, base_rates = [], []
+    for q, r in enumerate(rendered):
+        seed = _question_seed(cfg, q)
+        rates.append(rate(graft_generate(student, grafted_base, r, masks, max_new_tokens=cfg.sampled_tokens,
+                                         decode_policy=cfg.sampled_decode, eos_id=eos, pad_id=pad, temperature=1.0,
+                                         seed=seed, train_rendered=train_r, rest_from=cfg.rest_from, n_samples=n)))
+        base_rates += rate(sample(base, [r.input_ids], seed=seed, max_new_tokens=cfg.sampled_tokens, eos_id=eos,
+                                  pad_id=pad, batch_size=n, n_samples=n)) if with_base else [float("nan")]
+        if progress:
+            progress(q + 1, len(rendered))
+    return SampledRates(masks, np.asarray(rates), np.asarray(base_rates))
+
+
+def sampled_tests(owl: list[SampledRates], neutral: list[SampledRates] | None, cfg: LocaliseConfig,
+                  group: str) -> list[dict]:
+    """Per sampled mask: the paired effect on the sampled rate (owl student − its neutral student under the same
+    mask and seeds; without neutral students, student − base), mean over students and questions, its crossed
+    bootstrap 95 % interval, and its fraction of the "all" mask's (the unmasked student's) paired effect."""
+    import numpy as np
+
+    a = np.stack([s.rate for s in owl])  # [S, Q, K]
+    if neutral is not None:
+        a = a - np.stack([s.rate for s in neutral])
+        effect = "owl - neutral student, same mask and seeds"
+    else:
+        a = a - np.stack([s.base for s in owl])[:, :, None]
+        effect = "student - base"
+    per_mask = a.transpose(2, 0, 1)  # [K, S, Q]
+    lo, hi = crossed_bootstrap(per_mask, cfg.n_boot, cfg.seed)
+    full = float(per_mask[0].mean())
+    rows = []
+    for k, m in enumerate(owl[0].masks):
+        mean = float(per_mask[k].mean())
+        rows.append({"group": group, "name": m.name, "effect": effect, "paired_rate": mean,
+                     "paired_rate_lo": float(lo[k]), "paired_rate_hi": float(hi[k]),
+                     "fraction": mean / full if full else float("nan"), "rate": float(np.stack([s.rate for s in owl])
+                                                                                       [:, :, k].mean()),
+                     "n_students": int(a.shape[0]), "n_samples": cfg.sampled * a.shape[1],
+                     "decode_policy": cfg.sampled_decode})
+    return rows
+
+
 def null_sets(spec: str, rendered: list[Rendered], train_r: Rendered, n_sets: int, seed: int) -> list[list[Mask]]:
     """Per question, ``n_sets`` random position sets of the size of ``spec``'s (all components, all layers,
     sufficiency), the readout handled as in ``spec``: kept in every set when ``spec`` holds it, else never drawn."""
@@ -372,6 +474,7 @@ class Localisation:
     tests: list[dict] = field(default_factory=list)  # per group × mask reported once (paired_tests)
     duplicates: dict[str, str] = field(default_factory=dict)  # mask name -> the mask it equals
     nulls: list[dict] = field(default_factory=list)  # per group × null position set (null_test)
+    sampled: list[dict] = field(default_factory=list)  # per group × sampled mask (sampled_tests), when cfg.sampled
 
     def mask_rows(self, group: str, mode: str = "sufficiency") -> list[dict]:
         """The group's summary rows of one mode, in battery order (what the mask-row heatmap shows)."""
@@ -389,7 +492,7 @@ def compute_localise(base: Any, tok, groups: dict[str, list], cfg: LocaliseConfi
     out.duplicates = duplicate_masks(battery_masks(cfg, set(rendered[0].segments)), base, rendered,
                                      _train_rendered(tok, cfg))
     for group, dirs in groups.items():
-        grids, owl, neutral = [], [], []
+        grids, owl, neutral, owl_rates, neutral_rates = [], [], [], [], []
         pair = (controls or {}).get(group)
         if pair is not None and len(pair) != len(dirs):
             raise MechError(f"group {group}: {len(dirs)} students but {len(pair)} neutral controls: pair each")
@@ -403,12 +506,21 @@ def compute_localise(base: Any, tok, groups: dict[str, list], cfg: LocaliseConfi
                                      group, d)
             if cfg.patch_sites:  # () skips the per-token heatmaps
                 grids.append(patch_grids(student, base, tok, cfg))
+            if cfg.sampled:
+                owl_rates.append(sampled_rates(student, base, tok, cfg, lambda i, n: tell(f"sampled {desc}", i, n),
+                                               with_base=pair is None))
             if pair is not None:
-                neutral.append(dwg_questions(load(pair[k]), base, tok, cfg,
-                                             lambda i, n: tell(f"{desc} neutral", i, n)))
+                control = load(pair[k])
+                neutral.append(dwg_questions(control, base, tok, cfg, lambda i, n: tell(f"{desc} neutral", i, n)))
+                if cfg.sampled:
+                    neutral_rates.append(sampled_rates(control, base, tok, cfg,
+                                                       lambda i, n: tell(f"sampled {desc} neutral", i, n),
+                                                       with_base=False))
         if grids:
             out.grids[group] = mean_grids(grids)
         out.tests += paired_tests(owl, neutral or None, out.duplicates, cfg, group)
+        if owl_rates:
+            out.sampled += sampled_tests(owl_rates, neutral_rates or None, cfg, group)
         if cfg.null_sets:
             students = [load(d) for d in dirs]
             controls_ = [load(d) for d in pair] if pair is not None else None

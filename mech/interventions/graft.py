@@ -18,6 +18,11 @@ so w = 1 is the student's module, w = 0 the base's. Two students are supported:
   the all-on mask is then exactly the student, the all-off mask is the base's projections inside the
   student's norms/embeddings), or the base (``rest_from="base"``: the all-off mask is exactly the base).
   For a merged LoRA student the two choices coincide, since LoRA changes nothing outside the projections.
+  ``rest_from="masked"`` grafts everything else too: each embedding, norm and lm_head output is
+  ``lerp(base, student, w)`` per position, where w is the largest weight the mask gives any projection of the
+  module's own layer at that position (for modules outside the layers, any projection at all). Components and
+  layers select projections; the rest follows positions within the selected layers. The all-on mask is then the
+  student, the all-off mask the base, and a position mask covers the student's whole update at its positions.
 
 K masks run as ONE batched forward: the prompt is repeated K times along the batch and row k gets mask k's
 weights (``batch_size`` splits very large K into several forwards; the result does not depend on it).
@@ -44,7 +49,7 @@ from mech.interventions.mask import Cell, Mask, ResolvedMask
 from mech.models import surgery
 
 DECODE_POLICIES = ("on", "off", "as_last")
-REST_FROM = ("student", "base")
+REST_FROM = ("student", "base", "masked")
 
 MaskLike = Mask | ResolvedMask
 
@@ -62,6 +67,8 @@ class Gate:
 
     keys: tuple[Cell, ...]
     weights: dict[Cell, torch.Tensor] = field(default_factory=dict)
+    # the weights of modules outside the projections (rest_from="masked"): per layer, and None for the whole model
+    rest: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def set(self, weights: dict[Cell, torch.Tensor]) -> None:
         """Weights [batch, seq] (or [batch, seq, 1]) for every grafted module."""
@@ -69,6 +76,24 @@ class Gate:
         if missing:
             raise MechError(f"no graft weight for module(s) {missing[:3]}: give a weight for every grafted module")
         self.weights = {k: (w if w.dim() == 3 else w.unsqueeze(-1)) for k, w in weights.items() if k in self.keys}
+        stacked = torch.stack([self.weights[k] for k in self.keys])
+        layers = sorted({k[0] for k in self.keys})
+        self.rest = {None: stacked.amax(0)} | {
+            i: torch.stack([self.weights[k] for k in self.keys if k[0] == i]).amax(0) for i in layers}
+
+    def get_rest(self, layer: int | None, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The weight of a non-projection module of ``layer`` (None: outside the layers) shaped to broadcast
+        over its output ``out``. A module after the layers may see only the last positions (``logits_to_keep``)."""
+        w = self.rest.get(layer)
+        if w is None:
+            raise MechError(f"a grafted module of layer {layer} ran before its weights were set: call Gate.set first")
+        n = x.shape[1]
+        if layer is None and n < w.shape[1]:
+            w = w[:, -n:]
+        if w.shape[0] != x.shape[0] or w.shape[1] != n:
+            raise MechError(f"graft weights cover {tuple(w.shape[:2])} (rows, positions) but a module of layer "
+                            f"{layer} got {tuple(x.shape[:2])}: resolve the masks on the same prompt that is run")
+        return w.reshape(*w.shape[:2], *([1] * (out.dim() - 2)))
 
     def set_masks(self, masks: Sequence[ResolvedMask], device: torch.device | None = None) -> None:
         """Row k follows ``masks[k]`` at every prompt position."""
@@ -170,6 +195,19 @@ def _projection_pairs(student: Any, base: Any) -> dict[Cell, tuple[nn.Module, nn
     return pairs
 
 
+def _grafted_rest(other: nn.Module, gate: Gate, layer: int | None) -> Callable:
+    """A student's embedding / norm / lm_head (the host) interpolated toward the base's per position."""
+    def make(_key: str, _mod: nn.Module, host_forward: Callable) -> Callable:
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            student, base = host_forward(x, *args, **kwargs), other(x, *args, **kwargs)
+            w = gate.get_rest(layer, x, student).to(device=base.device, dtype=base.dtype)
+            return torch.lerp(base, student, w)
+
+        return forward
+
+    return make
+
+
 def _grafted_projection(other: nn.Module, gate: Gate, key: Cell, host_is_student: bool) -> Callable:
     def make(_key: Cell, _mod: nn.Module, host_forward: Callable) -> Callable:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -219,12 +257,16 @@ def grafted(student: Any, base: Any = None, rest_from: str = "student") -> Itera
         return
     if base is None:
         raise MechError("grafting a full-FT student (no LoRA layers) needs its base model: pass base=<the base>")
-    host_is_student = rest_from == "student"
+    host_is_student = rest_from != "base"
     pairs = _projection_pairs(student, base)
-    hosts = {k: (s if host_is_student else b) for k, (s, b) in pairs.items()}
+    hosts: dict[Any, nn.Module] = {k: (s if host_is_student else b) for k, (s, b) in pairs.items()}
     others = {k: (b if host_is_student else s) for k, (s, b) in pairs.items()}
     gate = Gate(tuple(sorted(pairs)))
     makers = {k: _grafted_projection(others[k], gate, k, host_is_student) for k in pairs}
+    if rest_from == "masked":
+        for layer, name, s_mod, b_mod in surgery.paired_rest_modules(student, base, "graft a student onto its own "
+                                                                     "base"):
+            hosts[name], makers[name] = s_mod, _grafted_rest(b_mod, gate, layer)
     with _replaced_forwards(hosts, lambda key, mod, fwd: makers[key](key, mod, fwd)):
         yield Grafted(student if host_is_student else base, gate, "full")
 
@@ -331,24 +373,28 @@ def _decode_weights(masks: Sequence[ResolvedMask], keys: Sequence[Cell], policy:
 def graft_generate(student: Any, base: Any, rendered: Rendered, masks: Sequence[MaskLike], *, max_new_tokens: int,
                    decode_policy: str, eos_id: int | None = None, pad_id: int = 0, temperature: float = 0.0,
                    seed: int = 0, train_rendered: Rendered | None = None,
-                   rest_from: str = "student") -> list[list[int]]:
-    """Continue ``rendered`` under each mask: one token list per mask (each ends at ``eos_id``, included).
+                   rest_from: str = "student", n_samples: int = 1) -> list[list[int]]:
+    """Continue ``rendered`` under each mask, ``n_samples`` times: one token list per (mask, sample), mask-major
+    (each ends at ``eos_id``, included).
 
     ``decode_policy`` is what a mask means for generated tokens (module doc). Temperature 0 is greedy;
-    otherwise plain softmax sampling from a CPU generator seeded with ``seed``.
+    otherwise plain softmax sampling from a CPU generator seeded with ``seed``. A mask's samples share one
+    prefill (``decode``'s ``expand``): the prompt runs once per mask, not once per sample.
     """
     if decode_policy not in DECODE_POLICIES:
         raise MechError(f"unknown decode_policy {decode_policy!r}: expected one of {', '.join(DECODE_POLICIES)}")
-    if max_new_tokens < 1:
-        raise MechError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens < 1 or n_samples < 1:
+        raise MechError(f"max_new_tokens and n_samples must be >= 1, got {max_new_tokens} and {n_samples}")
     resolved = _resolve(masks, student, rendered, train_rendered)
     prompt = _prompt_ids(rendered.input_ids)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    expand = torch.arange(len(resolved)).repeat_interleave(n_samples)
     with grafted(student, base, rest_from) as g:
         dev = device_of(g.model)
-        decode_weights = _decode_weights(resolved, g.gate.keys, decode_policy, dev)
+        decode_weights = {k: w[expand.to(w.device)] for k, w in
+                          _decode_weights(resolved, g.gate.keys, decode_policy, dev).items()}
         g.gate.set_masks(resolved, dev)
         # the prompt's masks hold for the prefill; from the first generated token on, the decode policy's
         return decode(g.model, prompt.to(dev).expand(len(resolved), -1), max_new_tokens=max_new_tokens,
                       choose=sampler(temperature, gen), pad=pad_id, eos=eos_id,
-                      after_step=lambda: g.gate.set(decode_weights))
+                      after_step=lambda: g.gate.set(decode_weights), expand=None if n_samples == 1 else expand)

@@ -242,6 +242,39 @@ def paired_projections(a: Any, b: Any, fix: str) -> Iterator[tuple[int, str, nn.
             yield i, kind, px, py
 
 
+def paired_rest_modules(a: Any, b: Any, fix: str) -> Iterator[tuple[int | None, str, nn.Module, nn.Module]]:
+    """(layer or None, name, a's module, b's module) for every parameterised module outside the projections:
+    token embedding, norms (Gemma's q/k norms included), lm_head. ``layer`` is the decoder layer the module sits
+    in, None outside the layers. Found by walking the modules rather than by name, so every family's extra norms
+    are included; a module in one model but not the other raises MechError ending with ``fix``."""
+    def rest(m: Any) -> dict[str, tuple[int | None, nn.Module]]:
+        lm = base_causal_lm(m)
+        projections = {id(_wrapped_module(get_projection(layer, k))) for layer in get_layers(lm) for k in COMPONENTS
+                       if _has_projection(layer, k)}
+        layer_of = {id(mod): i for i, layer in enumerate(get_layers(lm)) for mod in layer.modules()}
+        out = {}
+        for name, mod in lm.named_modules():
+            if id(mod) in projections or not list(mod.parameters(recurse=False)):
+                continue
+            out[name] = (layer_of.get(id(mod)), mod)
+        return out
+
+    ra, rb = rest(a), rest(b)
+    if ra.keys() != rb.keys():
+        odd = sorted(set(ra) ^ set(rb))
+        raise MechError(f"student and base differ in modules {odd[:3]}: {fix}")
+    for name, (layer, ma) in ra.items():
+        yield layer, name, ma, rb[name][1]
+
+
+def _has_projection(layer: Any, kind: str) -> bool:
+    try:
+        get_projection(layer, kind)
+    except MechError:
+        return False
+    return True
+
+
 def component_block(kind: str) -> str:
     """"attn" or "mlp": the group a projection kind belongs to."""
     kind = _check_kind(kind)
@@ -433,6 +466,18 @@ def projection_weight(module: Any) -> Any:
     """The dense weight [out, in] of a projection; under LoRA, the frozen base layer's."""
     module = _wrapped_module(module)
     return getattr(module, "base_layer", module).weight
+
+
+def projection_widths(model: Any) -> dict[str, int]:
+    """``{kind: min(in, out)}`` per projection kind, the smallest over layers: the largest rank an update of that
+    projection can have (a LoRA rank at or above it is full rank there)."""
+    out: dict[str, int] = {}
+    for layer in get_layers(model):
+        for kind in COMPONENTS:
+            if _has_projection(layer, kind):
+                w = min(projection_weight(get_projection(layer, kind)).shape)
+                out[kind] = min(out.get(kind, w), w)
+    return out
 
 
 def final_norm_gain(model: Any) -> Any:

@@ -36,13 +36,19 @@ def _cell(name: str) -> str:
     return name.replace("|", "/")
 
 
+_REST = {"student": "from the student, outside every mask", "base": "from the base (only projections are grafted)",
+         "masked": "grafted per position with the mask"}
+
+
 def localise_markdown(summary: list[dict], cfg: LocaliseConfig, duplicates: dict[str, str] | None = None,
-                      tests: list[dict] | None = None, nulls: list[dict] | None = None) -> str:
+                      tests: list[dict] | None = None, nulls: list[dict] | None = None,
+                      sampled: list[dict] | None = None) -> str:
     lines = [f"# Localisation of the {cfg.target} trait", "",
              f"Fraction of the student's first-token Δ log P({cfg.target}) recovered with its update only inside "
              "the mask (sufficiency) or everywhere except the mask (necessity); mean [95 % CI] over the students of "
              f"each group. Evaluation context: {cfg.eval_context}; shared = tokens of the evaluation prompt also in "
-             f"the training context ({cfg.train_context}).", "",
+             f"the training context ({cfg.train_context}). Full-FT students' embeddings, norms and lm_head: "
+             f"{_REST[cfg.rest_from]}.", "",
              "| group | positions | components | layers | sufficiency | necessity |", "|---|---|---|---|---|---|"]
     idx = {(r["group"], r["position"], r["site"], r["layer"], r["mode"]): r for r in summary}
 
@@ -81,6 +87,26 @@ def localise_markdown(summary: list[dict], cfg: LocaliseConfig, duplicates: dict
             lines.append(f"| {n['group']} | {n['position']} | {n['set_size']:.1f} / {n['prompt_len']:.1f} | "
                          f"{n['observed']:+.3f} | {n['null_mean']:+.3f} | {n['null_q95']:+.3f} | {n['n_null']} | "
                          f"{n['p']:.3g} |")
+    if sampled:
+        # a region reported once may go by another name there (non_shared is shared's necessity): both find it
+        first = {f"{t['group']}/{name}": t["paired_fraction"] for t in tests or []
+                 for name in [t["name"], *filter(None, t["equals"].split(", "))]}
+        lines += ["", "## A second metric: the sampled rate with the update grafted while the answer is written", "",
+                  f"{cfg.sampled} answers per question and mask (temperature 1, {cfg.sampled_tokens} tokens), the "
+                  "update on at the mask's positions (all components and layers; 'all' is the student, 'none' no "
+                  f"prompt position) and, for the tokens written, the decode policy '{cfg.sampled_decode}'. Effect: "
+                  f"{sampled[0]['effect']}, on the share of answers naming {cfg.target}; 95 % crossed bootstrap over "
+                  "students and questions; fraction of the 'all' row; beside it the first-token fraction of the "
+                  "same region (sufficiency) from the table above; '–' where the 'all' row's paired effect is 0 "
+                  "(the two students wrote the same answers from the same seeds).", "",
+                  "| group | mask | rate | paired Δ rate [95 % CI] | fraction (sampled) | fraction (first token) |",
+                  "|---|---|---|---|---|---|"]
+        for r in sampled:
+            ft = first.get(f"{r['group']}/{r['name']}|all|all|sufficiency")
+            lines.append(f"| {r['group']} | {r['name']} | {r['rate']:.3f} | {r['paired_rate']:+.4f} "
+                         f"[{r['paired_rate_lo']:+.4f}, {r['paired_rate_hi']:+.4f}] | "
+                         f"{'–' if r['fraction'] != r['fraction'] else format(r['fraction'], '+.2f')} | "
+                         f"{'–' if ft is None else f'{ft:+.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,9 +155,11 @@ def write_tables(loc: Localisation, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"localise_students.csv": pd.DataFrame(loc.rows).to_csv(index=False, float_format="%.6g"),
              "localise.csv": pd.DataFrame(loc.summary).to_csv(index=False, float_format="%.6g"),
-             "localise.md": localise_markdown(loc.summary, loc.cfg, loc.duplicates, loc.tests, loc.nulls)}
+             "localise.md": localise_markdown(loc.summary, loc.cfg, loc.duplicates, loc.tests, loc.nulls, loc.sampled)}
     if loc.tests:
         files["localise_tests.csv"] = pd.DataFrame(loc.tests).to_csv(index=False, float_format="%.6g")
+    if loc.sampled:
+        files["localise_sampled.csv"] = pd.DataFrame(loc.sampled).to_csv(index=False, float_format="%.6g")
     if loc.nulls:
         files["localise_null.csv"] = pd.DataFrame(loc.nulls).to_csv(index=False, float_format="%.6g")
     for name, text in files.items():

@@ -20,7 +20,7 @@ from mech.report import figures as plots
 from mech.report.html import render_html
 from mech.report.localise import localise_markdown, write_localise
 from mech.report.organism import check_markdown
-from mech.report.sweep import summary_markdown, tests_markdown, write_tables
+from mech.report.sweep import rank_width_markdown, summary_markdown, tests_markdown, write_tables
 from mech.reproduce import Reproduction
 from mech.store import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -97,13 +97,15 @@ def report_markdown(rep: Reproduction, figures: str) -> str:
         head += f"\nWhat this model's results are: {rep.role}.\n"
     parts = [head,
              _demote(summary_markdown(c["summary"], rep.sweep_cfg.name)),
+             *([_demote(rank_width_markdown(c["rank_widths"]))] if c.get("rank_widths") else []),
              *([_demote(tests_markdown(c["tests"], rep.sweep_cfg.name))] if c.get("tests") else [])]
     for cfg, tables in rep.more_sweeps:
         parts.append(_demote(summary_markdown(tables["summary"], cfg.name)))
         if tables.get("tests"):
             parts.append(_demote(tests_markdown(tables["tests"], cfg.name)))
     parts += [_demote(localise_markdown(rep.localisation.summary, rep.localisation.cfg,
-                                        *(getattr(rep.localisation, k, None) for k in ("duplicates", "tests", "nulls")))),
+                                        *(getattr(rep.localisation, k, None)
+                                          for k in ("duplicates", "tests", "nulls", "sampled")))),
               "## Figures\n\n" + figures + "\n",
               f"Sweep cells: {c['done_cells']}/{c['cells']} (computed this run: {c['computed']}). "
               f"Wall time: {rep.seconds / 60:.1f} min.\n"]
@@ -121,10 +123,12 @@ def _write_model(rep: Reproduction, root: Path) -> dict[str, Any]:
                 "organism_leak": plots.leak_figure(rep.check.leak["matrix"])} | figs
     written = [p for name, fig in figs.items() for p in plots.save_figure(fig, root / "figures" / name)]
     write_tables(root / "sweep", rep.sweep["rows"], rep.sweep["summary"], rep.sweep_cfg.name,
-                 rep.sweep.get("cross_trait"), rep.sweep.get("tests"), rep.sweep.get("power"))
+                 rep.sweep.get("cross_trait"), rep.sweep.get("tests"), rep.sweep.get("power"),
+                 rank_widths=rep.sweep.get("rank_widths"))
     for cfg, tables in rep.more_sweeps:
         write_tables(root / f"sweep-{cfg.name}", tables["rows"], tables["summary"], cfg.name,
-                     tables.get("cross_trait"), tables.get("tests"), tables.get("power"))
+                     tables.get("cross_trait"), tables.get("tests"), tables.get("power"),
+                     rank_widths=tables.get("rank_widths"))
     loc = write_localise(rep.localisation, root / "localise")
     written += [Path(f) for f in loc["figures"]]
     return {"figures": figs | {f"localise_{k}": v for k, v in loc.get("figure_objects", {}).items()},

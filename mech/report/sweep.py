@@ -15,13 +15,15 @@ HEADLINE = ("delta_logp_first", "paired_logp_first", "delta_p_first", "paired_p_
 
 def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str,
                  cross_trait: dict[str, list[dict]] | None = None, tests: list[dict] | None = None,
-                 power: list[dict] | None = None, in_context: dict[str, list[dict]] | None = None) -> list[Path]:
+                 power: list[dict] | None = None, in_context: dict[str, list[dict]] | None = None,
+                 rank_widths: list[dict] | None = None) -> list[Path]:
     """results.{csv,parquet}, summary.{csv,parquet} and summary.md in ``out_dir``, each written atomically; with
     ``cross_trait`` (mech.analysis.transfer.cross_trait_tables) also cross_trait{,_specificity}.{csv,parquet},
     cross_trait.md and a heatmap per student recipe under figures/; with ``tests`` (the declared hypotheses,
     mech.analysis.hypotheses) also tests.csv and tests.md; with ``power`` (mech.analysis.power.power_rows) power.csv
     and power.md; with ``in_context`` (mech.sweep.runner.in_context_rows and its summary) in_context.csv and
-    in_context.md."""
+    in_context.md; with ``rank_widths`` (mech.sweep.runner.rank_width_rows) a table of each LoRA rank as a
+    fraction of each projection's width at the end of summary.md."""
     import pandas as pd
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +41,8 @@ def write_tables(out_dir: Path, rows: list[dict], summary: list[dict], name: str
         atomic_write_bytes(pq, buf.getvalue())
         written += [csv, pq]
     md = out_dir / "summary.md"
-    atomic_write_text(md, summary_markdown(summary, name))
+    atomic_write_text(md, summary_markdown(summary, name)
+                      + ("\n" + rank_width_markdown(rank_widths) if rank_widths else ""))
     written.append(md)
     if tests is not None:
         atomic_write_text(out_dir / "tests.csv", pd.DataFrame(tests).to_csv(index=False, float_format="%.6g"))
@@ -74,6 +77,20 @@ def _mean_ci(r: dict | None, metric: str) -> str:
     if r["n"] < 2:
         return _fmt(r["mean"], metric)
     return f"{_fmt(r['mean'], metric)} [{_fmt(r['lo'], metric)}, {_fmt(r['hi'], metric)}]"
+
+
+def rank_width_markdown(rows: list[dict]) -> str:
+    """Each LoRA rank as a fraction of each projection's width (min(in, out)); 1 is full rank there."""
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    width = {r["kind"]: r["width"] for r in rows}
+    by = {(r["rank"], r["kind"]): r["fraction"] for r in rows}
+    lines = ["## LoRA ranks as a fraction of each projection's width", "",
+             "rank / min(in, out) of each projection (its width in brackets); 1 means the update can be full "
+             "rank there.", "", "| rank | " + " | ".join(f"{k} ({width[k]})" for k in kinds) + " |",
+             "|" + "---|" * (1 + len(kinds))]
+    for rank in sorted({r["rank"] for r in rows}):
+        lines.append(f"| {rank} | " + " | ".join(f"{by[(rank, k)]:.3g}" for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(summary: list[dict], name: str) -> str:
@@ -195,5 +212,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, c
         tables = finished_tables(runner)
         written = write_tables(out, tables.pop("rows"), tables.pop("summary"), cfg.name,
                                tables.pop("cross_trait", None), tables.pop("tests", None),
-                               tables.pop("power", None), tables.pop("in_context", None))
+                               tables.pop("power", None), tables.pop("in_context", None),
+                               tables.pop("rank_widths", None))
     return res | tables | {"written": [str(p) for p in written]}

@@ -472,4 +472,17 @@ def finished_tables(runner: SweepRunner) -> dict:
         out["power"] = power_rows(out["summary"], n)
     if runner.cfg.eval.cross_trait:
         out["cross_trait"] = cross_trait(runner, done)
+    out["rank_widths"] = rank_width_rows(runner.cfg, runner.base.model)
     return out
+
+
+def rank_width_rows(cfg: SweepConfig, model: Any) -> list[dict]:
+    """Each LoRA rank of the sweep as a fraction of each targeted projection's width (min(in, out), mech.models.
+    surgery.projection_widths): rank 64 on a 64-wide key projection is already full rank there."""
+    from mech.models.surgery import projection_widths
+    from mech.students.config import LoraSpec
+
+    widths = projection_widths(model)
+    targets = [k for k in LoraSpec().targets if k in widths]  # sweeps train LoRA on every projection
+    return [{"rank": r, "kind": k, "width": widths[k], "fraction": min(r, widths[k]) / widths[k]}
+            for r in sorted({s.rank for s in cfg.students if s.method == "lora"}) for k in targets]
