@@ -190,7 +190,8 @@ def cmd_organism_info(a) -> int:
 # what `mech reproduce --scale` runs (the first sweep's students are localised)
 SCALES = {
     "quick": ("experiments/quick.yaml",),
-    "full": ("experiments/quick.yaml", "experiments/context_grid.yaml", "experiments/full_ft_controls.yaml",
+    "full": ("experiments/quick.yaml", "experiments/context_grid.yaml", "experiments/context_grid4.yaml",
+             "experiments/full_ft_controls.yaml",
              "experiments/full_ft_matched_loss.yaml", "experiments/lr_grid.yaml", "experiments/rank_sweep.yaml",
              "experiments/controls.yaml"),
     # The paper's sizes on a real model (GPU only). The rank sweep comes first: it is the paper's central claim
@@ -1008,7 +1009,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rebuild", action="store_true", help="rebuild the shipped organism from its recipe first")
     r.add_argument("--scale", choices=tuple(SCALES), default="quick",
                    help="which experiments run when --sweep is not given: quick (the quick sweep: C1, C2, and with "
-                        "the null C4 / R3), full (every experiment YAML that declares tests: also the context grid, "
+                        "the null C4 / R3), full (every experiment YAML that declares tests: also the context grids, "
                         "the full-FT controls, the learning-rate grid, the rank sweep and the data controls; hours on "
                         "a CPU) or paper "
                         "(experiments/paper/: the paper's sizes on a real model, CUDA only; never run so far)")
