@@ -321,7 +321,8 @@ def sampled_tests(owl: list[SampledRates], neutral: list[SampledRates] | None, c
     bootstrap 95 % interval, and its fraction of the "all" mask's (the unmasked student's) paired effect."""
     import numpy as np
 
-    a = np.stack([s.rate for s in owl])  # [S, Q, K]
+    raw = np.stack([s.rate for s in owl])  # [S, Q, K]
+    a = raw
     if neutral is not None:
         a = a - np.stack([s.rate for s in neutral])
         effect = "owl - neutral student, same mask and seeds"
@@ -336,8 +337,7 @@ def sampled_tests(owl: list[SampledRates], neutral: list[SampledRates] | None, c
         mean = float(per_mask[k].mean())
         rows.append({"group": group, "name": m.name, "effect": effect, "paired_rate": mean,
                      "paired_rate_lo": float(lo[k]), "paired_rate_hi": float(hi[k]),
-                     "fraction": mean / full if full else float("nan"), "rate": float(np.stack([s.rate for s in owl])
-                                                                                       [:, :, k].mean()),
+                     "fraction": mean / full if full else float("nan"), "rate": float(raw[:, :, k].mean()),
                      "n_students": int(a.shape[0]), "n_samples": cfg.sampled * a.shape[1],
                      "decode_policy": cfg.sampled_decode})
     return rows
