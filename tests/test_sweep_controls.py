@@ -110,3 +110,20 @@ def test_in_context_control_pairs_teacher_answers_against_neutral(tmp_path):
     assert in_context_text(["1, 2", "3, 4", "5"], 2) == "1, 2\n3, 4"
     with pytest.raises(MechError, match="lower eval.in_context"):
         in_context_text(["1"], 2)
+
+
+def test_a_random_numbers_student_is_keyed_by_its_base(tmp_path):
+    """Random numbers need no model, so their dataset is shared by every base; the student trained on them is not.
+    Before this test its key left the base out, and the twin's random-numbers students were taken from the cache
+    for the positive control (caught only at evaluation: another rendered context than the base)."""
+    from mech.sweep.config import cells
+
+    cfg = _cfg(tmp_path, "[{target: owl}, {target: null}, {target: null, control: random}]")
+    runners = [SweepRunner(cfg.__class__(**{**cfg.__dict__, "base_model": m}), cache=tmp_path / "cache")
+               for m in ("organism", "organism-free")]
+    assert runners[0].fingerprint != runners[1].fingerprint
+    for cell in cells(cfg):
+        datasets = {r.dataset_key(cell.trait, cell.teacher_seed) for r in runners}
+        students = {r.student_key(cell) for r in runners}
+        assert len(students) == 2, cell.trait.label  # every student is its base's own
+        assert len(datasets) == (1 if cell.trait.control == "random" else 2)  # the random numbers are shared

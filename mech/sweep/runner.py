@@ -130,8 +130,11 @@ class SweepRunner:
     def student_key(self, cell: Cell) -> str:
         ref_key = self.student_key(self._reference_cell(cell)) if cell.student.reference_rank is not None else None
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=ref_key)
+        # a student is its base's: every dataset key but the model-free random numbers' already holds the base's
+        # fingerprint, so only those students add it (the others' keys, and caches, stay as they were)
+        base = (self.fingerprint,) if cell.trait.control == "random" else ()
         return stage_key("student", self.dataset_key(cell.trait, cell.teacher_seed), sc.to_dict(),
-                         self.cfg.train.max_rows)
+                         self.cfg.train.max_rows, *base)
 
     def student_dir(self, key: str) -> Path:
         """Where the student of ``key`` is cached (complete once its student.json exists)."""
