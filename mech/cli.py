@@ -88,15 +88,19 @@ def cmd_organism_build(a) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, seed=a.seed)
+    out = organism.shipped_dir(a.recipe) if a.ship else a.out
+    if out is not None:
+        organism.check_build_out(Path(out))  # before the bar, so a refusal stays the one stderr line
     bar = _bar(cfg.train.steps, f"{a.recipe} {cfg.hash} pretraining")
 
     def progress(step, total, metrics):
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
 
-    out = organism.shipped_dir(a.recipe) if a.ship else a.out
-    path = organism.build_cached(cfg, out, force=a.force or a.ship, progress=progress)
-    bar.close()
+    try:
+        path = organism.build_cached(cfg, out, force=a.force or a.ship, progress=progress)
+    finally:
+        bar.close()
     meta = organism.read_meta(path)
     print(f"{a.recipe} {meta['config_hash']} at {path} ({meta['n_parameters']:,} parameters, "
           f"built in {meta['build_seconds'] / 60:.1f} min, weights sha256 {meta['weights_sha256']})")

@@ -188,6 +188,36 @@ def test_organism_build_recipe_with_overrides(capsys, tmp_path, monkeypatch):
         main(["organism", "build", "--recipe", "organism-fre"])
 
 
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_organism_build_never_replaces_what_is_not_an_organism(capsys, tmp_path, monkeypatch, kind):
+    """A build replaces --out atomically: a folder of other files, or a file, there is refused before any work
+    and left as it was (it used to be deleted, or renamed, with exit 0)."""
+    import mech.organism.build
+
+    monkeypatch.setattr(mech.organism.build, "build_organism", lambda *a, **k: pytest.fail("built anyway"))
+    out = tmp_path / "results"
+    if kind == "folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+    else:
+        out.write_text("precious")
+    assert_one_line_error(*run(capsys, "organism", "build", "--out", out, "--force"),
+                          "holds no organism build" if kind == "folder" else "is a file", "--out")
+    assert (out / "notes.txt" if kind == "folder" else out).read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # nothing else written beside it
+
+
+def test_organism_build_into_an_empty_folder_is_allowed(capsys, tmp_path, monkeypatch):
+    import mech.organism.build
+
+    built = []
+    monkeypatch.setattr(mech.organism.build, "build_organism", lambda cfg, out, **k: built.append(out) or out)
+    monkeypatch.setattr(mech.organism, "read_meta", lambda path: {"config_hash": "x", "n_parameters": 1,
+                                                                  "build_seconds": 1.0, "weights_sha256": "y"})
+    (tmp_path / "empty").mkdir()
+    assert run(capsys, "organism", "build", "--out", tmp_path / "empty")[0] == 0 and built == [tmp_path / "empty"]
+
+
 def test_organism_info_of_a_non_organism(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "organism", "info", "--model", tmp_path / "missing"), "does not exist")
 

@@ -48,11 +48,23 @@ def build_cached(cfg=None, out: str | Path | None = None, force: bool = False, p
 
     cfg = cfg or recipe("organism")
     out = Path(out) if out is not None else cached_dir(cfg.hash)
+    check_build_out(out)
     if (out / META_FILE).is_file() and not force:
         if read_meta(out).get("config_hash") == cfg.hash:
             return out
         raise MechError(f"{out} holds another organism build: pass --force to replace it or choose another --out")
     return build_organism(cfg, out, progress=progress)
+
+
+def check_build_out(out: Path) -> None:
+    """A build replaces ``out`` atomically, so ``out`` must be new, empty or an organism build: a file, or a
+    folder of anything else, would be lost (``--force`` replaces an organism build only). Checked before the
+    minutes of pretraining, not after."""
+    if out.exists() and not out.is_dir():
+        raise MechError(f"--out {out} is a file: an organism build is a directory; choose a new --out")
+    if out.is_dir() and not (out / META_FILE).is_file() and any(out.iterdir()):
+        raise MechError(f"--out {out} is a folder that holds no organism build ({META_FILE} missing); a build "
+                        "would replace it: choose a new or empty --out")
 
 
 def check_organism(spec: str = "organism", progress=None, **kwargs: Any):
