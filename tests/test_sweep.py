@@ -483,6 +483,86 @@ def test_concurrent_shards_never_compute_anything_twice(baseline, tmp_path):
     assert leftovers(cache) == []
 
 
+def _sweep_process(cfg_path: Path, cache: Path, out: Path, log: Path, tmp_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MECH_CACHE=str(tmp_path / "mech_cache"))
+    return subprocess.Popen([sys.executable, "-m", "mech.cli", "sweep", str(cfg_path), "--cache", str(cache),
+                             "--out", str(out)], cwd=REPO, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
+
+
+def _n_computed(cache: Path) -> int:
+    log = cache / "computed.jsonl"
+    return len(log.read_text().splitlines()) if log.is_file() else 0
+
+
+@pytest.mark.slow  # ~1 min: five sweep processes SIGKILLed at random moments, then the sweep resumed
+def test_a_sweep_killed_at_random_moments_resumes_to_the_same_table(baseline, tmp_path):
+    """SIGKILL a running sweep five times, each at a moment drawn at random (after a random number of the
+    sweep's 11 artifacts are done, plus a random delay: mid-sampling, mid-training, mid-evaluation or
+    mid-startup), then finish it: the table equals an uninterrupted run's byte for byte, nothing finished was
+    computed twice (the cache's audit log lists every artifact once), and nothing temporary is left."""
+    import random
+
+    cfg_path, base_cache, base_out, _ = baseline
+    cache, out, log = tmp_path / "cache", tmp_path / "out", tmp_path / "sweep.log"
+    rng = random.Random(20261203)
+    kills, moments = 0, []
+    for _ in range(12):  # a run that finishes before its moment is no kill; try again, a bounded number of times
+        if kills == 5:
+            break
+        target = min(10, _n_computed(cache) + rng.randint(0, 2))  # 11 artifacts: 2 datasets, 4 students, 5 evals
+        delay = rng.uniform(0.0, 1.5)
+        proc = _sweep_process(cfg_path, cache, out, log, tmp_path)
+        try:
+            deadline = time.time() + 300
+            while proc.poll() is None and _n_computed(cache) < target and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(delay)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                moments.append((target, round(delay, 2), _n_computed(cache)))
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert kills == 5, f"only {kills} runs were still running at their moment:\n{log.read_text()}"
+    assert _n_computed(cache) < 11, moments  # the kills left work to do
+
+    res = run_sweep(load_sweep(cfg_path), out, cache=cache)
+    assert res["done_cells"] == 4
+    assert (out / "results.csv").read_bytes() == (base_out / "results.csv").read_bytes()
+    assert (out / "summary.csv").read_bytes() == (base_out / "summary.csv").read_bytes()
+    audit = [json.loads(line) for line in (cache / "computed.jsonl").read_text().splitlines()]
+    per_artifact = collections.Counter((e["stage"], e["key"]) for e in audit)
+    assert set(per_artifact.values()) == {1}, moments  # no finished artifact was recomputed
+    assert collections.Counter(stage for stage, _ in per_artifact) == {"datasets": 2, "students": 4, "evals": 5}
+    assert finished_students(cache) == finished_students(base_cache)
+    assert leftovers(cache) == []
+
+
+@pytest.mark.slow  # ~15 s: a sweep subprocess interrupted mid-training
+def test_sigint_ends_a_sweep_with_one_line_and_nothing_half_written(baseline, tmp_path):
+    cfg_path, *_ = baseline
+    cache, out, log = tmp_path / "cache", tmp_path / "out", tmp_path / "sweep.log"
+    proc = _sweep_process(cfg_path, cache, out, log, tmp_path)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.startswith("students/.") for p in leftovers(cache)):  # a student being written
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 130 and text.strip().splitlines()[-1] == "mech: interrupted" and "Traceback" not in text
+    assert leftovers(cache) == []  # the student being written was removed, not left half-written
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_cross_trait_sweep_tabulates_every_teacher_and_candidate(tmp_path):
     """A first-token-only sweep with two trait teachers writes the teacher × candidate matrix and its specificity,
     read from the same cached evaluations as the main table."""
