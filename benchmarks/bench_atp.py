@@ -50,6 +50,24 @@ def lora_student(base, rank: int, std: float, seed: int):
     return student.eval()
 
 
+def error_profile(estimate: torch.Tensor, effect: torch.Tensor, k: int = 10, share: float = 0.1) -> dict:
+    """Where an estimate's rank errors lie (the estimate a user gets: AtP*, or AtP where no fix applies).
+
+    ``error_floor``: the largest absolute error as a share of the largest effect; ``below_floor``: the share of
+    cells whose exact effect is smaller than that largest error, among which ranks are noise; Spearman over the
+    cells carrying at least ``share`` of the largest effect (``spearman_large``, ``n_large`` of them); and
+    ``recall_at_k``: how many of the k largest exact effects (in magnitude) are among the estimate's k largest."""
+    e, x = effect.flatten(), estimate.flatten()
+    top = float(e.abs().max())
+    err = float((x - e).abs().max())
+    large = e.abs() >= share * top
+    k = min(k, e.numel())
+    hits = set(e.abs().topk(k).indices.tolist()) & set(x.abs().topk(k).indices.tolist())
+    return {"error_floor": err / top, "below_floor": float((e.abs() < err).float().mean()),
+            "spearman_large": spearman(x[large], e[large]) if int(large.sum()) > 2 else float("nan"),
+            "n_large": int(large.sum()), "recall_at_k": len(hits) / k, "k": k}
+
+
 def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -92,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     per_site = {}
     for site in SITES:
         effect = exact[site].change
+        estimate = (star if site in ("q", "k") else est)[site].change
         row = {
+            **error_profile(estimate, effect),
             "spearman_atp": spearman(est[site].change, effect),
             "spearman_atp_abs": spearman(est[site].change.abs(), effect.abs()),
             "max_abs_effect": float(effect.abs().max()),
