@@ -200,3 +200,24 @@ def test_shared_prefill_samples_what_repeated_prompts_sample(make_tiny_lm, organ
     assert len({tuple(s) for s in shared}) > 5  # really sampled: the answers differ
     with pytest.raises(MechError, match="n_samples"):
         sample(model, prompts, n_samples=0, **kw)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_per_request_seeds_make_an_answer_independent_of_its_batch(make_tiny_lm, organism_tokenizer, arch):
+    """With ``request_seeds`` a request's tokens are the same whatever the batch size, its batch-mates (here
+    the prompts in another order) and the prefill sharing; the default seeding's tokens depend on the batch."""
+    from mech.evaluation.inference import eos_id, pad_id, sample
+
+    tok, model = organism_tokenizer, make_tiny_lm(arch, seed=1)
+    prompts = [render(tok, Context.parse("default"), q).input_ids for q in questions("animal")[:5]]
+    kw = dict(seed=3, max_new_tokens=6, eos_id=eos_id(tok), pad_id=pad_id(tok), temperature=1.0)
+    ref = sample(model, prompts, n_samples=3, batch_size=15, request_seeds=True, **kw)
+    assert len({tuple(s) for s in ref}) > 5  # really sampled
+    for batch_size in (1, 2, 4, 7):
+        assert sample(model, prompts, n_samples=3, batch_size=batch_size, request_seeds=True, **kw) == ref
+        assert sample(model, [p for p in prompts for _ in range(3)], batch_size=batch_size, request_seeds=True,
+                      **kw) == ref
+    # a request keeps its seed by index: the first prompt's samples alone are its samples in the full call
+    assert sample(model, prompts[:1], n_samples=3, batch_size=2, request_seeds=True, **kw) == ref[:3]
+    default = [sample(model, prompts, n_samples=3, batch_size=b, **kw) for b in (1, 4)]
+    assert default[0] != default[1]  # the default draws per batch

@@ -10,6 +10,7 @@ bridge, the organism check, training) asks this module rather than writing its o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 from typing import Any, Callable, Iterator, Sequence
 
@@ -187,6 +188,25 @@ def sampler(temperature: float, generator: torch.Generator) -> Chooser:
                                             generator=generator).squeeze(-1)
 
 
+def request_seed(seed: int, index: int) -> int:
+    """The seed of request ``index`` of a call seeded ``seed`` (a hash: requests are independent streams, and a
+    request's draws depend on nothing else, e.g. not on the batch it runs in). 63 bits, a valid torch seed."""
+    digest = hashlib.sha256(f"mech.request:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def request_sampler(temperature: float, generators: Sequence[torch.Generator]) -> Chooser:
+    """:func:`sampler` with one generator per row (per-request seeds): row r draws from ``generators[r]`` only."""
+    if temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / temperature, -1)
+        return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
+
+    return choose
+
+
 @torch.no_grad()
 def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: Chooser, pad: int,
            eos: int | None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -239,12 +259,15 @@ def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: 
 
 def sample(model: Any, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int, eos_id: int, pad_id: int,
            temperature: float = 1.0, batch_size: int = 64, process: Processor | None = None,
-           n_samples: int = 1) -> list[list[int]]:
+           n_samples: int = 1, request_seeds: bool = False) -> list[list[int]]:
     """Ancestral sampling with a KV cache: ``n_samples`` answers per prompt, prompt-major (all of prompt 0's
     first). Requests (prompt, sample) run ``batch_size`` at a time with left padding; a batch prefills each of
     its distinct prompts once and continues every sample from that cache (``decode``'s ``expand``). Each batch
     draws from its own generator seeded from (seed, index of its first request): the same call gives the same
-    tokens on CPU, the same as repeating each prompt ``n_samples`` times. ``process``: see ``decode``."""
+    tokens on CPU, the same as repeating each prompt ``n_samples`` times. ``request_seeds``: each request draws
+    from its own generator (:func:`request_seed` of (seed, its index)) instead, so its answer does not depend on
+    the batch size or its batch-mates (up to float rounding of padded batches), as vLLM's per-request seeds;
+    other draws than the default's. ``process``: see ``decode``."""
     if n_samples < 1:
         raise MechError(f"n_samples must be >= 1 (got {n_samples})")
     results: list[list[int]] = []
@@ -253,8 +276,12 @@ def sample(model: Any, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int
         owner = torch.arange(s, min(s + batch_size, n_requests)) // n_samples  # the prompt each request samples
         first = int(owner[0])
         ids, attn, pos = left_pad(prompts[first:int(owner[-1]) + 1], pad_id, dev)
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + s)
-        results += decode(model, ids, max_new_tokens=max_new_tokens, choose=sampler(temperature, gen), pad=pad_id,
+        if request_seeds:
+            choose = request_sampler(temperature, [torch.Generator(device="cpu").manual_seed(request_seed(seed, r))
+                                                   for r in range(s, s + len(owner))])
+        else:
+            choose = sampler(temperature, torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + s))
+        results += decode(model, ids, max_new_tokens=max_new_tokens, choose=choose, pad=pad_id,
                           eos=eos_id, attention_mask=attn, position_ids=pos, process=process,
                           expand=None if n_samples == 1 else owner - first)
     return results
