@@ -1,4 +1,4 @@
-"""Sweeps on a cluster: `mech sweep --status` (mech.sweep.status).
+"""Sweeps on a cluster: `mech sweep --status` (mech.sweep.status) and the SLURM recipe in experiments/slurm/.
 
 The status runs on the tiny sweep of tests/test_sweep.py (4 cells: owl and neutral × 2 training seeds) before any
 run, after shard 0 of 2, with a lock held by another process, and after both shards. Every answer is known by
@@ -28,6 +28,7 @@ from mech.sweep.status import sweep_status
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+SLURM = REPO / "experiments" / "slurm"
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -267,3 +268,116 @@ def test_a_config_typo_is_one_line_and_exit_2_for_the_status(capsys, tmp_path):
     code, out, err = status_cli(capsys, cfg_path, "--status", "--cache", tmp_path / "cache")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert "unknown key tiny.trainng_seeds" in err and "did you mean 'training_seeds'" in err
+
+
+# ------------------------------------------------------------------------------------------------ SLURM recipe
+
+
+FAKE = """#!{python}
+import json, os, sys
+with open(os.environ["RECORD"], "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "threads": os.environ.get("OMP_NUM_THREADS"),
+                        "shards": os.environ.get("SHARDS")}}) + "\\n")
+print(os.environ.get("FAKE_OUT", ""))
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """An executable that records its argv (and OMP_NUM_THREADS) as JSON lines; and the env to run scripts in."""
+    exe = tmp_path / "fake"
+    exe.write_text(FAKE.format(python=sys.executable))
+    exe.chmod(0o755)
+    record = tmp_path / "calls.jsonl"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MECH": str(exe), "SBATCH": str(exe),
+           "RECORD": str(record), "CFG": "experiments/quick.yaml", "SHARED_CACHE": "/shared/cache", "OUT": "runs/q"}
+
+    def run(script: str, *args: str, **extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+        record.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", str(SLURM / script), *args], env=env | extra, capture_output=True, text=True)
+        calls = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
+        return proc, calls
+
+    return run
+
+
+@pytest.mark.parametrize("script", ["sweep_array.sbatch", "sweep_finish.sbatch", "submit.sh"])
+def test_the_slurm_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(SLURM / script)]).returncode == 0
+
+
+def test_each_array_task_runs_its_shard_on_the_shared_cache(fake):
+    for k in range(3):
+        proc, calls = fake("sweep_array.sbatch", SLURM_ARRAY_TASK_ID=str(k), SLURM_ARRAY_TASK_COUNT="3",
+                           SLURM_CPUS_PER_TASK="4")
+        assert proc.returncode == 0, proc.stderr
+        assert calls == [{"argv": ["sweep", "experiments/quick.yaml", "--shard", f"{k}/3", "--cache", "/shared/cache",
+                                   "--out", "runs/q"], "threads": "4", "shards": None}]
+    # a resubmitted task (sbatch --array=5: a task count of 1) keeps its shard of SHARDS; MODEL becomes --model
+    proc, calls = fake("sweep_array.sbatch", SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_COUNT="1", SHARDS="8",
+                       MODEL="Qwen/Qwen2.5-7B-Instruct")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0]["argv"][2:4] == ["--shard", "5/8"] and calls[0]["argv"][-2:] == ["--model",
+                                                                                     "Qwen/Qwen2.5-7B-Instruct"]
+    assert calls[0]["threads"] == "1"  # no SLURM_CPUS_PER_TASK: one thread
+    proc, calls = fake("sweep_array.sbatch", SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="2", CFG="")
+    assert proc.returncode != 0 and "set CFG" in proc.stderr and calls == []
+
+
+def test_the_finishing_job_reports_then_writes_the_tables_unsharded(fake):
+    proc, calls = fake("sweep_finish.sbatch", SHARDS="3", SLURM_CPUS_PER_TASK="2")
+    assert proc.returncode == 0, proc.stderr
+    assert [c["argv"] for c in calls] == [
+        ["sweep", "experiments/quick.yaml", "--status", "--shards", "3", "--cache", "/shared/cache", "--json",
+         "runs/q/status.json"],
+        ["sweep", "experiments/quick.yaml", "--cache", "/shared/cache", "--out", "runs/q"]]
+    assert {c["threads"] for c in calls} == {"2"}
+    proc, calls = fake("sweep_finish.sbatch", SHARDS="3", MODEL="smollm2-135m")
+    assert proc.returncode == 0 and [c["argv"][-2:] for c in calls] == [["--model", "smollm2-135m"]] * 2
+    proc, calls = fake("sweep_finish.sbatch")
+    assert proc.returncode != 0 and "set SHARDS" in proc.stderr and calls == []
+
+
+def test_submit_queues_the_array_then_the_finishing_job_after_it(fake):
+    proc, calls = fake("submit.sh", "3", "--account=abc", FAKE_OUT="4242;cluster")
+    assert proc.returncode == 0, proc.stderr
+    assert [c["argv"] for c in calls] == [
+        ["--parsable", "--array=0-2", "--account=abc", str(SLURM / "sweep_array.sbatch")],
+        ["--parsable", "--dependency=afterok:4242", "--account=abc", str(SLURM / "sweep_finish.sbatch")]]
+    assert {c["shards"] for c in calls} == {"3"}  # both jobs see N (sbatch passes the environment on)
+    for bad in ("0", "x", ""):
+        proc, calls = fake("submit.sh", bad)
+        assert proc.returncode == 2 and "N, the number of shards" in proc.stderr and calls == []
+
+
+@pytest.mark.slow  # ~40 s: two array tasks at once and the finishing job, each a real mech process
+def test_the_recipe_runs_the_tiny_sweep_end_to_end(tmp_path):
+    """The array's two tasks run at once on one cache, then the finishing job: every cell done, each artifact
+    computed once, and the last shard's tables already the finishing job's, byte for byte."""
+    mech = tmp_path / "mech"
+    mech.write_text(f'#!/bin/bash\nexec {sys.executable} -m mech.cli "$@"\n')
+    mech.chmod(0o755)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = dict(os.environ, MECH=str(mech), CFG=str(write_cfg(tmp_path / "tiny.yaml")), SHARED_CACHE=str(cache),
+               OUT=str(out), SLURM_ARRAY_TASK_COUNT="2", SLURM_CPUS_PER_TASK="1", MECH_CACHE=str(tmp_path / "mc"))
+    logs = [(tmp_path / f"task{k}.log").open("w") for k in range(2)]
+    tasks = [subprocess.Popen(["bash", str(SLURM / "sweep_array.sbatch")], cwd=REPO, stdout=logs[k],
+                              stderr=subprocess.STDOUT, env=env | {"SLURM_ARRAY_TASK_ID": str(k)}) for k in range(2)]
+    try:
+        codes = [t.wait(timeout=300) for t in tasks]
+    finally:
+        for t, log in zip(tasks, logs):
+            if t.poll() is None:
+                t.kill()
+            log.close()
+    assert codes == [0, 0], "".join((tmp_path / f"task{k}.log").read_text() for k in range(2))
+    shard_tables = {name: (out / name).read_bytes() for name in ("results.csv", "summary.csv")}
+    finish = subprocess.run(["bash", str(SLURM / "sweep_finish.sbatch")], cwd=REPO, capture_output=True, text=True,
+                            env=env | {"SHARDS": "2"})
+    assert finish.returncode == 0, finish.stderr
+    assert "4 done, 0 running, 0 missing" in finish.stdout
+    assert "this run computed {'datasets': 0, 'students': 0, 'evals': 0}" in finish.stdout
+    assert json.loads((out / "status.json").read_text())["counts"]["done"] == 4
+    assert {name: (out / name).read_bytes() for name in shard_tables} == shard_tables
+    log = [json.loads(line) for line in (cache / "computed.jsonl").read_text().splitlines()]
+    assert len(log) == len({(e["stage"], e["key"]) for e in log}) == 2 + 4 + 5  # each artifact once
