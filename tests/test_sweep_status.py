@@ -242,6 +242,33 @@ def test_a_gpu_sweep_reports_from_a_cpu_host_by_its_placement(runs, capsys, tmp_
     assert st["base_record"]["placement"] == "cpu-float32" and st["counts"]["done"] == 4
 
 
+def test_a_hub_base_is_identified_by_its_snapshot_without_loading_it(capsys, monkeypatch, tmp_path):
+    """A hub id not downloaded here is reported on (every cell missing, and why); once its snapshot is in the HF
+    cache, its files are identified by size and sampled blocks: a moved byte in a sampled block is seen."""
+    import huggingface_hub.constants
+
+    from mech.models import weights_identity
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    cfg_path = write_cfg(tmp_path / "hub.yaml", base_model="org/model", device="cuda", dtype="bfloat16")
+    code, out, _ = status_cli(capsys, cfg_path, "--status", "--cache", tmp_path / "cache")
+    assert code == 0 and "4 missing" in out and "the files of base org/model cannot be read here" in out
+    repo = tmp_path / "hf" / "models--org--model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    weights = bytearray(os.urandom(3 << 20))  # 3 MiB: sampled, not read whole
+    (snap / "model.safetensors").write_bytes(bytes(weights))
+    first = weights_identity("org/model")
+    assert set(first) == {"config.json", "model.safetensors"} and weights_identity("org/model") == first
+    weights[10] ^= 1  # inside the first sampled block
+    (snap / "model.safetensors").write_bytes(bytes(weights))
+    assert weights_identity("org/model")["model.safetensors"] != first["model.safetensors"]
+    assert not (tmp_path / "cache").exists()
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
