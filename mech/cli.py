@@ -288,12 +288,59 @@ def _with_model(cfg, model: str | None):
     return dataclasses.replace(cfg, base_model=model)
 
 
+def _parse_shards(spec: str) -> int:
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise MechError(f"bad --shards {spec!r}: expected the n of the shards' --shard i/n, an integer >= 1, e.g. "
+                        "--shards 8")
+    return n
+
+
+def cmd_sweep_status(a) -> int:
+    """Which cells are done, running or missing in the cache (and each one's shard): read-only, no model loaded,
+    exit 0 whatever the state (a status is not a failure)."""
+    import dataclasses
+
+    from mech.models import resolve_spec
+    from mech.report.sweep import status_text
+    from mech.store import atomic_write_json
+    from mech.sweep import load_sweep
+    from mech.sweep.status import sweep_status
+
+    if a.shard is not None:
+        raise MechError(f"--status reports on every shard and runs none: drop --shard {a.shard} (--status --shards "
+                        "N says which of N shards each cell is in)")
+    if a.out is not None:
+        raise MechError("--status writes no tables: drop --out (--json FILE writes the status itself)")
+    shards = _parse_shards(a.shards) if a.shards is not None else None
+    # the device is the shards' business: a login node without CUDA may report on a GPU sweep
+    cfg = load_sweep(a.config, check_placement=False)
+    if a.model is not None:
+        resolve_spec(a.model)  # a bad spec is one line; the files need not be readable here (the status says so)
+        cfg = dataclasses.replace(cfg, base_model=a.model)
+    if a.json is not None:
+        _check_out(a.json, "--json", file=True)
+    status = sweep_status(cfg, a.cache, shards)
+    print(status_text(status), end="")
+    if a.json is not None:
+        atomic_write_json(a.json, status)
+    return 0
+
+
 def cmd_sweep(a) -> int:
     from tqdm.auto import tqdm
 
     from mech.report.sweep import run_sweep
     from mech.sweep import load_sweep, parse_shard
 
+    if a.status:
+        return cmd_sweep_status(a)
+    for flag, value in (("--shards", a.shards), ("--json", a.json)):
+        if value is not None:
+            raise MechError(f"{flag} goes with --status: add --status, or drop {flag} (a run takes --shard i/n)")
     cfg = _with_model(load_sweep(a.config), a.model)
     parse_shard(a.shard)  # a bad --shard is refused before the progress bars and the model load
     out = a.out or f"runs/{cfg.name}"
@@ -965,6 +1012,12 @@ def parser() -> argparse.ArgumentParser:
                     "run at once on one --cache and --out)")
     sw.add_argument("--cache", type=Path, help="artifact cache (default $MECH_CACHE/sweeps)")
     sw.add_argument("--model", help=MODEL_HELP)
+    sw.add_argument("--status", action="store_true",
+                    help="compute nothing: print which cells are done, running or missing in --cache, from the base "
+                    "fingerprint a run recorded there (no model is loaded, nothing is written in the cache); exit 0")
+    sw.add_argument("--shards", metavar="N", help="with --status: which of N shards (--shard i/N) each cell is in, "
+                    "and each shard's counts")
+    sw.add_argument("--json", metavar="FILE", help="with --status: also write the status as JSON to FILE")
     _add_trust_flag(sw)
     sw.set_defaults(func=cmd_sweep)
 

@@ -21,6 +21,7 @@ from mech.models.loader import (
     record_adapter_base,
     resolve_spec,
     smollm2_gguf,
+    weights_identity,
 )
 from mech.models.surgery import (
     COMPONENT_GROUPS,
@@ -52,7 +53,7 @@ __all__ = [
     "ADAPTER_FINGERPRINT_KEY", "KNOWN_SPECS", "LoadedModel", "ResolvedSpec", "canonical_base_name",
     "check_adapter_base", "check_hub_cached", "default_device", "default_dtype", "load_model", "load_tokenizer",
     "model_fingerprint", "organism_dir", "parse_device", "parse_dtype", "read_adapter_config", "record_adapter_base",
-    "hub_offline", "resolve_spec", "smollm2_gguf",
+    "hub_offline", "resolve_spec", "smollm2_gguf", "weights_identity",
     "COMPONENT_GROUPS", "COMPONENTS", "DEPTH_NAMES", "SUPPORTED_ARCHITECTURES", "base_causal_lm",
     "component_block", "embeddings_tied", "get_attention", "get_embedding", "get_final_norm", "get_layers",
     "get_mlp", "get_projection", "get_unembedding", "is_lora_layer", "lora_modules", "num_layers",

@@ -429,6 +429,49 @@ def load_model(
 # --- fingerprints and adapters -----------------------------------------------------------------------
 
 
+_SAMPLE_BLOCKS, _SAMPLE_BLOCK = 256, 4096  # a weight file's identity reads at most 1 MiB of it
+
+
+def _sampled_file_hash(path: Path) -> str:
+    """sha256 of a file's size and bytes: all of a small file, else its first block (a safetensors header names
+    every tensor's dtype, shape and offset) and blocks spread evenly over the rest. A finetune that moves the
+    weights changes nearly every block, and 256 of them see it (as ``model_fingerprint``'s strided sample does)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK:
+            h.update(f.read())
+        else:
+            for k in range(_SAMPLE_BLOCKS):
+                f.seek(k * (size - _SAMPLE_BLOCK) // (_SAMPLE_BLOCKS - 1))
+                h.update(f.read(_SAMPLE_BLOCK))
+    return h.hexdigest()[:16]
+
+
+def weights_identity(spec: str | os.PathLike) -> dict[str, str]:
+    """What a base spec's weights are, read from its files without loading them: {file name: sampled hash} of the
+    files its parameters and architecture come from (config.json, the safetensors index and shards; a GGUF file).
+    Portable: a copy of the same files, at another path or on another host, has the same identity; a checkpoint
+    saved again with other weights does not. Reads at most 1 MiB a file. A hub id is read from its snapshot in the
+    local Hugging Face cache; one not there raises MechError."""
+    resolved = resolve_spec(spec)
+    if resolved.kind == "hub":
+        from huggingface_hub import constants, snapshot_download
+
+        try:
+            root = Path(snapshot_download(resolved.name, local_files_only=True, cache_dir=constants.HF_HUB_CACHE))
+        except Exception as e:  # noqa: BLE001 - any failure to find the snapshot means the same thing here
+            raise MechError(f"model {resolved.name} is not in the local Hugging Face cache ({type(e).__name__}): "
+                            f"download it first with `hf download {resolved.name}`") from None
+    else:
+        root = Path(resolved.path)
+    if resolved.gguf_file:
+        files = [root / resolved.gguf_file]
+    else:
+        files = [root / "config.json", root / "model.safetensors.index.json", *sorted(root.glob("*.safetensors"))]
+    return {p.name: _sampled_file_hash(p) for p in files if p.is_file()}
+
+
 def _param_name(name: str) -> str:
     # PEFT moves a wrapped Linear's weight under base_layer and prefixes base_model.model.; strip both so a
     # wrapped and an unwrapped model fingerprint alike.

@@ -215,3 +215,27 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, shard: str | None = None, c
                                tables.pop("power", None), tables.pop("in_context", None),
                                tables.pop("rank_widths", None))
     return res | tables | {"written": [str(p) for p in written]}
+
+
+def _columns(header: list[str], rows: list[list]) -> list[str]:
+    cells = [header] + [["–" if v is None else str(v) for v in r] for r in rows]
+    width = [max(len(r[k]) for r in cells) for k in range(len(header))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, width)).rstrip() for r in cells]
+
+
+def status_text(status: dict) -> str:
+    """mech.sweep.status.sweep_status as text: the counts, where the keys came from, per-shard counts (with
+    shards) and one line per cell."""
+    c = status["counts"]
+    lines = [f"sweep {status['name']}: {status['cells']} cells in {status['cache']}: {c['done']} done, "
+             f"{c['running']} running, {c['missing']} missing", status["note"], ""]
+    if status["per_shard"] is not None:
+        lines += _columns(["shard", "cells", "done", "running", "missing"],
+                          [[s["shard"], s["cells"], s["done"], s["running"], s["missing"]]
+                           for s in status["per_shard"]]) + [""]
+    keys = ["shard", "state", "trait", "teacher_seed", "student", "training_seed", "train_context", "eval_context"]
+    head = ["shard", "state", "trait", "data seed", "student", "train seed", "train ctx", "eval ctx"]
+    if not status["shards"]:
+        keys, head = keys[1:], head[1:]
+    lines += _columns(head, [[r[k] for k in keys] for r in status["rows"]])
+    return "\n".join(lines) + "\n"

@@ -153,7 +153,9 @@ class SweepConfig:
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
+def load_sweep(path: str | Path, check_placement: bool = True) -> SweepConfig:
+    """The sweep at ``path``, every value checked. ``check_placement=False`` checks ``device`` and ``dtype`` as
+    names only, not against this host (a status printed on a login node of a sweep that runs on GPU nodes)."""
     where = Path(path).stem
     raw = load_yaml(path)
     if "data_seeds" in raw:  # the design's name for the teacher (data) seeds: each seeds one teacher dataset
@@ -164,7 +166,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if not cells(cfg):
         raise MechError(f"{path} defines zero cells: every axis (traits, teacher_seeds, students, training_seeds, "
                         "train_contexts, eval_contexts) needs at least one value")
-    _validate(cfg, where)
+    _validate(cfg, where, check_placement)
     return cfg
 
 
@@ -217,11 +219,21 @@ def _check_sizes(cfg: SweepConfig, where: str) -> None:
         raise MechError(f"{where}.train.max_rows must be >= 1 (or null for every row), got {cfg.train.max_rows}")
 
 
-def _check_placement(cfg: SweepConfig, where: str) -> None:
+def _check_placement(cfg: SweepConfig, where: str, here: bool = True) -> None:
     import torch
 
     from mech.models.loader import parse_device, parse_dtype
 
+    if not here:  # the names only
+        from mech.sweep.bases import expected_placement
+
+        try:
+            expected_placement(cfg.device, cfg.dtype)
+        except (RuntimeError, TypeError):
+            raise MechError(f"{where}: unknown device {cfg.device!r}: expected auto, cpu, cuda or cuda:N") from None
+        except MechError as e:
+            raise MechError(f"{where}: {e}") from None
+        return
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         # parse_device's fix names a --device flag; here the device comes from the YAML
         raise MechError(f"{where}: device {cfg.device!r} asked for but CUDA is not available here: run it on a GPU "
@@ -232,10 +244,10 @@ def _check_placement(cfg: SweepConfig, where: str) -> None:
         raise MechError(f"{where}: {e}") from None
 
 
-def _validate(cfg: SweepConfig, where: str) -> None:
+def _validate(cfg: SweepConfig, where: str, check_placement: bool = True) -> None:
     """Build every stage config once, so a bad value fails at load time, not after the model is loaded."""
     _check_name(cfg.name, where)
-    _check_placement(cfg, where)
+    _check_placement(cfg, where, check_placement)
     _check_sizes(cfg, where)
     _check_axes(cfg, where)
     for s in cfg.students:

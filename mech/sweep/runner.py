@@ -17,6 +17,7 @@ from mech.errors import MechError
 from mech.paths import cache_root
 from mech.store import (append_jsonl, atomic_write_json, build_many, build_once, discard, file_lock,
                         is_json_object)
+from mech.sweep.bases import placement_name, record_base
 from mech.sweep.config import (Cell, StudentSpec, SweepConfig, TraitSpec, cells, eval_config, load_sweep,
                                stage_key, student_config, teacher_config)
 
@@ -47,6 +48,7 @@ class SweepRunner:
         # the fingerprint ignores dtype, but samples, students and evaluations do not: a base run anywhere but
         # CPU float32 (where every existing cache was made) keys its artifacts apart
         placement = (self.base.device.type, str(self.base.dtype).removeprefix("torch."))
+        self.placement = placement_name(*placement)
         self.fingerprint = model_fingerprint(self.base.model) + ("" if placement == ("cpu", "float32")
                                                                  else "-" + "-".join(placement))
         self.computed = {"datasets": 0, "students": 0, "evals": 0}
@@ -54,6 +56,20 @@ class SweepRunner:
         from mech.evaluation.trait import candidate_answers
 
         self.candidates, _ = candidate_answers(self.base.model, cfg.eval.category, cfg.eval.target)
+
+    @classmethod
+    def keys_only(cls, cfg: SweepConfig, fingerprint: str, cache: Path | None = None) -> "SweepRunner":
+        """A runner that names a sweep's artifacts (keys, paths, locks, shards) from its base's known
+        ``fingerprint`` (mech.sweep.bases), with no model loaded: it can tell what is cached, never compute."""
+        runner = cls.__new__(cls)
+        runner.cfg, runner.fingerprint = cfg, fingerprint
+        runner.cache = Path(cache) if cache is not None else cache_root() / "sweeps"
+        return runner
+
+    def record_base(self) -> Path | None:
+        """Record in the cache which fingerprint this base's files key artifacts by (mech.sweep.bases), so a
+        status can name the cells without loading the weights."""
+        return record_base(self.cache, self.cfg.base_model, self.placement, self.fingerprint)
 
     def _cached(self, stage: str, key: str, path: Path, marker: Path, compute: Callable[[], Any]) -> Path:
         """The one cache protocol of every stage: ``path`` is complete once ``marker`` exists; else compute it.
@@ -255,8 +271,15 @@ class SweepRunner:
                                                    trust_remote_code=self.trust_remote_code),
                               cell.eval_context)
 
+    def eval_path(self, cell: Cell) -> Path:
+        """Where the cell's evaluation is cached (the cell is done once it exists)."""
+        return self._eval_path(self._cell_model_key(cell), cell.eval_context)
+
+    def base_eval_path(self, eval_context: str) -> Path:
+        return self._eval_path(f"base-{self.fingerprint}", eval_context)
+
     def is_done(self, cell: Cell) -> bool:
-        return self._eval_path(self._cell_model_key(cell), cell.eval_context).is_file()
+        return self.eval_path(cell).is_file()
 
     # shards --------------------------------------------------------------------------------------------------
     def group_key(self, cell: Cell) -> tuple[str, str]:
@@ -431,6 +454,7 @@ def run_shard(runner: SweepRunner, i: int = 0, n: int = 1,
     all_cells = cells(runner.cfg)
     mine = runner.shard(all_cells, i, n)
     t0 = time.time()
+    runner.record_base()  # before any work, so a status run meanwhile can name the cells
     runner.train_batched([c for c in mine if not runner.is_done(c)])  # a finished cell's student is not needed
     for k, cell in enumerate(mine):
         runner.base_eval(cell.eval_context)
