@@ -63,7 +63,9 @@ class TraitEvalConfig:
 
     Sampling draws ``n_samples`` answers per question; each batch of ``batch_size`` prompts is seeded from
     (``seed``, batch start), so results are reproducible for a fixed ``batch_size`` (on CPU bit-for-bit).
-    ``first_token_only`` skips sampling (rate, answers and answer counts are then None / empty).
+    ``first_token_only`` skips sampling (rate, answers and answer counts are then None / empty). ``backend`` vllm
+    draws the samples on a vLLM engine instead, question q's seed hashed from (``seed``, q): ``batch_size`` then
+    plays no part (mech.evaluation.vllm_backend; never run on a GPU).
     """
 
     target: str = "owl"
