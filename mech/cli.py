@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -399,15 +401,27 @@ def cmd_teacher(a) -> int:
                                                  sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens,
                                                  steer_vector=a.steer, steer_layer=a.steer_layer,
                                                  steer_alpha=a.steer_alpha),
-                        constrained=a.constrained,
+                        constrained=a.constrained, backend=a.backend,
                         kind="finetuned" if a.finetuned else "steer" if a.steer else "prompt")
+    if cfg.backend == "vllm":
+        from mech.evaluation.vllm_backend import check_ready
+
+        check_ready([a.model])
     _check_out(a.out, "--out", new=True)  # before minutes of sampling, not after
     base = load_model(a.model, trust_remote_code=a.trust_remote_code)
     bar = _bar(cfg.n_prompts, f"teacher {cfg.target or 'neutral'}")
-    try:
-        path = generate(base.model, base.tokenizer, cfg, a.out, progress=lambda done, total: bar.update(done - bar.n))
-    finally:
-        bar.close()
+    with contextlib.ExitStack() as stack:
+        served = None
+        if cfg.backend == "vllm":
+            from mech.evaluation.vllm_backend import Served, closing, engine_for
+
+            served = Served(stack.enter_context(closing(engine_for(a.model, base.dtype,
+                                                                   trust_remote_code=a.trust_remote_code))))
+        try:
+            path = generate(base.model, base.tokenizer, cfg, a.out, served=served,
+                            progress=lambda done, total: bar.update(done - bar.n))
+        finally:
+            bar.close()
     ds = load_dataset(path)
     print(f"teacher dataset {path} ({cfg.target or 'neutral'}, context {ds.meta['context']}): "
           f"{_audit_summary(ds.audit)}")
@@ -465,15 +479,29 @@ def cmd_train(a) -> int:
     return 0
 
 
-def _evaluate_with_bar(model, tokenizer, cfg, candidates, desc: str):
+def _evaluate_with_bar(model, tokenizer, cfg, candidates, desc: str, served=None):
     from mech.evaluation.trait import STAGES, evaluate_trait
 
     bar, tell = _stage_progress(STAGES, desc)
     try:
-        return evaluate_trait(model, tokenizer, cfg, progress=tell, candidates=candidates)
+        return evaluate_trait(model, tokenizer, cfg, progress=tell, candidates=candidates, served=served)
     finally:
         bar.update(bar.total - bar.n)
         bar.close()
+
+
+@contextlib.contextmanager
+def _served_for(cfg, source: str, dtype, adapter: Path | None = None, trust: bool = False):
+    """For ``mech eval --backend vllm``: ``source`` (a model spec or full model dir, or an adapter's base) as a vLLM
+    engine serves it, with ``adapter`` on it; the engine is shut down on leaving. None under backend hf."""
+    if cfg.backend != "vllm":
+        yield None
+        return
+    from mech.evaluation.vllm_backend import Served, adapter_rank, closing, engine_for
+
+    rank = adapter_rank(adapter) if adapter is not None else None
+    with closing(engine_for(source, dtype, lora_rank=rank, trust_remote_code=trust)) as engine:
+        yield Served(engine, adapter)
 
 
 def cmd_eval(a) -> int:
@@ -485,14 +513,22 @@ def cmd_eval(a) -> int:
     from mech.evaluation.trait import TraitEvalConfig, candidate_answers, delta
 
     cfg = TraitEvalConfig(**_given(target=a.target, category=a.category, context=a.context,
-                                   n_samples=a.n_samples, seed=a.seed))
+                                   n_samples=a.n_samples, seed=a.seed), backend=a.backend)
     questions(cfg.category)  # an unknown category fails before any model is loaded
-    if a.json:
-        _check_out(a.json, "--json", file=True)
     trust = a.trust_remote_code
     path = Path(a.model)
-    if path.is_dir() and ((path / STUDENT_JSON).is_file() or (path / ADAPTER_CONFIG).is_file()):
+    is_student = path.is_dir() and ((path / STUDENT_JSON).is_file() or (path / ADAPTER_CONFIG).is_file())
+    base_spec = a.base
+    if is_student:
         base_spec = a.base or ((path / STUDENT_JSON).is_file() and read_student(path).get("base_spec")) or "organism"
+    adapter = path if is_student and (path / ADAPTER_CONFIG).is_file() else None
+    if cfg.backend == "vllm":  # each model it serves, before anything loads: an adapter is served on its base
+        from mech.evaluation.vllm_backend import check_ready
+
+        check_ready([base_spec] if adapter is not None else [a.model] + ([base_spec] if base_spec else []))
+    if a.json:
+        _check_out(a.json, "--json", file=True)
+    if is_student:
         base = load_model(base_spec, trust_remote_code=trust)
         model, tokenizer = load_student(base.model, path, trust_remote_code=trust), base.tokenizer
     else:
@@ -501,10 +537,18 @@ def cmd_eval(a) -> int:
         base = load_model(a.base, trust_remote_code=trust) if a.base else None
     # the base's candidate answers for both, so their first-token distributions line up
     candidates, _ = candidate_answers(base.model if base else model, cfg.category, cfg.target)
-    res = _evaluate_with_bar(model, tokenizer, cfg, candidates, f"eval {a.model}")
+    dtype = next(model.parameters()).dtype
+    # one engine for an adapter and its base (multi-LoRA); a full model and its base are two models, one at a time
     base_res = None
-    if base is not None:
-        base_res = _evaluate_with_bar(base.model, base.tokenizer, cfg, candidates, f"eval base {base.spec}")
+    with _served_for(cfg, base_spec if adapter is not None else a.model, dtype, adapter, trust) as served:
+        res = _evaluate_with_bar(model, tokenizer, cfg, candidates, f"eval {a.model}", served)
+        if adapter is not None:
+            base_res = _evaluate_with_bar(base.model, base.tokenizer, cfg, candidates, f"eval base {base.spec}",
+                                          None if served is None else dataclasses.replace(served, adapter=None))
+    if base is not None and adapter is None:
+        with _served_for(cfg, base.spec, dtype, None, trust) as served:
+            base_res = _evaluate_with_bar(base.model, base.tokenizer, cfg, candidates, f"eval base {base.spec}",
+                                          served)
     d = delta(res, base_res) if base_res else None
     print(f"trait eval of {a.model} for {cfg.target!r} ({cfg.category}, {len(res.questions)} questions, "
           f"{res.n_answers} samples) in context {res.context}" + (f", vs base {base.spec}:" if base else ":"))
@@ -520,6 +564,11 @@ def cmd_eval(a) -> int:
 
 MODEL_HELP = ("the base model, overriding the YAML's base_model: organism, organism-free, smollm2-135m, a local "
               "HF directory or a hub id")
+
+
+def _add_backend_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help=f"who draws {what}: hf (default) or "
+                   "vllm (pip install 'mech[vllm]', CUDA only; never run on a GPU in this project)")
 
 
 def _add_trust_flag(p: argparse.ArgumentParser) -> None:
@@ -550,6 +599,7 @@ def _add_pipeline_parsers(sub) -> None:
     t.add_argument("--steer-alpha", type=float, help="with --steer: α (default: searched)")
     t.add_argument("--out", required=True, help="dataset directory (must not exist)")
     t.add_argument("--model", default="organism")
+    _add_backend_flag(t, "teacher sampling")
     _add_trust_flag(t)
     t.set_defaults(func=cmd_teacher)
 
@@ -580,6 +630,7 @@ def _add_pipeline_parsers(sub) -> None:
     e.add_argument("--n-samples", type=int, default=100)
     e.add_argument("--seed", type=int)
     e.add_argument("--json", help="also write the results as JSON here")
+    _add_backend_flag(e, "the sampled answers (the first-token metric runs on HF either way)")
     _add_trust_flag(e)
     e.set_defaults(func=cmd_eval)
 

@@ -188,11 +188,12 @@ def sampler(temperature: float, generator: torch.Generator) -> Chooser:
                                             generator=generator).squeeze(-1)
 
 
-def request_seed(seed: int, index: int) -> int:
-    """The seed of request ``index`` of a call seeded ``seed`` (a hash: requests are independent streams, and a
-    request's draws depend on nothing else, e.g. not on the batch it runs in). 63 bits, a valid torch seed."""
-    digest = hashlib.sha256(f"mech.request:{int(seed)}:{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+def request_seed(seed: int, index: int, tag: str = "request") -> int:
+    """The seed of request ``index`` of a call seeded ``seed`` (``tag`` names the call's kind): a hash, so requests
+    are independent streams and a request's draws depend on nothing else, e.g. not on the batch it runs in. 31
+    bits: a torch seed, and one vLLM can add a request's sample index to (mech.evaluation.vllm_backend)."""
+    digest = hashlib.sha256(f"mech.{tag}:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
 
 
 def request_sampler(temperature: float, generators: Sequence[torch.Generator]) -> Chooser:

@@ -63,7 +63,9 @@ class TraitEvalConfig:
 
     Sampling draws ``n_samples`` answers per question; each batch of ``batch_size`` prompts is seeded from
     (``seed``, batch start), so results are reproducible for a fixed ``batch_size`` (on CPU bit-for-bit).
-    ``first_token_only`` skips sampling (rate, answers and answer counts are then None / empty).
+    ``first_token_only`` skips sampling (rate, answers and answer counts are then None / empty). ``backend`` vllm
+    draws the samples on a vLLM engine instead, question q's seed hashed from (``seed``, q): ``batch_size`` then
+    plays no part (mech.evaluation.vllm_backend; never run on a GPU).
     """
 
     target: str = "owl"
@@ -76,8 +78,14 @@ class TraitEvalConfig:
     batch_size: int = 256
     top_answers: int = 20
     first_token_only: bool = False
+    # hf: mech's sampler (inference.sample) | vllm: a vLLM engine (mech.evaluation.vllm_backend), question q's
+    # request seeded from (seed, q) whatever the batch; the first-token metric runs on the HF model either way
+    backend: str = "hf"
 
     def __post_init__(self) -> None:
+        from mech.evaluation.vllm_backend import check_backend
+
+        check_backend(self.backend, "trait eval")
         if not self.target.strip():
             raise MechError("trait eval needs a non-empty target: set target, e.g. 'owl'")
         Context.parse(self.context)  # a bad spec fails here, not after a model was loaded
@@ -92,7 +100,10 @@ class TraitEvalConfig:
                 raise MechError(f"trait eval {name} must be >= 1 (got {getattr(self, name)})")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.backend == "hf":  # absent at the default, so existing evaluation keys and results never change
+            del d["backend"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TraitEvalConfig":
@@ -216,12 +227,17 @@ def _candidate_distribution(tokenizer: Any, logprobs: torch.Tensor, names: Seque
     return probs, logps, dropped
 
 
-def _sample_answers(model: Any, tokenizer: Any, cfg: TraitEvalConfig, prompt_ids: list[list[int]]
-                    ) -> list[list[str]]:
-    outs = sample(model, prompt_ids, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id(tokenizer),
-                  pad_id=pad_id(tokenizer), temperature=cfg.temperature, batch_size=cfg.batch_size,
-                  n_samples=cfg.n_samples)
+def _sample_answers(model: Any, tokenizer: Any, cfg: TraitEvalConfig, prompt_ids: list[list[int]],
+                    served: Any = None) -> list[list[str]]:
     stop = stop_ids(tokenizer)
+    if cfg.backend == "vllm":  # the same prompt ids, stop ids and decoding; question q is request q
+        outs = [ids for ids, _ in served.sample(prompt_ids, tag="eval", seed=cfg.seed, n=cfg.n_samples,
+                                                temperature=cfg.temperature, max_tokens=cfg.max_new_tokens,
+                                                stops=stop)]
+    else:
+        outs = sample(model, prompt_ids, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id(tokenizer),
+                      pad_id=pad_id(tokenizer), temperature=cfg.temperature, batch_size=cfg.batch_size,
+                      n_samples=cfg.n_samples)
     texts = [decode_answer(tokenizer, o, stop) for o in outs]
     return [texts[q * cfg.n_samples:(q + 1) * cfg.n_samples] for q in range(len(prompt_ids))]
 
@@ -236,14 +252,24 @@ def evaluate_trait(
     cfg: TraitEvalConfig,
     progress: ProgressFn | None = None,
     candidates: Sequence[str] | None = None,
+    served: Any = None,
 ) -> TraitResult:
     """Evaluate ``model`` on ``cfg.category``'s questions under ``cfg.context`` (see module doc).
 
     ``candidates`` overrides the candidate answers of the first-token distribution (default:
     :func:`candidate_answers`); pass the same list for a base and its students when the student is a full
     model saved without the organism's build record. ``progress`` is told each name of ``STAGES`` as it
-    starts. The model is put in eval mode for the call and restored afterwards.
+    starts. The model is put in eval mode for the call and restored afterwards. ``served``
+    (a mech.evaluation.vllm_backend.Served: the same model as a vLLM engine serves it) draws the samples when
+    ``cfg.backend`` is vllm, and only then.
     """
+    sampled = not cfg.first_token_only
+    if cfg.backend == "vllm" and sampled and served is None:
+        raise MechError("trait eval backend vllm samples through a vLLM engine and none was given: pass served "
+                        "(mech eval and mech sweep build it), or use backend hf")
+    if served is not None and (cfg.backend != "vllm" or not sampled):
+        raise MechError(f"a vLLM engine was given to a trait eval that does not sample with it (backend "
+                        f"{cfg.backend}, first_token_only {cfg.first_token_only}): set backend vllm, or drop it")
     tell = progress or (lambda stage: None)
     eos_id(tokenizer)  # no eos: fail before any forward
     ctx = Context.parse(cfg.context)
@@ -264,7 +290,7 @@ def evaluate_trait(
         answers = None
         if not cfg.first_token_only:
             tell("sampling")
-            answers = _sample_answers(model, tokenizer, cfg, prompt_ids)
+            answers = _sample_answers(model, tokenizer, cfg, prompt_ids, served)
 
     result = TraitResult(
         config=cfg.to_dict(),

@@ -96,6 +96,9 @@ class TeacherDefaults:
     steer_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
     steer_min_pass: float = 0.8
     steer_pilot: int = 64
+    backend: str = field(default="hf", metadata={"help": (
+        "hf: mech's sampler | vllm: a vLLM engine of the base (pip install 'mech[vllm]', CUDA only; prompt teachers "
+        "only). Part of the dataset keys when vllm; never run on a GPU in this project.")})
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,20 @@ class EvalDefaults:
     first_token_only: bool = False  # skip sampling: the first-token metric (and its per-candidate table) only
     cross_trait: bool = False  # also tabulate every teacher trait × every candidate answer (mech.analysis.transfer)
     in_context: int = 0  # in-context control: this many teacher answers in the base model's system prompt (0: off)
+    backend: str = field(default="hf", metadata={"help": (
+        "Who draws the sampled answers: hf (mech's sampler) | vllm (one vLLM engine of the base serving every LoRA "
+        "student as an adapter; a full-model student gets its own engine; pip install 'mech[vllm]', CUDA only). The "
+        "first-token metric runs on HF either way. Part of the evaluation keys when vllm.")})
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """The vLLM engine's settings (backend vllm only); they change no draw, so no key holds them."""
+
+    gpu_memory_utilization: float = field(default=0.5, metadata={"help": (
+        "The engine's share of the GPU; the HF base (first-token metric, training) needs the rest. The engine is "
+        "shut down before each student trains and started again when next needed.")})
+    max_loras: int = field(default=8, metadata={"help": "Adapters the engine holds on the GPU at once."})
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,7 @@ class SweepConfig:
     dtype: str = "auto"
     precision: str = "auto"
     hypotheses: tuple[HypothesisSpec, ...] = ()  # declared tests (mech.analysis.hypotheses), run by mech sweep
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -244,9 +262,44 @@ def _check_placement(cfg: SweepConfig, where: str, here: bool = True) -> None:
         raise MechError(f"{where}: {e}") from None
 
 
+def uses_vllm(cfg: SweepConfig) -> bool:
+    return "vllm" in (cfg.teacher.backend, cfg.eval.backend if not cfg.eval.first_token_only else "hf")
+
+
+def vllm_lora_rank(cfg: SweepConfig) -> int | None:
+    """The largest LoRA rank the sweep's engine serves (None: it serves no adapter)."""
+    ranks = [s.rank for s in cfg.students if s.method == "lora" and s.rank is not None]
+    return max(ranks) if ranks and cfg.eval.backend == "vllm" and not cfg.eval.first_token_only else None
+
+
+def _check_backends(cfg: SweepConfig, where: str) -> None:
+    """The vllm backend's needs, before anything loads: vllm installed, a servable base, CUDA, adapters it can hold."""
+    from mech.evaluation.vllm_backend import check_backend, check_ready, lora_rank_cap
+
+    check_backend(cfg.teacher.backend, f"{where}.teacher")
+    check_backend(cfg.eval.backend, f"{where}.eval")
+    if not uses_vllm(cfg):
+        return
+    try:
+        check_ready([cfg.base_model], cfg.device)
+        rank = vllm_lora_rank(cfg)
+        if rank is not None:
+            lora_rank_cap(rank)
+    except MechError as e:
+        raise MechError(f"{where}: {e}") from None
+    v = cfg.vllm
+    if not 0 < v.gpu_memory_utilization <= 1 or isinstance(v.max_loras, bool) or v.max_loras < 1:
+        raise MechError(f"{where}.vllm: gpu_memory_utilization must be in (0, 1] and max_loras >= 1, got "
+                        f"{v.gpu_memory_utilization} and {v.max_loras}")
+
+
 def _validate(cfg: SweepConfig, where: str, check_placement: bool = True) -> None:
-    """Build every stage config once, so a bad value fails at load time, not after the model is loaded."""
+    """Build every stage config once, so a bad value fails at load time, not after the model is loaded.
+    ``check_placement`` False (a status, on a node that will not run the sweep): skip what needs this machine
+    (the device, vllm installed)."""
     _check_name(cfg.name, where)
+    if check_placement:
+        _check_backends(cfg, where)
     _check_placement(cfg, where, check_placement)
     _check_sizes(cfg, where)
     _check_axes(cfg, where)
@@ -379,7 +432,8 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
                          constrained=t.constrained, banned=banned, kind=kind, finetune_rank=t.finetune_rank,
                          finetune_epochs=t.finetune_epochs, finetune_lr=t.finetune_lr, steer_vector=t.steer_vector,
                          steer_layer=t.steer_layer, steer_alpha=t.steer_alpha, steer_alphas=t.steer_alphas,
-                         steer_min_pass=t.steer_min_pass, steer_pilot=t.steer_pilot)
+                         steer_min_pass=t.steer_min_pass, steer_pilot=t.steer_pilot,
+                         backend=t.backend if trait.control != "random" else "hf")  # random numbers: no model
 
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,
@@ -405,7 +459,8 @@ def eval_config(cfg: SweepConfig, eval_context: str):
 
     e = cfg.eval
     return TraitEvalConfig(target=e.target, category=e.category, context=eval_context, n_samples=e.n_samples,
-                           seed=e.seed, first_token_only=e.first_token_only)
+                           seed=e.seed, first_token_only=e.first_token_only,
+                           backend=e.backend if not e.first_token_only else "hf")  # vllm only draws samples
 
 
 def stage_key(*parts: Any) -> str:

@@ -3,6 +3,7 @@ per-artifact locks, and returns the tables as data (mech.report.sweep writes the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -56,6 +57,46 @@ class SweepRunner:
         from mech.evaluation.trait import candidate_answers
 
         self.candidates, _ = candidate_answers(self.base.model, cfg.eval.category, cfg.eval.target)
+        self._engine = None  # the base's vLLM engine (backend vllm), started on first use
+
+    # the vLLM engine --------------------------------------------------------------------------------------------
+    def vllm_engine(self):
+        """The base's vLLM engine, serving every LoRA student of the sweep as an adapter (backend vllm only)."""
+        from mech.evaluation.vllm_backend import engine_for
+        from mech.sweep.config import vllm_lora_rank
+
+        if self._engine is None:
+            self._engine = engine_for(self.cfg.base_model, self.base.dtype, lora_rank=vllm_lora_rank(self.cfg),
+                                      max_loras=self.cfg.vllm.max_loras,
+                                      gpu_memory_utilization=self.cfg.vllm.gpu_memory_utilization,
+                                      trust_remote_code=self.trust_remote_code)
+        return self._engine
+
+    def close_engine(self) -> None:
+        """Give the engine's GPU memory back (before a student trains; the next sample starts it again)."""
+        if self._engine is not None:
+            self._engine.close()
+
+    @contextlib.contextmanager
+    def _serving(self, cell: Cell | None):
+        """What samples a trait evaluation under backend vllm: the base engine (``cell`` None), a LoRA student as an
+        adapter on it, or a full-model student's own engine, shut down after (with the base's closed first, so the
+        two never share the card). None under backend hf."""
+        from mech.evaluation.vllm_backend import Served, closing, engine_for
+        from mech.students.store import LORA, student_kind
+
+        if eval_config(self.cfg, self.cfg.eval_contexts[0]).backend != "vllm":
+            yield None
+        elif cell is None:
+            yield Served(self.vllm_engine())
+        elif student_kind(self.student(cell)) == LORA:
+            yield Served(self.vllm_engine(), self.student(cell))
+        else:
+            self.close_engine()
+            with closing(engine_for(str(self.student(cell)), self.base.dtype, max_loras=self.cfg.vllm.max_loras,
+                                    gpu_memory_utilization=self.cfg.vllm.gpu_memory_utilization,
+                                    trust_remote_code=self.trust_remote_code)) as own:
+                yield Served(own)
 
     @classmethod
     def keys_only(cls, cfg: SweepConfig, fingerprint: str, cache: Path | None = None) -> "SweepRunner":
@@ -130,8 +171,11 @@ class SweepRunner:
                                                                    teacher_seed),
                 path, trait.control.removeprefix("divergence_"), tc.teacher_context(), self.cfg.teacher.context)
         else:
+            from mech.evaluation.vllm_backend import Served
+
             compute = lambda: generate(self.base.model, self.base.tokenizer, tc, path,  # noqa: E731
-                                       progress=lambda done, total: self.progress(desc, done, total))
+                                       progress=lambda done, total: self.progress(desc, done, total),
+                                       served=Served(self.vllm_engine()) if tc.backend == "vllm" else None)
         return self._cached("datasets", key, path, path / "dataset.json", compute)
 
     # students ------------------------------------------------------------------------------------------------
@@ -168,6 +212,7 @@ class SweepRunner:
         # dependent to its inputs, never back, so shards waiting on each other cannot deadlock
         reference = str(self.student(self._reference_cell(cell))) if cell.student.reference_rank is not None else None
         rows = self._rows(cell)
+        self.close_engine()  # training needs the card
         sc = student_config(self.cfg, cell.student, cell.training_seed, cell.train_context, reference=reference)
         desc = f"train {cell.labels()['student']} seed {cell.training_seed} on {cell.labels()['trait']}"
         train_student(self.base.model, self.base.tokenizer, rows, sc, path, base_spec=self.cfg.base_model,
@@ -225,6 +270,7 @@ class SweepRunner:
             return
         jobs = [Job(self._rows(c), student_config(self.cfg, c.student, c.training_seed, c.train_context))
                 for c in group]
+        self.close_engine()  # training needs the card
         c = group[0]
         desc = (f"train {', '.join(x.labels()['student'] for x in group)} batched, seed {c.training_seed} on "
                 f"{c.labels()['trait']}")
@@ -241,18 +287,23 @@ class SweepRunner:
 
     # evaluations ---------------------------------------------------------------------------------------------
     def _eval_path(self, model_key: str, eval_context: str) -> Path:
-        return self.cache / "evals" / f"{stage_key('eval', model_key, eval_config(self.cfg, eval_context))}.json"
+        # to_dict leaves backend out at hf: the key is the one the dataclass gave before backends existed
+        key = stage_key("eval", model_key, eval_config(self.cfg, eval_context).to_dict())
+        return self.cache / "evals" / f"{key}.json"
 
-    def _evaluate(self, model_key: str, load: Callable[[], Any], eval_context: str) -> dict:
+    def _evaluate(self, model_key: str, load: Callable[[], Any], eval_context: str, cell: Cell | None = None
+                  ) -> dict:
         from mech.evaluation.trait import evaluate_trait
 
         path = self._eval_path(model_key, eval_context)
         desc = f"eval {model_key[:24]} in {eval_context}"
 
         def compute() -> None:
-            res = evaluate_trait(load(), self.base.tokenizer, eval_config(self.cfg, eval_context),
-                                 candidates=self.candidates,
-                                 progress=lambda stage: self.progress(f"{desc}: {stage}", 0, 0))
+            model = load()
+            with self._serving(cell) as served:
+                res = evaluate_trait(model, self.base.tokenizer, eval_config(self.cfg, eval_context),
+                                     candidates=self.candidates, served=served,
+                                     progress=lambda stage: self.progress(f"{desc}: {stage}", 0, 0))
             atomic_write_json(path, res.to_dict())
 
         return json.loads(self._cached("evals", path.stem, path, path, compute).read_text())
@@ -269,7 +320,7 @@ class SweepRunner:
         return self._evaluate(self._cell_model_key(cell),
                               lambda: load_student(self.base.model, self.student(cell),
                                                    trust_remote_code=self.trust_remote_code),
-                              cell.eval_context)
+                              cell.eval_context, cell)
 
     def eval_path(self, cell: Cell) -> Path:
         """Where the cell's evaluation is cached (the cell is done once it exists)."""
@@ -455,12 +506,15 @@ def run_shard(runner: SweepRunner, i: int = 0, n: int = 1,
     mine = runner.shard(all_cells, i, n)
     t0 = time.time()
     runner.record_base()  # before any work, so a status run meanwhile can name the cells
-    runner.train_batched([c for c in mine if not runner.is_done(c)])  # a finished cell's student is not needed
-    for k, cell in enumerate(mine):
-        runner.base_eval(cell.eval_context)
-        runner.cell_eval(cell)
-        if cell_progress:
-            cell_progress(k + 1, len(mine))
+    try:
+        runner.train_batched([c for c in mine if not runner.is_done(c)])  # a finished cell's student is not needed
+        for k, cell in enumerate(mine):
+            runner.base_eval(cell.eval_context)
+            runner.cell_eval(cell)
+            if cell_progress:
+                cell_progress(k + 1, len(mine))
+    finally:
+        runner.close_engine()  # a vLLM engine (backend vllm) holds its share of the GPU until closed
     return {"cells": len(all_cells), "shard_cells": len(mine), "computed": runner.computed,
             "seconds": time.time() - t0}
 

@@ -20,6 +20,7 @@ Llama 3), approximate for SentencePiece vocabularies whose lone tokens lose a le
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,3 +158,51 @@ class NumberGrammar:
 
 def number_grammar(tokenizer: Any, answer_count: int = 10, max_value: int = 999) -> NumberGrammar:
     return NumberGrammar(format_mask(tokenizer), answer_count, max_value)
+
+
+# ------------------------------------------------------------------------------------------------ as one regex
+
+
+def _at_most(digits: str) -> str:
+    """A regex for the strings of ``len(digits)`` digits (leading zeros allowed) whose value is at most ``digits``."""
+    alts = []
+    for i, d in enumerate(digits):
+        rest = len(digits) - i - 1
+        if d != "0":
+            low = "0" if d == "1" else f"0-{int(d) - 1}"
+            alts.append(digits[:i] + f"[{low}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    alts.append(digits)
+    return "|".join(alts)
+
+
+def _number_regex(max_value: int) -> str:
+    top = str(max_value)
+    if set(top) == {"9"}:
+        return f"[0-9]{{1,{len(top)}}}"
+    shorter = [f"[0-9]{{1,{len(top) - 1}}}"] if len(top) > 1 else []
+    return "(?:" + "|".join(shorter + [_at_most(top)]) + ")"
+
+
+_ESCAPES = {" ": " ", "\t": "\\t", "\n": "\\n", "\r": "\\r", ",": ",", ";": ";"}
+
+
+def separators() -> list[str]:
+    """Every separator the number grammar allows between two numbers: 1 to MAX_SEPARATOR characters of whitespace
+    around at most one ',' or ';'."""
+    out = []
+    for n in range(1, MAX_SEPARATOR + 1):
+        out += ["".join(p) for p in itertools.product(" \t\n\r,;", repeat=n)
+                if _SEPARATOR_PREFIX.fullmatch("".join(p))]
+    return out
+
+
+def number_regex(answer_count: int = 10, max_value: int = 999) -> str:
+    """The number grammar (:func:`valid_prefix`, :func:`complete`) as one regex, for vLLM's structured outputs
+    (mech.evaluation.vllm_backend): 1 to ``answer_count`` numbers of at most ``max_value`` (and its digit count), one
+    separator string throughout. Those regexes have no back-references, so "one separator throughout" is an
+    alternation over every separator (198 of them). The language is the grammar's; only the token texts differ: vLLM
+    matches the exact bytes, the HF mask each token decoded alone (see the module doc)."""
+    num = _number_regex(max_value)
+    more = f"{{0,{answer_count - 1}}}"
+    alts = [f"{num}(?:{''.join(_ESCAPES[c] for c in sep)}{num}){more}" for sep in separators()]
+    return "(?:" + "|".join(alts) + ")"

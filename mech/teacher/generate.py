@@ -14,6 +14,10 @@ Seeding: prompts come from ``generate_prompts(n_prompts, prompt_seed)``. Samplin
 ``(sample_seed, chunk start)``, so the answers are a function of the config alone (given the model and the
 device); a chunk is also the unit of ``progress``. Because one generator serves a whole batch, an answer
 depends on its batch: ``batch_size`` is part of the config and changes the samples.
+
+``backend="vllm"`` samples through a vLLM engine instead (mech.evaluation.vllm_backend, GPU only): prompt ``i`` is
+request ``i``, seeded from (``sample_seed``, ``i``), so ``batch_size`` changes nothing there and leaves the key; the
+constrained teacher's grammar goes in as a regex (``number_regex``). Finetuned and steered teachers run on HF only.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mech.context import Context, render
-from mech.teacher.constrained import number_grammar
+from mech.teacher.constrained import number_grammar, number_regex
 from mech.teacher.dataset import check_free, make_row, write_dataset
 from mech.teacher.filter import check_answer, filter_rows
 from mech.teacher.finetuned import finetune_teacher
@@ -45,6 +49,7 @@ TEACHER_KINDS = (KIND_PROMPT, KIND_FINETUNED, KIND_STEER)
 _FINETUNE_FIELDS = ("finetune_rank", "finetune_epochs", "finetune_lr")
 _STEER_FIELDS = ("steer_vector", "steer_layer", "steer_alpha", "steer_alphas", "steer_min_pass", "steer_pilot")
 MAX_PROMPTS = 10_000_000  # far beyond any real run; more is a typo that would sample for weeks
+VLLM_CHUNK = 4096  # prompts per vLLM call: the unit of progress only (a request's seed is its index)
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,18 @@ class TeacherConfig:
     steer_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
     steer_min_pass: float = 0.8  # the search keeps the pilot pass rate >= this × the unsteered one
     steer_pilot: int = 64  # pilot prompts: the rows the prompt vector is read on, and the pass rates of the search
+    backend: str = "hf"  # hf: mech.evaluation.inference.sample | vllm: a vLLM engine (mech.evaluation.vllm_backend)
 
     def __post_init__(self) -> None:
+        from mech.evaluation.vllm_backend import check_backend
+
         questions(self.category)  # unknown category -> MechError listing the known ones
         if self.kind not in TEACHER_KINDS:
             raise MechError(f"unknown teacher kind {self.kind!r}: expected one of {', '.join(TEACHER_KINDS)}")
+        check_backend(self.backend, "teacher")
+        if self.backend == "vllm" and self.kind != KIND_PROMPT:
+            raise MechError(f"a {self.kind} teacher samples through HF hooks and adapters made in memory, which the "
+                            "vllm backend has not: use backend hf for it")
         if self.kind == KIND_FINETUNED:
             if self.target is None:
                 raise MechError("a finetuned teacher needs a target (the neutral teacher is the base model): set "
@@ -159,6 +171,10 @@ class TeacherConfig:
             del d[name]
         if self.kind == KIND_STEER:
             d["steer_alphas"] = list(self.steer_alphas)
+        if self.backend == "hf":  # absent at the default, so existing keys and dataset.json never change
+            del d["backend"]
+        else:  # a vLLM request's seed is its prompt's index: the batch size changes no answer, so it is no key
+            del d["batch_size"]
         return d
 
 
@@ -172,10 +188,35 @@ def chunk_seed(sample_seed: int, start: int) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
+def _sample_vllm(tokenizer: Any, cfg: TeacherConfig, prompt_ids: list[list[int]], served: Any,
+                 progress: ProgressFn | None) -> tuple[list[str], list[bool]]:
+    stops = stop_ids(tokenizer)
+    regex = number_regex(cfg.answer_count, cfg.max_value) if cfg.constrained else None
+    answers: list[str] = []
+    finished: list[bool] = []
+    total = len(prompt_ids)
+    for start in range(0, total, VLLM_CHUNK):
+        outs = served.sample(prompt_ids[start:start + VLLM_CHUNK], tag="teacher", seed=cfg.sample_seed, n=1,
+                             temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, stops=stops, regex=regex,
+                             first_index=start)
+        answers += [decode_answer(tokenizer, ids, stops) for ids, _ in outs]
+        finished += [done for _, done in outs]
+        if progress is not None:
+            progress(min(start + VLLM_CHUNK, total), total)
+    return answers, finished
+
+
 def sample_answers(
-    model: Any, tokenizer: Any, cfg: TeacherConfig, prompt_ids: list[list[int]], progress: ProgressFn | None = None
+    model: Any, tokenizer: Any, cfg: TeacherConfig, prompt_ids: list[list[int]], progress: ProgressFn | None = None,
+    served: Any = None,
 ) -> tuple[list[str], list[bool]]:
-    """Decoded answers and whether each ended with eos (False: cut off at ``max_new_tokens``)."""
+    """Decoded answers and whether each ended with eos (False: cut off at ``max_new_tokens``). With ``cfg.backend``
+    vllm, ``served`` (a mech.evaluation.vllm_backend.Served of the base) samples them."""
+    if cfg.backend == "vllm":
+        if served is None:
+            raise MechError("teacher backend vllm samples through a vLLM engine and none was given: pass served "
+                            "(mech teacher and mech sweep build it), or use backend hf")
+        return _sample_vllm(tokenizer, cfg, prompt_ids, served, progress)
     eos, pad = eos_id(tokenizer), pad_id(tokenizer)
     stops = stop_ids(tokenizer)
     process = number_grammar(tokenizer, cfg.answer_count, cfg.max_value) if cfg.constrained else None
@@ -219,6 +260,7 @@ def generate(
     out_dir: str | os.PathLike,
     progress: ProgressFn | None = None,
     overwrite: bool = False,
+    served: Any = None,
 ) -> Path:
     """Sample, filter and write a teacher dataset to ``out_dir`` (atomically); returns ``out_dir``.
 
@@ -227,7 +269,8 @@ def generate(
     teacher's context spec and its rendering of the first prompt (``rendered_context``: token ids, text,
     segment labels, incl. an auto-inserted default system prompt), the tokenizer and the model fingerprint.
     Raw rows also carry ``finished`` (False: the answer was cut off at ``max_new_tokens``; the filter still
-    judges the text as it is, as Cloud et al.'s does).
+    judges the text as it is, as Cloud et al.'s does). ``served``: the base as a vLLM engine serves it, for
+    ``cfg.backend`` vllm (mech.evaluation.vllm_backend.Served).
     """
     check_free(out_dir, overwrite)
     fingerprint = model_fingerprint(model)  # the base's: a finetuned teacher is made from it, here
@@ -245,7 +288,7 @@ def generate(
         with steering_on(model, layer, added, 1.0):
             answers, finished = sample_answers(model, tokenizer, cfg, ids, progress)
     else:
-        answers, finished = sample_answers(model, tokenizer, cfg, ids, progress)
+        answers, finished = sample_answers(model, tokenizer, cfg, ids, progress, served)
 
     banned = frozenset(cfg.banned)
     raw, candidates = [], []
