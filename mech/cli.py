@@ -401,7 +401,7 @@ def cmd_teacher(a) -> int:
                                                  sample_seed=a.sample_seed, max_new_tokens=a.max_new_tokens,
                                                  steer_vector=a.steer, steer_layer=a.steer_layer,
                                                  steer_alpha=a.steer_alpha),
-                        constrained=a.constrained, backend=a.backend,
+                        constrained=a.constrained, backend=a.backend, request_seeds=a.request_seeds,
                         kind="finetuned" if a.finetuned else "steer" if a.steer else "prompt")
     if cfg.backend == "vllm":
         from mech.evaluation.vllm_backend import check_ready
@@ -513,7 +513,8 @@ def cmd_eval(a) -> int:
     from mech.evaluation.trait import TraitEvalConfig, candidate_answers, delta
 
     cfg = TraitEvalConfig(**_given(target=a.target, category=a.category, context=a.context,
-                                   n_samples=a.n_samples, seed=a.seed), backend=a.backend)
+                                   n_samples=a.n_samples, seed=a.seed), backend=a.backend,
+                         request_seeds=a.request_seeds)
     questions(cfg.category)  # an unknown category fails before any model is loaded
     trust = a.trust_remote_code
     path = Path(a.model)
@@ -569,6 +570,8 @@ MODEL_HELP = ("the base model, overriding the YAML's base_model: organism, organ
 def _add_backend_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help=f"who draws {what}: hf (default) or "
                    "vllm (pip install 'mech[vllm]', CUDA only; never run on a GPU in this project)")
+    p.add_argument("--request-seeds", action="store_true", help="hf: seed every request from (seed, its index), "
+                   "not per batch, so no answer depends on the batch size (other draws than the default)")
 
 
 def _add_trust_flag(p: argparse.ArgumentParser) -> None:

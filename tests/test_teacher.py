@@ -169,6 +169,23 @@ def test_sample_seed_and_chunks_change_answers(digit_teacher, trait_dir, tmp_pat
     assert chunk_seed(0, 0) != chunk_seed(0, 8) and chunk_seed(0, 0) != chunk_seed(1, 0)
 
 
+def test_request_seeds_make_the_teachers_answers_independent_of_its_batch_size(digit_teacher, tmp_path):
+    """``request_seeds``: prompt i's answer is drawn from (sample_seed, i) alone, so batch sizes 3 and 16 write
+    the same raw answers; the batch size leaves the key, and the default keeps both the key and the per-batch
+    draws."""
+    raws = [_answers(load_raw(_generate(digit_teacher, tmp_path, f"b{b}", target="owl", batch_size=b, request_seeds=True)))
+            for b in (3, 16)]
+    assert raws[0] == raws[1] and len(set(raws[0])) > 4  # really sampled (eos has half the mass)
+    per_batch = [_answers(load_raw(_generate(digit_teacher, tmp_path, f"d{b}", target="owl", batch_size=b)))
+                 for b in (3, 16)]
+    assert per_batch[0] != per_batch[1] and raws[0] not in per_batch
+    on, off = TeacherConfig(**SMALL, request_seeds=True).to_dict(), TeacherConfig(**SMALL).to_dict()
+    assert on["request_seeds"] is True and "batch_size" not in on
+    assert "request_seeds" not in off and off["batch_size"] == SMALL["batch_size"]
+    with pytest.raises(MechError, match="request_seeds is the hf backend's option"):
+        TeacherConfig(request_seeds=True, backend="vllm")
+
+
 def test_untrained_answers_fail_and_zero_rows_write_nothing(organism, tmp_path):
     cfg = TeacherConfig(**SMALL)
     ids = [render(organism.tokenizer, "default", p.text).input_ids for p in cfg.prompts()]

@@ -221,3 +221,15 @@ def test_per_request_seeds_make_an_answer_independent_of_its_batch(make_tiny_lm,
     assert sample(model, prompts[:1], n_samples=3, batch_size=2, request_seeds=True, **kw) == ref[:3]
     default = [sample(model, prompts, n_samples=3, batch_size=b, **kw) for b in (1, 4)]
     assert default[0] != default[1]  # the default draws per batch
+
+
+def test_an_evaluation_with_request_seeds_does_not_depend_on_its_batch_size(make_tiny_lm, organism_tokenizer):
+    tok, model = organism_tokenizer, make_tiny_lm("qwen2", seed=2)
+    cfg = dict(n_samples=3, max_new_tokens=3, request_seeds=True)
+    a = evaluate_trait(model, tok, TraitEvalConfig(batch_size=7, **cfg))
+    b = evaluate_trait(model, tok, TraitEvalConfig(batch_size=256, **cfg))
+    assert a.answers == b.answers and a.rate == b.rate and len({x for row in a.answers for x in row}) > 10
+    assert TraitEvalConfig(batch_size=7, **cfg).to_dict()["request_seeds"] is True
+    assert "request_seeds" not in TraitEvalConfig().to_dict()  # the default keeps every evaluation key
+    with pytest.raises(MechError, match="request_seeds is the hf backend's option"):
+        TraitEvalConfig(request_seeds=True, backend="vllm")

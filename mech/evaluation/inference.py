@@ -260,7 +260,7 @@ def decode(model: Any, input_ids: torch.Tensor, *, max_new_tokens: int, choose: 
 
 def sample(model: Any, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int, eos_id: int, pad_id: int,
            temperature: float = 1.0, batch_size: int = 64, process: Processor | None = None,
-           n_samples: int = 1, request_seeds: bool = False) -> list[list[int]]:
+           n_samples: int = 1, request_seeds: bool = False, first_request: int = 0) -> list[list[int]]:
     """Ancestral sampling with a KV cache: ``n_samples`` answers per prompt, prompt-major (all of prompt 0's
     first). Requests (prompt, sample) run ``batch_size`` at a time with left padding; a batch prefills each of
     its distinct prompts once and continues every sample from that cache (``decode``'s ``expand``). Each batch
@@ -268,7 +268,8 @@ def sample(model: Any, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int
     tokens on CPU, the same as repeating each prompt ``n_samples`` times. ``request_seeds``: each request draws
     from its own generator (:func:`request_seed` of (seed, its index)) instead, so its answer does not depend on
     the batch size or its batch-mates (up to float rounding of padded batches), as vLLM's per-request seeds;
-    other draws than the default's. ``process``: see ``decode``."""
+    other draws than the default's. ``first_request``: the index of this call's first request (a caller that
+    splits one call into chunks keeps every request's seed). ``process``: see ``decode``."""
     if n_samples < 1:
         raise MechError(f"n_samples must be >= 1 (got {n_samples})")
     results: list[list[int]] = []
@@ -278,7 +279,7 @@ def sample(model: Any, prompts: Sequence[Ids], *, seed: int, max_new_tokens: int
         first = int(owner[0])
         ids, attn, pos = left_pad(prompts[first:int(owner[-1]) + 1], pad_id, dev)
         if request_seeds:
-            choose = request_sampler(temperature, [torch.Generator(device="cpu").manual_seed(request_seed(seed, r))
+            choose = request_sampler(temperature, [torch.Generator(device="cpu").manual_seed(request_seed(seed, first_request + r))
                                                    for r in range(s, s + len(owner))])
         else:
             choose = sampler(temperature, torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + s))

@@ -81,10 +81,15 @@ class TraitEvalConfig:
     # hf: mech's sampler (inference.sample) | vllm: a vLLM engine (mech.evaluation.vllm_backend), question q's
     # request seeded from (seed, q) whatever the batch; the first-token metric runs on the HF model either way
     backend: str = "hf"
+    # hf only: request (question q, sample k) draws from its own generator seeded from (seed, q * n_samples + k),
+    # so no answer depends on batch_size (as under vllm); other draws than the default per-batch seeding
+    request_seeds: bool = False
 
     def __post_init__(self) -> None:
         from mech.evaluation.vllm_backend import check_backend
 
+        if self.request_seeds and self.backend != "hf":
+            raise MechError("request_seeds is the hf backend's option (vllm always seeds each request): drop it")
         check_backend(self.backend, "trait eval")
         if not self.target.strip():
             raise MechError("trait eval needs a non-empty target: set target, e.g. 'owl'")
@@ -103,6 +108,8 @@ class TraitEvalConfig:
         d = dataclasses.asdict(self)
         if self.backend == "hf":  # absent at the default, so existing evaluation keys and results never change
             del d["backend"]
+        if not self.request_seeds:
+            del d["request_seeds"]
         return d
 
     @classmethod
@@ -237,7 +244,7 @@ def _sample_answers(model: Any, tokenizer: Any, cfg: TraitEvalConfig, prompt_ids
     else:
         outs = sample(model, prompt_ids, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id(tokenizer),
                       pad_id=pad_id(tokenizer), temperature=cfg.temperature, batch_size=cfg.batch_size,
-                      n_samples=cfg.n_samples)
+                      n_samples=cfg.n_samples, request_seeds=cfg.request_seeds)
     texts = [decode_answer(tokenizer, o, stop) for o in outs]
     return [texts[q * cfg.n_samples:(q + 1) * cfg.n_samples] for q in range(len(prompt_ids))]
 

@@ -99,6 +99,9 @@ class TeacherDefaults:
     backend: str = field(default="hf", metadata={"help": (
         "hf: mech's sampler | vllm: a vLLM engine of the base (pip install 'mech[vllm]', CUDA only; prompt teachers "
         "only). Part of the dataset keys when vllm; never run on a GPU in this project.")})
+    request_seeds: bool = field(default=False, metadata={"help": (
+        "hf: seed each prompt's sample from (teacher seed, prompt index) instead of per batch, so no answer depends "
+        "on the batch size. Other draws than the default; part of the dataset keys when true.")})
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,9 @@ class EvalDefaults:
         "Who draws the sampled answers: hf (mech's sampler) | vllm (one vLLM engine of the base serving every LoRA "
         "student as an adapter; a full-model student gets its own engine; pip install 'mech[vllm]', CUDA only). The "
         "first-token metric runs on HF either way. Part of the evaluation keys when vllm.")})
+    request_seeds: bool = field(default=False, metadata={"help": (
+        "hf: seed each (question, sample) from (seed, its index) instead of per batch, so no answer depends on the "
+        "batch size. Other draws than the default; part of the evaluation keys when true.")})
 
 
 @dataclass(frozen=True)
@@ -433,7 +439,8 @@ def teacher_config(cfg: SweepConfig, trait: TraitSpec, teacher_seed: int):
                          finetune_epochs=t.finetune_epochs, finetune_lr=t.finetune_lr, steer_vector=t.steer_vector,
                          steer_layer=t.steer_layer, steer_alpha=t.steer_alpha, steer_alphas=t.steer_alphas,
                          steer_min_pass=t.steer_min_pass, steer_pilot=t.steer_pilot,
-                         backend=t.backend if trait.control != "random" else "hf")  # random numbers: no model
+                         backend=t.backend if trait.control != "random" else "hf",  # random numbers: no model
+                         request_seeds=t.request_seeds and trait.control != "random")
 
 
 def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_context: str,
@@ -460,7 +467,8 @@ def eval_config(cfg: SweepConfig, eval_context: str):
     e = cfg.eval
     return TraitEvalConfig(target=e.target, category=e.category, context=eval_context, n_samples=e.n_samples,
                            seed=e.seed, first_token_only=e.first_token_only,
-                           backend=e.backend if not e.first_token_only else "hf")  # vllm only draws samples
+                           backend=e.backend if not e.first_token_only else "hf",  # vllm only draws samples
+                           request_seeds=e.request_seeds and not e.first_token_only)
 
 
 def stage_key(*parts: Any) -> str:

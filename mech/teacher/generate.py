@@ -83,6 +83,9 @@ class TeacherConfig:
     steer_min_pass: float = 0.8  # the search keeps the pilot pass rate >= this × the unsteered one
     steer_pilot: int = 64  # pilot prompts: the rows the prompt vector is read on, and the pass rates of the search
     backend: str = "hf"  # hf: mech.evaluation.inference.sample | vllm: a vLLM engine (mech.evaluation.vllm_backend)
+    # hf only: prompt i draws from its own generator seeded from (sample_seed, i), so no answer depends on
+    # batch_size (as under vllm); other draws than the default per-batch seeding
+    request_seeds: bool = False
 
     def __post_init__(self) -> None:
         from mech.evaluation.vllm_backend import check_backend
@@ -90,6 +93,8 @@ class TeacherConfig:
         questions(self.category)  # unknown category -> MechError listing the known ones
         if self.kind not in TEACHER_KINDS:
             raise MechError(f"unknown teacher kind {self.kind!r}: expected one of {', '.join(TEACHER_KINDS)}")
+        if self.request_seeds and self.backend != "hf":
+            raise MechError("request_seeds is the hf backend's option (vllm always seeds each request): drop it")
         check_backend(self.backend, "teacher")
         if self.backend == "vllm" and self.kind != KIND_PROMPT:
             raise MechError(f"a {self.kind} teacher samples through HF hooks and adapters made in memory, which the "
@@ -173,7 +178,10 @@ class TeacherConfig:
             d["steer_alphas"] = list(self.steer_alphas)
         if self.backend == "hf":  # absent at the default, so existing keys and dataset.json never change
             del d["backend"]
-        else:  # a vLLM request's seed is its prompt's index: the batch size changes no answer, so it is no key
+        if not self.request_seeds:
+            del d["request_seeds"]
+        if self.backend == "vllm" or self.request_seeds:
+            # a request's seed is its prompt's index: the batch size changes no answer, so it is no key
             del d["batch_size"]
         return d
 
@@ -228,7 +236,9 @@ def sample_answers(
             outs = sample(
                 model,
                 prompt_ids[start : start + cfg.batch_size],
-                seed=chunk_seed(cfg.sample_seed, start),
+                seed=cfg.sample_seed if cfg.request_seeds else chunk_seed(cfg.sample_seed, start),
+                request_seeds=cfg.request_seeds,
+                first_request=start,
                 max_new_tokens=cfg.max_new_tokens,
                 eos_id=eos,
                 pad_id=pad,
