@@ -402,12 +402,18 @@ def cmd_train(a) -> int:
                         gradient_checkpointing=a.gradient_checkpointing,
                         **_given(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, context=a.context,
                                  micro_batch_size=a.micro_batch_size))
+    if a.fsdp and cfg.method == "lora":
+        raise MechError("--fsdp shards full finetuning; a LoRA student's adapters are small: drop --fsdp (plain data "
+                        "parallelism) or use --method full")
+    if a.fsdp and world_size() == 1:
+        raise MechError("--fsdp shards a student over processes, but this is one process: launch it with "
+                        "torchrun --nproc-per-node N (or accelerate launch)")
     if world_size() > cfg.batch_size:
         raise MechError(f"batch size {cfg.batch_size} is smaller than the {world_size()} processes launched: each "
                         "computes its share of a batch's rows, so raise --batch-size or start fewer processes")
     _check_out(a.out, "--out", new=True)
     rows = load_dataset(a.dataset).rows
-    with process_group() as dist:  # under torchrun / accelerate launch: one of several processes (else None)
+    with process_group(fsdp=a.fsdp) as dist:  # under torchrun / accelerate launch: one of several processes (else None)
         main = dist is None or dist.is_main
         if not main:
             _quiet_process()
@@ -541,6 +547,8 @@ def _add_pipeline_parsers(sub) -> None:
                     "torchrun); the step still takes --batch-size rows (default: the whole batch at once)")
     tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward: "
                     "less memory, about a third more compute")
+    tr.add_argument("--fsdp", action="store_true", help="under torchrun, full finetuning: shard the weights, gradients "
+                    "and optimizer state over the processes (FSDP2), e.g. for a 7B model")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--context", help="training context (default | none | empty | custom:<text>)")
     tr.add_argument("--model", default="organism", help="the base model")

@@ -13,6 +13,14 @@ weighting needs a sum; the model keeps its own class and parameter names, so PEF
 :mod:`mech.models.surgery` see the same model as in one process; and DDP's hooks interact with activation
 checkpointing (reentrant or unused-parameter modes). What it gives up is DDP's overlap of communication with the
 backward: small for LoRA's adapters, and a 7B full finetuning needs sharding (FSDP) rather than DDP anyway.
+
+FSDP (``Dist.fsdp``, ``mech train --fsdp``; full finetuning only): torch's FSDP2 ``fully_shard`` on every decoder
+layer, then on the whole model, so each rank holds 1/world_size of the float32 master weights, their gradients
+and the optimizer state, and a layer's full weights exist only while it computes. Its reduce-scatter sums the
+gradients in the backward (divide factor 1: the token weights already make the sum the batch's gradient), so
+:func:`sync` then sums the loss only. Its collectives run in every forward, so every rank runs the same number
+of forwards in a step (:func:`mech.students.train._split` pads with zero-weight parts). Precision is mech's
+``precision: auto``: float32 master weights, all-gathered in float32, computed under autocast to the base's dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class Dist:
     rank: int
     world_size: int
     device: torch.device
+    fsdp: bool = False  # shard the weights, gradients and optimizer state (FSDP2) instead of replicating them
 
     @property
     def is_main(self) -> bool:
@@ -67,10 +76,13 @@ def world_size() -> int:
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[Dist | None]:
+def process_group(fsdp: bool = False) -> Iterator[Dist | None]:
     """Join the launcher's process group for the block (None when WORLD_SIZE is 1) and leave it after."""
     n = world_size()
     if n == 1:
+        if fsdp:
+            raise MechError("--fsdp shards a student over processes, but this is one process: launch it with "
+                            "torchrun --nproc-per-node N (or accelerate launch)")
         yield None
         return
     missing = [k for k in ENV if not os.environ.get(k)]
@@ -89,7 +101,7 @@ def process_group() -> Iterator[Dist | None]:
         device, backend = torch.device("cpu"), "gloo"
     torch.distributed.init_process_group(backend, rank=rank, world_size=n, device_id=device if backend == "nccl" else None)
     try:
-        yield Dist(rank, n, device)
+        yield Dist(rank, n, device, fsdp)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -125,10 +137,45 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
             start = end
 
 
-def sync(params: Sequence[torch.nn.Parameter], loss: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Sum the gradients of ``params`` and this rank's (token-weighted) ``loss`` over ranks; returns the global
-    loss. A rank without rows in this step (a short last batch) passes ``loss`` None and no gradients. A
-    parameter no rank gave a gradient keeps none, as in one process (the optimizer then skips it)."""
+def shard(model, layers: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """FSDP2 over ``model``: each of ``layers`` (its decoder layers) a unit, the rest (embeddings, final norm,
+    unembedding) the root's; gradients summed, not averaged. Returns the parameters to optimise, now sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for unit in [*layers, model]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain sum, which gloo has (not NCCL's PreMulSum)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def full_state(model, dist: Dist) -> dict[str, torch.Tensor] | None:
+    """A sharded model's full state dict, on rank 0's CPU (None on the others). Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if dist.is_main else None
+
+
+def everywhere(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def sync(params: Sequence[torch.nn.Parameter], loss: torch.Tensor | None, dist: Dist) -> torch.Tensor:
+    """Sum the gradients of ``params`` (FSDP has summed them already) and this rank's token-weighted ``loss`` over
+    ranks; returns the global loss. A rank without rows in this step (a short last batch) passes ``loss`` None
+    and no gradients. A parameter no rank gave a gradient keeps none, as in one process (the optimizer then skips
+    it)."""
+    device = dist.device
+    if dist.fsdp:
+        total = torch.zeros((), device=device) if loss is None else loss.detach().float().clone()
+        torch.distributed.all_reduce(total)
+        return total
     with torch.no_grad():
         have = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MAX)

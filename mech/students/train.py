@@ -44,7 +44,7 @@ from mech.models.loader import canonical_base_name, model_fingerprint, record_ad
 from mech.store import atomic_dir, atomic_write_json
 from mech.students import store as students
 from mech.students.config import LoraSpec, StudentConfig, Teacher
-from mech.students.distributed import Dist, barrier, broadcast_params, sync
+from mech.students.distributed import Dist, barrier, broadcast_params, everywhere, full_state, shard, sync
 from mech.students.encoding import Example, batch_order, collate, encode_rows
 from mech.students.loop import completion_loss, distill_batch_loss, lr_factor, make_optimizer, train_loop
 from mech.students.matched_loss import reached, reference_loss, trailing_mean
@@ -187,15 +187,20 @@ def _split(examples: list[Example], cfg: StudentConfig, dist: Dist | None):
     or None when it computes every batch whole. A process takes every ``world_size``-th row from its rank on, in
     micro-batches of ``micro_batch_size`` rows; each part's mean loss is weighted by its labelled tokens over the
     global batch's, so the weighted sum over parts and processes is the global batch's mean loss, and its gradient
-    the global batch's gradient. Every process knows every row, so the global count needs no communication."""
+    the global batch's gradient. Every process knows every row, so the global count needs no communication.
+    Under FSDP, whose forwards are collectives, every process runs as many parts as the busiest one: the others
+    add parts of weight 0 (a row of the batch, computed for nothing)."""
     if dist is None and cfg.micro_batch_size is None:
         return None
 
     def split(batch: list[int]) -> list[tuple[list[int], float]]:
         mine = batch if dist is None else batch[dist.rank::dist.world_size]
         size, total = cfg.micro_batch_size or max(1, len(mine)), _tokens(examples, batch)
-        parts = [mine[s:s + size] for s in range(0, len(mine), size)]
-        return [(part, _tokens(examples, part) / total) for part in parts]
+        parts = [(part, _tokens(examples, part) / total) for part in (mine[s:s + size] for s in range(0, len(mine), size))]
+        if dist is not None and dist.fsdp:
+            busiest = math.ceil(len(batch) / dist.world_size)
+            parts += [(batch[:1], 0.0)] * (math.ceil(busiest / (cfg.micro_batch_size or busiest)) - len(parts))
+        return parts
 
     return split
 
@@ -209,6 +214,12 @@ def _check_world(cfg: StudentConfig, dist: Dist | None) -> None:
     if cfg.lora.dropout > 0 and cfg.method == "lora":
         raise MechError("LoRA dropout under torchrun would draw the same masks on every process for different rows: "
                         "set lora.dropout to 0 or train in one process")
+    if dist.fsdp and cfg.method == "lora":
+        raise MechError("FSDP shards full finetuning; a LoRA student's adapters are small: drop --fsdp (plain data "
+                        "parallelism) or use --method full")
+    if dist.fsdp and cfg.save_every_epoch:
+        raise MechError("save_every_epoch is not built under FSDP (each checkpoint would gather the sharded model): "
+                        "drop --fsdp or save_every_epoch")
 
 
 def _check_objective(cfg: StudentConfig, teacher: Teacher | None) -> None:
@@ -275,7 +286,7 @@ def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, d
                 on_epoch(step // per_epoch, model, losses)
         return stop_loss is not None and reached(losses, stop_loss, cfg.matched_loss_window)
 
-    reduce = None if dist is None else (lambda loss: sync(params, loss, dist.device))
+    reduce = None if dist is None else (lambda loss: sync(params, loss, dist))
     return train_loop(model, params, _epochs(len(examples), cfg), student_loss, make_optimizer(params, cfg), lr_at,
                       cfg.grad_clip, on_step, _split(examples, cfg, dist), reduce)
 
@@ -284,11 +295,28 @@ def _diverged(cfg: StudentConfig, what: str) -> None:
     raise MechError(f"training diverged at lr {cfg.lr:g}: {what}; lower the lr")
 
 
-def _check_finite(params, cfg: StudentConfig) -> None:
-    """A student with a NaN or inf weight would be cached and break every later evaluation: refuse it here."""
+def _check_finite(params, cfg: StudentConfig, dist: Dist | None = None) -> None:
+    """A student with a NaN or inf weight would be cached and break every later evaluation: refuse it here (under
+    FSDP each process sees its shards, and they agree on the verdict)."""
     with torch.no_grad():
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            _diverged(cfg, "the trained weights are not finite")
+        finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params)
+    if dist is not None and dist.fsdp:
+        finite = everywhere(finite, dist.device)
+    if not finite:
+        _diverged(cfg, "the trained weights are not finite")
+
+
+def _unsharded(model, base_model, cfg: StudentConfig, dist: Dist):
+    """An FSDP-trained student as a plain model on rank 0, in the base's place and its master weights' dtype (None
+    on the other ranks). Every rank must call it: it gathers the shards."""
+    state = full_state(model, dist)
+    if state is None:
+        return None
+    plain = copy.deepcopy(base_model)
+    if _master_weights(base_model, cfg):
+        plain.float()
+    plain.load_state_dict(state)
+    return plain
 
 
 def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig, teacher: Teacher | None = None,
@@ -314,10 +342,12 @@ def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig,
         model, params = _trainable_copy(base_model, cfg)
         if dist is not None:
             broadcast_params(params)
+        if dist is not None and dist.fsdp:
+            params = shard(model, surgery.get_layers(model))
         with _compute_precision(base_model, cfg), _checkpointing(model, cfg):
             losses = _fit(model, params, examples, cfg, pad_id(tokenizer), distill, progress, on_epoch, stop_loss,
                           dist)
-    _check_finite(params, cfg)
+    _check_finite(params, cfg, dist)
     return Trained(model, losses, len(rows), time.perf_counter() - t0)
 
 
@@ -409,12 +439,16 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
     references = reference_norms(base_model, cfg) if cfg.method == "matched_norm" else {}
     stop_loss = reference_loss(cfg) if cfg.method == "matched_loss" else None
     if dist is not None and not dist.is_main:
-        train_model(base_model, tokenizer, rows, cfg, teacher, None, None, stop_loss, dist)
+        trained = train_model(base_model, tokenizer, rows, cfg, teacher, None, None, stop_loss, dist)
+        if dist.fsdp:
+            _unsharded(trained.model, base_model, cfg, dist)  # rank 0 gathers the shards to write them
         barrier()
         return out
     meta = _student_meta(base_model, rows, cfg, base_spec, teacher)
     if dist is not None:
         meta["world_size"] = dist.world_size
+        if dist.fsdp:
+            meta["fsdp"] = True
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
 
@@ -428,6 +462,8 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
                           cfg, base_model, tokenizer, base_spec, references.get(k))
 
         trained = train_model(base_model, tokenizer, rows, cfg, teacher, progress, on_epoch, stop_loss, dist)
+        if dist is not None and dist.fsdp:
+            trained.model = _unsharded(trained.model, base_model, cfg, dist)
         final = _final_fields(trained, cfg, t0)
         if stop_loss is not None:
             w = cfg.matched_loss_window
