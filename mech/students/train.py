@@ -144,10 +144,15 @@ class _DropMessage(logging.Filter):
 
 
 def _compute_precision(base_model, cfg: StudentConfig):
-    """Autocast to the base's dtype over float32 master weights (the speed of bf16, the updates of float32)."""
+    """Autocast to the base's dtype over float32 master weights (the speed of bf16, the updates of float32).
+
+    Without autocast's weight cache: it keeps the low-precision cast of each weight until the context closes, and
+    the context spans all of training, so after the optimizer's first in-place update every forward would compute
+    with the first step's weights (losses 6.43 -> 6.17 in four SGD steps on a tiny bf16 model, vs 6.43 -> 4.12
+    uncached; tests/test_distributed.py)."""
     if not _master_weights(base_model, cfg):
         return contextlib.nullcontext()
-    return torch.autocast(device_of(base_model).type, dtype=next(base_model.parameters()).dtype)
+    return torch.autocast(device_of(base_model).type, dtype=next(base_model.parameters()).dtype, cache_enabled=False)
 
 
 # --------------------------------------------------------------------------------------------- the objective
