@@ -59,6 +59,7 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], batches: Iterable[An
         losses.append(float(loss))
         if on_step is not None and on_step(step + 1, losses):
             break
+    optimizer.zero_grad(set_to_none=True)  # the last gradients are not needed: free them before the caller saves
     model.eval()
     return losses
 
