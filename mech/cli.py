@@ -414,11 +414,11 @@ def cmd_train(a) -> int:
     _check_out(a.out, "--out", new=True)
     rows = load_dataset(a.dataset).rows
     with process_group(fsdp=a.fsdp) as dist:  # under torchrun / accelerate launch: one of several processes (else None)
-        main = dist is None or dist.is_main
-        if not main:
+        rank0 = dist is None or dist.is_main
+        if not rank0:
             _quiet_process()
         base = load_model(a.model, device=dist.device if dist else None, trust_remote_code=a.trust_remote_code)
-        bar = _bar(math.ceil(len(rows) / cfg.batch_size) * cfg.epochs, f"train {cfg.method}") if main else None
+        bar = _bar(math.ceil(len(rows) / cfg.batch_size) * cfg.epochs, f"train {cfg.method}") if rank0 else None
 
         def progress(step: int, total: int, loss: float) -> None:
             bar.update(step - bar.n)
@@ -426,11 +426,11 @@ def cmd_train(a) -> int:
 
         try:
             out = train_student(base.model, base.tokenizer, rows, cfg, a.out, base_spec=a.model,
-                                progress=progress if main else None, dist=dist)
+                                progress=progress if rank0 else None, dist=dist)
         finally:
             if bar is not None:
                 bar.close()
-    if not main:
+    if not rank0:
         return 0
     meta = read_student(out)
     losses = meta["losses"]
@@ -1097,10 +1097,12 @@ def _interrupt(signum, frame):
 def _check_launch(args) -> None:
     """Under torchrun / accelerate launch (WORLD_SIZE > 1) only `mech train` runs: its processes train one student
     together (mech.students.distributed); any other command would run once per process."""
+    if os.environ.get("WORLD_SIZE", "1") == "1" or args.func is cmd_train:  # not launched: no torch import here
+        return
     from mech.students.distributed import world_size
 
     n = world_size()
-    if n == 1 or args.func is cmd_train:
+    if n == 1:
         return
     if args.func in (cmd_sweep, cmd_reproduce):
         raise MechError(f"a sweep does not run under torchrun (WORLD_SIZE={n}): a sweep's students are many and small, "

@@ -333,7 +333,8 @@ def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig,
     ``matched_loss`` stops at ``stop_loss`` (:func:`mech.students.matched_loss.reference_loss`), or at the end.
     ``progress(step, total, loss)`` after every step; ``on_epoch(k, model, losses)`` after epoch k.
     ``dist`` (mech.students.distributed.process_group): this process is one of several training the same student,
-    each on its share of every batch; every process gets the same student back.
+    each on its share of every batch; every process gets the same student back (under FSDP, its shards:
+    :func:`_unsharded` gathers them).
     """
     if not rows:
         raise MechError("no training rows: the dataset is empty (check the filter audit)")
