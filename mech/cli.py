@@ -433,6 +433,17 @@ def cmd_teacher(a) -> int:
     return 0
 
 
+def _quiet_process() -> None:
+    """A torchrun process other than rank 0 prints nothing but errors: no progress bars, library notes or warnings."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.simplefilter("ignore")
+
+
 def cmd_train(a) -> int:
     import math
 
@@ -441,6 +452,7 @@ def cmd_train(a) -> int:
     from mech.students.store import GLOBAL, read_student
     from mech.sweep import TrainDefaults
     from mech.students.config import REFERENCED, LoraSpec, StudentConfig
+    from mech.students.distributed import process_group, world_size
     from mech.students.train import train_student
 
     lr = a.lr if a.lr is not None else TrainDefaults.lr if a.method == "lora" else TrainDefaults.full_lr
@@ -452,20 +464,39 @@ def cmd_train(a) -> int:
     cfg = StudentConfig(method=a.method, lora=LoraSpec(**_given(rank=a.rank, alpha=a.alpha)), lr=lr,
                         matched_norm_reference=a.reference if a.method == "matched_norm" else None,
                         matched_loss_reference=a.reference if a.method == "matched_loss" else None,
-                        **_given(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, context=a.context))
+                        gradient_checkpointing=a.gradient_checkpointing,
+                        **_given(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, context=a.context,
+                                 micro_batch_size=a.micro_batch_size))
+    if a.fsdp and cfg.method == "lora":
+        raise MechError("--fsdp shards full finetuning; a LoRA student's adapters are small: drop --fsdp (plain data "
+                        "parallelism) or use --method full")
+    if a.fsdp and world_size() == 1:
+        raise MechError("--fsdp shards a student over processes, but this is one process: launch it with "
+                        "torchrun --nproc-per-node N (or accelerate launch)")
+    if world_size() > cfg.batch_size:
+        raise MechError(f"batch size {cfg.batch_size} is smaller than the {world_size()} processes launched: each "
+                        "computes its share of a batch's rows, so raise --batch-size or start fewer processes")
     _check_out(a.out, "--out", new=True)
     rows = load_dataset(a.dataset).rows
-    base = load_model(a.model, trust_remote_code=a.trust_remote_code)
-    bar = _bar(math.ceil(len(rows) / cfg.batch_size) * cfg.epochs, f"train {cfg.method}")
+    with process_group(fsdp=a.fsdp) as dist:  # under torchrun / accelerate launch: one of several processes (else None)
+        rank0 = dist is None or dist.is_main
+        if not rank0:
+            _quiet_process()
+        base = load_model(a.model, device=dist.device if dist else None, trust_remote_code=a.trust_remote_code)
+        bar = _bar(math.ceil(len(rows) / cfg.batch_size) * cfg.epochs, f"train {cfg.method}") if rank0 else None
 
-    def progress(step: int, total: int, loss: float) -> None:
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-    try:
-        out = train_student(base.model, base.tokenizer, rows, cfg, a.out, base_spec=a.model, progress=progress)
-    finally:
-        bar.close()
+        try:
+            out = train_student(base.model, base.tokenizer, rows, cfg, a.out, base_spec=a.model,
+                                progress=progress if rank0 else None, dist=dist)
+        finally:
+            if bar is not None:
+                bar.close()
+    if not rank0:
+        return 0
     meta = read_student(out)
     losses = meta["losses"]
     print(f"student {out} ({cfg.method}{f' rank {cfg.lora.rank}' if cfg.method == 'lora' else ''}, context "
@@ -614,7 +645,14 @@ def _add_pipeline_parsers(sub) -> None:
     tr.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 for LoRA, 2e-5 otherwise)")
     tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--batch-size", type=int, help="rows per optimizer step, over all processes under torchrun "
+                    "(default 16)")
+    tr.add_argument("--micro-batch-size", type=int, help="gradient accumulation: rows per forward (per process under "
+                    "torchrun); the step still takes --batch-size rows (default: the whole batch at once)")
+    tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward: "
+                    "less memory, about a third more compute")
+    tr.add_argument("--fsdp", action="store_true", help="under torchrun, full finetuning: shard the weights, gradients "
+                    "and optimizer state over the processes (FSDP2), e.g. for a 7B model")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--context", help="training context (default | none | empty | custom:<text>)")
     tr.add_argument("--model", default="organism", help="the base model")
@@ -1167,6 +1205,24 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _check_launch(args) -> None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) only `mech train` runs: its processes train one student
+    together (mech.students.distributed); any other command would run once per process."""
+    if os.environ.get("WORLD_SIZE", "1") == "1" or args.func is cmd_train:  # not launched: no torch import here
+        return
+    from mech.students.distributed import world_size
+
+    n = world_size()
+    if n == 1:
+        return
+    if args.func in (cmd_sweep, cmd_reproduce):
+        raise MechError(f"a sweep does not run under torchrun (WORLD_SIZE={n}): a sweep's students are many and small, "
+                        "so run its cells in parallel with `mech sweep --shard i/n`, one process per GPU; multi-process "
+                        "training is for one big student, through `mech train`")
+    raise MechError(f"only `mech train` runs under torchrun / accelerate launch (WORLD_SIZE={n}): run this command "
+                    "as one process")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit 0 on success, 1 where a command reports a failed bar, 2 on a one-line
     ``mech: error``, 130 on Ctrl-C or SIGTERM (``mech: interrupted``, after any temporary output is removed)."""
@@ -1176,6 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
+        _check_launch(args)
         return args.func(args)
     except MechError as e:
         print(f"mech: error: {e}", file=sys.stderr)

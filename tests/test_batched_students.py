@@ -131,6 +131,8 @@ def test_written_students_are_ordinary_student_dirs(tok, base, tmp_path):
     (Job(rows(4), cfg(objective="distill")), r"cannot be batched \(objective 'distill'\)"),
     (Job(rows(4), cfg(lora=LoraSpec(rank=2, dropout=0.1))), r"cannot be batched \(LoRA dropout 0.1\)"),
     (Job(rows(4), cfg(save_every_epoch=True)), r"cannot be batched \(save_every_epoch\)"),
+    (Job(rows(4), cfg(micro_batch_size=1)), r"cannot be batched \(micro_batch_size 1\)"),
+    (Job(rows(4), cfg(gradient_checkpointing=True)), r"cannot be batched \(gradient_checkpointing\)"),
     (Job([], cfg()), "no training rows"),
 ])
 def test_unbatchable_students_are_refused_in_one_line(tok, base, job, fault):

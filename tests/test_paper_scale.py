@@ -227,3 +227,13 @@ def test_hub_cache_check_leaves_other_specs_and_an_online_hub_alone(hf_cache, mo
     assert not hub_offline()
     check_hub_cached(QWEN)  # online, from_pretrained downloads it: nothing to check
     assert not hf_cache.exists()
+
+
+def test_the_paper_batch_of_66_is_six_micro_batches_of_11(cuda):
+    """Gradient accumulation keeps the paper's 66 rows a step in a fraction of the memory: one optimizer step,
+    six forwards; the same in every paper YAML, so they still share students."""
+    for path in SCALES["paper"]:
+        t = load_sweep(ROOT / path).train
+        assert (t.batch_size, t.micro_batch_size, t.gradient_checkpointing) == (66, 11, False)
+        sc = student_config(load_sweep(ROOT / path), load_sweep(ROOT / path).students[0], 0, "default")
+        assert sc.micro_batch_size == 11 and sc.to_dict()["micro_batch_size"] == 11

@@ -74,7 +74,7 @@ def test_precision_keys_leave_existing_students_alone(tmp_path):
     sc = student_config(cfg, s, 0, "default")
     assert "precision" not in sc.to_dict()
     # the fields StudentConfig gained after students were cached: absent from every other method's key
-    added = ("precision", "matched_loss_reference", "matched_loss_window")
+    added = ("precision", "matched_loss_reference", "matched_loss_window", "micro_batch_size", "gradient_checkpointing")
     legacy = {k: v for k, v in dataclasses.asdict(sc).items() if k not in added}
     assert stage_key("student", "d", sc.to_dict(), None) == stage_key("student", "d", legacy, None)
     native = load_sweep(write_cfg(tmp_path / "n.yaml", precision="native"))

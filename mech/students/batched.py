@@ -103,6 +103,10 @@ def unbatchable(cfg: StudentConfig) -> str | None:
         return f"LoRA dropout {cfg.lora.dropout:g}"
     if cfg.save_every_epoch:
         return "save_every_epoch"
+    if cfg.micro_batch_size is not None:  # memory knobs of one big student: stacking students is the opposite
+        return f"micro_batch_size {cfg.micro_batch_size}"
+    if cfg.gradient_checkpointing:
+        return "gradient_checkpointing"
     return None
 
 

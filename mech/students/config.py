@@ -109,6 +109,16 @@ class StudentConfig:
     precision: str = field(default="auto", metadata={"help": (
         "auto (full / matched_norm: float32 master weights, autocast to a bf16 / fp16 base's dtype) | native "
         "(train in the base's dtype). Identical on a float32 base.")})
+    micro_batch_size: int | None = field(default=None, metadata={"help": (
+        "Rows per forward and backward (per process under torchrun); None: the whole batch at once. One optimizer "
+        "step still takes batch_size rows: their micro-batches' gradients are accumulated, each loss weighted by its "
+        "labelled tokens over the batch's, so the step's gradient is the whole batch's (any split is exact; a short "
+        "last micro-batch is fine). Between 1 and batch_size. Trades speed for memory; changes the weights in the "
+        "last bits only, so it is part of the student's key when set.")})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "Recompute each decoder layer's activations in the backward instead of keeping them (transformers' "
+        "activation checkpointing, non-reentrant; LoRA too): a third more compute for far less activation memory. "
+        "Part of the student's key when on.")})
 
     def __post_init__(self):
         _choice(self.method, METHODS, "training method")
@@ -128,6 +138,9 @@ class StudentConfig:
             if not ok:
                 raise MechError(f"invalid {name} {value!r}: epochs, batch_size and matched_loss_window >= 1, lr "
                                 "finite and > 0, warmup_steps, grad_clip and weight_decay >= 0, momentum in [0, 1)")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise MechError(f"invalid micro_batch_size {self.micro_batch_size!r}: it is the rows of one forward within a "
+                            f"batch, so between 1 and batch_size ({self.batch_size}); null trains each batch at once")
         Context.parse(self.context)  # a typo fails here, not after the model is loaded
 
     @classmethod
@@ -143,6 +156,10 @@ class StudentConfig:
             del d["precision"]
         if self.method != "matched_loss":  # likewise: only a matched_loss student's key holds its fields
             del d["matched_loss_reference"], d["matched_loss_window"]
+        if self.micro_batch_size is None:  # memory knobs: absent at their defaults, for the same reason
+            del d["micro_batch_size"]
+        if not self.gradient_checkpointing:
+            del d["gradient_checkpointing"]
         return d
 
     @property

@@ -19,30 +19,47 @@ from mech.students.encoding import IGNORE_INDEX, Batch
 
 LossFn = Callable[[Any, Any], torch.Tensor]  # (model, batch) -> scalar loss to minimise
 OnStep = Callable[[int, list[float]], None]  # (steps done, the loss of every step so far)
+Split = Callable[[Any], list[tuple[Any, float]]]  # a batch -> the (micro-batch, weight) parts this process computes
+Sync = Callable[[torch.Tensor | None], torch.Tensor]  # this process's step loss -> the step's loss over processes
 
 
 def train_loop(model, params: Sequence[torch.nn.Parameter], batches: Iterable[Any], loss_fn: LossFn,
                optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float], grad_clip: float = 0.0,
-               on_step: OnStep | None = None) -> list[float]:
+               on_step: OnStep | None = None, split: Split | None = None, sync: Sync | None = None) -> list[float]:
     """Train ``model`` in place, one optimizer step per batch; returns the loss of every step.
 
     ``lr_at(step)`` is the learning rate of 0-based ``step`` (the lr itself, not a factor of a peak: each
     schedule keeps its own float arithmetic, and so its weights to the bit); ``grad_clip`` caps the global
     gradient norm of ``params`` (0: no clipping); ``on_step(k, losses)`` runs after step k (1-based) and stops
     training there when it returns True (the matched-loss control). The model is left in eval mode.
+
+    Gradient accumulation: ``split(batch)`` gives the parts of a batch this process computes, each with the
+    weight of its loss (its share of the batch's loss, e.g. its labelled tokens over the batch's); each part's
+    backward runs before the next part's forward, so one part's activations are alive at a time, and the step's
+    loss is the weighted sum. ``sync(loss)`` runs after the last backward, before clipping: under torchrun it sums
+    the gradients and the loss over the processes (mech.students.distributed); ``loss`` is None for a process
+    that had no rows in the step. Without ``split`` a batch is one part of weight 1, computed as it always was.
     """
     losses: list[float] = []
     model.train()
     for step, batch in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = None
+        for part, weight in ([(batch, None)] if split is None else split(batch)):
+            part_loss = loss_fn(model, part)
+            if weight is not None:
+                part_loss = part_loss * weight
+            part_loss.backward()
+            loss = part_loss.detach() if loss is None else loss + part_loss.detach()
+        if sync is not None:
+            loss = sync(loss)
         clip_and_step(optimizer, params, grad_clip)
-        losses.append(float(loss.detach()))
+        losses.append(float(loss))
         if on_step is not None and on_step(step + 1, losses):
             break
+    optimizer.zero_grad(set_to_none=True)  # the last gradients are not needed: free them before the caller saves
     model.eval()
     return losses
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import time
 import warnings
@@ -43,6 +44,7 @@ from mech.models.loader import canonical_base_name, model_fingerprint, record_ad
 from mech.store import atomic_dir, atomic_write_json
 from mech.students import store as students
 from mech.students.config import LoraSpec, StudentConfig, Teacher
+from mech.students.distributed import Dist, barrier, broadcast_params, everywhere, full_state, shard, sync
 from mech.students.encoding import Example, batch_order, collate, encode_rows
 from mech.students.loop import completion_loss, distill_batch_loss, lr_factor, make_optimizer, train_loop
 from mech.students.matched_loss import reached, reference_loss, trailing_mean
@@ -99,11 +101,58 @@ def _master_weights(base_model, cfg: StudentConfig) -> bool:
             and next(base_model.parameters()).dtype in (torch.bfloat16, torch.float16))
 
 
+def _check_checkpointing(base_model, cfg: StudentConfig) -> None:
+    if cfg.gradient_checkpointing and not getattr(base_model, "supports_gradient_checkpointing", False):
+        raise MechError(f"{type(base_model).__name__} cannot checkpoint its activations (transformers' "
+                        "supports_gradient_checkpointing is False): set gradient_checkpointing to false")
+
+
+@contextlib.contextmanager
+def _checkpointing(model, cfg: StudentConfig):
+    """transformers' activation checkpointing of every decoder layer (non-reentrant, its default) for the block.
+
+    It also makes the embeddings' output require grad (``enable_input_require_grads``), which a frozen base under
+    LoRA needs for the gradient to reach the adapters through a checkpointed layer; both are undone after, so the
+    model handed back computes as any other."""
+    if not cfg.gradient_checkpointing:
+        yield
+        return
+    hf = surgery.unwrap(model)
+    enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
+    disable = getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable
+    # transformers then drops the KV cache a training forward never uses, with a warning: noise, not a fault
+    quiet = logging.getLogger("transformers.utils.generic")
+    no_cache_note = _DropMessage("is incompatible with gradient checkpointing")
+    enable()
+    quiet.addFilter(no_cache_note)
+    try:
+        yield
+    finally:
+        quiet.removeFilter(no_cache_note)
+        disable()
+        if hasattr(hf, "_require_grads_hook"):
+            hf.disable_input_require_grads()
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def _compute_precision(base_model, cfg: StudentConfig):
-    """Autocast to the base's dtype over float32 master weights (the speed of bf16, the updates of float32)."""
+    """Autocast to the base's dtype over float32 master weights (the speed of bf16, the updates of float32).
+
+    Without autocast's weight cache: it keeps the low-precision cast of each weight until the context closes, and
+    the context spans all of training, so after the optimizer's first in-place update every forward would compute
+    with the first step's weights (losses 6.43 -> 6.17 in four SGD steps on a tiny bf16 model, vs 6.43 -> 4.12
+    uncached; tests/test_distributed.py)."""
     if not _master_weights(base_model, cfg):
         return contextlib.nullcontext()
-    return torch.autocast(device_of(base_model).type, dtype=next(base_model.parameters()).dtype)
+    return torch.autocast(device_of(base_model).type, dtype=next(base_model.parameters()).dtype, cache_enabled=False)
 
 
 # --------------------------------------------------------------------------------------------- the objective
@@ -131,6 +180,51 @@ def _batch_loss(model, batch: list[int], examples: list[Example], distill: _Dist
         return completion_loss(model, student)
     teacher = collate([distill.examples[i] for i in batch], pad, device_of(distill.model))
     return distill_batch_loss(model, student, distill.model, teacher)
+
+
+def _tokens(examples: list[Example], rows: list[int]) -> int:
+    """Labelled tokens of ``rows``: what a batch's mean loss is a mean over."""
+    return sum(len(examples[i].targets) for i in rows)
+
+
+def _split(examples: list[Example], cfg: StudentConfig, dist: Dist | None):
+    """The (micro-batch, weight) parts one process computes of each global batch (mech.students.loop.train_loop),
+    or None when it computes every batch whole. A process takes every ``world_size``-th row from its rank on, in
+    micro-batches of ``micro_batch_size`` rows; each part's mean loss is weighted by its labelled tokens over the
+    global batch's, so the weighted sum over parts and processes is the global batch's mean loss, and its gradient
+    the global batch's gradient. Every process knows every row, so the global count needs no communication.
+    Under FSDP, whose forwards are collectives, every process runs as many parts as the busiest one: the others
+    add parts of weight 0 (a row of the batch, computed for nothing)."""
+    if dist is None and cfg.micro_batch_size is None:
+        return None
+
+    def split(batch: list[int]) -> list[tuple[list[int], float]]:
+        mine = batch if dist is None else batch[dist.rank::dist.world_size]
+        size, total = cfg.micro_batch_size or max(1, len(mine)), _tokens(examples, batch)
+        parts = [(part, _tokens(examples, part) / total) for part in (mine[s:s + size] for s in range(0, len(mine), size))]
+        if dist is not None and dist.fsdp:
+            busiest = math.ceil(len(batch) / dist.world_size)
+            parts += [(batch[:1], 0.0)] * (math.ceil(busiest / (cfg.micro_batch_size or busiest)) - len(parts))
+        return parts
+
+    return split
+
+
+def _check_world(cfg: StudentConfig, dist: Dist | None) -> None:
+    if dist is None:
+        return
+    if cfg.batch_size < dist.world_size:
+        raise MechError(f"batch_size {cfg.batch_size} is smaller than the {dist.world_size} processes: each process "
+                        "computes its share of a batch's rows, so use at least as many rows per batch as processes")
+    if cfg.lora.dropout > 0 and cfg.method == "lora":
+        raise MechError("LoRA dropout under torchrun would draw the same masks on every process for different rows: "
+                        "set lora.dropout to 0 or train in one process")
+    if dist.fsdp and cfg.method == "lora":
+        raise MechError("FSDP shards full finetuning; a LoRA student's adapters are small: drop --fsdp (plain data "
+                        "parallelism) or use --method full")
+    if dist.fsdp and cfg.save_every_epoch:
+        raise MechError("save_every_epoch is not built under FSDP (each checkpoint would gather the sharded model): "
+                        "drop --fsdp or save_every_epoch")
 
 
 def _check_objective(cfg: StudentConfig, teacher: Teacher | None) -> None:
@@ -176,9 +270,12 @@ def _schedule(n_rows: int, cfg: StudentConfig) -> tuple[int, int, Callable[[int]
 
 
 def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, distill: _Distill | None,
-         progress: Progress | None, on_epoch: OnEpoch | None, stop_loss: float | None = None) -> list[float]:
+         progress: Progress | None, on_epoch: OnEpoch | None, stop_loss: float | None = None,
+         dist: Dist | None = None) -> list[float]:
     """A student's batches, loss, lr schedule and hooks, handed to the one loop; with ``stop_loss``, training
-    stops at the first step whose trailing-mean loss reaches it (the matched-loss control)."""
+    stops at the first step whose trailing-mean loss reaches it (the matched-loss control). ``micro_batch_size``
+    and ``dist`` split each batch (:func:`_split`); under ``dist`` the gradients and losses are summed over the
+    processes after each step's backward, so every process steps alike and sees the same losses."""
     per_epoch, total, lr_at = _schedule(len(examples), cfg)
 
     def student_loss(m, batch: list[int]) -> torch.Tensor:
@@ -194,41 +291,69 @@ def _fit(model, params, examples: list[Example], cfg: StudentConfig, pad: int, d
                 on_epoch(step // per_epoch, model, losses)
         return stop_loss is not None and reached(losses, stop_loss, cfg.matched_loss_window)
 
+    reduce = None if dist is None else (lambda loss: sync(params, loss, dist))
     return train_loop(model, params, _epochs(len(examples), cfg), student_loss, make_optimizer(params, cfg), lr_at,
-                      cfg.grad_clip, on_step)
+                      cfg.grad_clip, on_step, _split(examples, cfg, dist), reduce)
 
 
 def _diverged(cfg: StudentConfig, what: str) -> None:
     raise MechError(f"training diverged at lr {cfg.lr:g}: {what}; lower the lr")
 
 
-def _check_finite(params, cfg: StudentConfig) -> None:
-    """A student with a NaN or inf weight would be cached and break every later evaluation: refuse it here."""
+def _check_finite(params, cfg: StudentConfig, dist: Dist | None = None) -> None:
+    """A student with a NaN or inf weight would be cached and break every later evaluation: refuse it here (under
+    FSDP each process sees its shards, and they agree on the verdict)."""
     with torch.no_grad():
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            _diverged(cfg, "the trained weights are not finite")
+        finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params)
+    if dist is not None and dist.fsdp:
+        finite = everywhere(finite, dist.device)
+    if not finite:
+        _diverged(cfg, "the trained weights are not finite")
+
+
+def _unsharded(model, base_model, cfg: StudentConfig, dist: Dist):
+    """An FSDP-trained student as a plain model on rank 0, in the base's place and its master weights' dtype (None
+    on the other ranks). Every rank must call it: it gathers the shards."""
+    state = full_state(model, dist)
+    if state is None:
+        return None
+    plain = copy.deepcopy(base_model)
+    if _master_weights(base_model, cfg):
+        plain.float()
+    plain.load_state_dict(state)
+    return plain
 
 
 def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig, teacher: Teacher | None = None,
                 progress: Progress | None = None, on_epoch: OnEpoch | None = None,
-                stop_loss: float | None = None) -> Trained:
+                stop_loss: float | None = None, dist: Dist | None = None) -> Trained:
     """Train a student from a deep copy of ``base_model`` (never modified) on chat ``rows`` in ``cfg.context``.
 
     ``matched_norm`` trains plain full finetuning here; the rescaling is :func:`match_update_norms`.
     ``matched_loss`` stops at ``stop_loss`` (:func:`mech.students.matched_loss.reference_loss`), or at the end.
     ``progress(step, total, loss)`` after every step; ``on_epoch(k, model, losses)`` after epoch k.
+    ``dist`` (mech.students.distributed.process_group): this process is one of several training the same student,
+    each on its share of every batch; every process gets the same student back (under FSDP, its shards:
+    :func:`_unsharded` gathers them).
     """
     if not rows:
         raise MechError("no training rows: the dataset is empty (check the filter audit)")
     _check_objective(cfg, teacher)
+    _check_world(cfg, dist)
+    _check_checkpointing(base_model, cfg)
     examples = encode_rows(tokenizer, rows, cfg.context)
     distill = _teacher_examples(tokenizer, rows, examples, teacher) if teacher is not None else None
     t0 = time.perf_counter()
     with _seeded(cfg.seed, device_of(base_model)):
         model, params = _trainable_copy(base_model, cfg)
-        with _compute_precision(base_model, cfg):
-            losses = _fit(model, params, examples, cfg, pad_id(tokenizer), distill, progress, on_epoch, stop_loss)
-    _check_finite(params, cfg)
+        if dist is not None:
+            broadcast_params(params)
+        if dist is not None and dist.fsdp:
+            params = shard(model, surgery.get_layers(model))
+        with _compute_precision(base_model, cfg), _checkpointing(model, cfg):
+            losses = _fit(model, params, examples, cfg, pad_id(tokenizer), distill, progress, on_epoch, stop_loss,
+                          dist)
+    _check_finite(params, cfg, dist)
     return Trained(model, losses, len(rows), time.perf_counter() - t0)
 
 
@@ -305,11 +430,13 @@ def _student_meta(base_model, rows: Sequence[dict], cfg: StudentConfig, base_spe
 
 
 def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig, out_dir, base_spec: str = "organism",
-                  teacher: Teacher | None = None, progress: Progress | None = None, overwrite: bool = False) -> Path:
+                  teacher: Teacher | None = None, progress: Progress | None = None, overwrite: bool = False,
+                  dist: Dist | None = None) -> Path:
     """Train a student and write its directory atomically (see mech.students.store for the layout); returns it.
 
     ``base_spec`` names the base in the adapter stamp and student.json (its fingerprint is recorded too).
-    An existing ``out_dir`` is a MechError unless ``overwrite``.
+    An existing ``out_dir`` is a MechError unless ``overwrite``. Under ``dist`` every process trains and rank 0
+    alone writes; the others wait for it at a barrier (and return the same path).
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -317,7 +444,17 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
     _check_objective(cfg, teacher)
     references = reference_norms(base_model, cfg) if cfg.method == "matched_norm" else {}
     stop_loss = reference_loss(cfg) if cfg.method == "matched_loss" else None
+    if dist is not None and not dist.is_main:
+        trained = train_model(base_model, tokenizer, rows, cfg, teacher, None, None, stop_loss, dist)
+        if dist.fsdp:
+            _unsharded(trained.model, base_model, cfg, dist)  # rank 0 gathers the shards to write them
+        barrier()
+        return out
     meta = _student_meta(base_model, rows, cfg, base_spec, teacher)
+    if dist is not None:
+        meta["world_size"] = dist.world_size
+        if dist.fsdp:
+            meta["fsdp"] = True
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
 
@@ -330,7 +467,9 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
                                   "wall_seconds": time.perf_counter() - t0},
                           cfg, base_model, tokenizer, base_spec, references.get(k))
 
-        trained = train_model(base_model, tokenizer, rows, cfg, teacher, progress, on_epoch, stop_loss)
+        trained = train_model(base_model, tokenizer, rows, cfg, teacher, progress, on_epoch, stop_loss, dist)
+        if dist is not None and dist.fsdp:
+            trained.model = _unsharded(trained.model, base_model, cfg, dist)
         final = _final_fields(trained, cfg, t0)
         if stop_loss is not None:
             w = cfg.matched_loss_window
@@ -338,6 +477,8 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
                                      "target": stop_loss, "window": w, "final": trailing_mean(trained.losses, w),
                                      "reached": reached(trained.losses, stop_loss, w), "steps": trained.n_steps}
         _save_student(trained.model, tmp, meta | final, cfg, base_model, tokenizer, base_spec, references.get("final"))
+    if dist is not None:
+        barrier()
     return out
 
 

@@ -118,6 +118,12 @@ class TrainDefaults:
     save_every_epoch: bool = field(default=False, metadata={"help": (
         "Also keep every student's per-epoch checkpoints (epoch-<k>/; mech geometry --teacher-cosines --epochs reads "
         "them). Part of the student keys; such students train alone, not batched.")})
+    micro_batch_size: int | None = field(default=None, metadata={"help": (
+        "Gradient accumulation: rows per forward within a batch of batch_size rows (mech.students.config); null: "
+        "each batch at once. Part of the student keys when set; such students train alone, not batched.")})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "Recompute activations in the backward to save memory (mech.students.config). Part of the student keys "
+        "when on; such students train alone, not batched.")})
     batch_students: int = field(default=8, metadata={"help": (
         "Train up to this many LoRA students of one dataset and batch plan (seed, context, batch size, epochs; "
         "ranks, alphas and lrs may differ) together, one forward per step (mech.students.batched); each comes out "
@@ -239,6 +245,10 @@ def _check_sizes(cfg: SweepConfig, where: str) -> None:
     if isinstance(cfg.train.batch_students, bool) or cfg.train.batch_students < 1:
         raise MechError(f"{where}.train.batch_students must be an integer >= 1 (1 trains every student alone), got "
                         f"{cfg.train.batch_students!r}")
+    mbs = cfg.train.micro_batch_size
+    if mbs is not None and not 1 <= mbs <= cfg.train.batch_size:
+        raise MechError(f"{where}.train.micro_batch_size must be between 1 and train.batch_size "
+                        f"({cfg.train.batch_size}), or null for no accumulation, got {mbs}")
     if cfg.train.max_rows is not None and cfg.train.max_rows < 1:
         raise MechError(f"{where}.train.max_rows must be >= 1 (or null for every row), got {cfg.train.max_rows}")
 
@@ -458,7 +468,8 @@ def student_config(cfg: SweepConfig, s: StudentSpec, training_seed: int, train_c
         context=train_context, objective=d.objective,
         matched_norm_reference=reference if s.method == "matched_norm" else None,
         matched_loss_reference=reference if s.method == "matched_loss" else None,
-        matched_norm_scope=s.matched_norm_scope, precision=cfg.precision, save_every_epoch=d.save_every_epoch)
+        matched_norm_scope=s.matched_norm_scope, precision=cfg.precision, save_every_epoch=d.save_every_epoch,
+        micro_batch_size=d.micro_batch_size, gradient_checkpointing=d.gradient_checkpointing)
 
 
 def eval_config(cfg: SweepConfig, eval_context: str):
