@@ -147,3 +147,14 @@ def write_number_dataset() -> Callable[..., Path]:
         return write_dataset(path, raw, [c["row"] for c in kept], audit, {"kind": "teacher"})
 
     return write
+
+
+# the tiny Qwen2 base and the organism tokenizer that the training tests share (a module may define its own)
+@pytest.fixture
+def base(make_tiny_lm):
+    return make_tiny_lm("qwen2", seed=0)
+
+
+@pytest.fixture
+def tok(organism_tokenizer):
+    return organism_tokenizer

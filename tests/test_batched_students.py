@@ -49,16 +49,6 @@ def cfg(**kw) -> StudentConfig:
     return StudentConfig(**(dict(epochs=1, batch_size=4, lr=1e-2, warmup_steps=1) | kw))
 
 
-@pytest.fixture
-def base(make_tiny_lm):
-    return make_tiny_lm("qwen2", seed=0)
-
-
-@pytest.fixture
-def tok(organism_tokenizer):
-    return organism_tokenizer
-
-
 def adapters(model) -> dict:
     """{(layer, kind, "A" | "B"): weight} of a PEFT student."""
     out = {}

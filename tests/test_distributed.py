@@ -67,16 +67,6 @@ def within(wa: dict, la: list[float], wb: dict, lb: list[float], c: StudentConfi
     return dw, dl
 
 
-@pytest.fixture
-def base(make_tiny_lm):
-    return make_tiny_lm("qwen2", seed=0)
-
-
-@pytest.fixture
-def tok(organism_tokenizer):
-    return organism_tokenizer
-
-
 def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

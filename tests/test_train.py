@@ -49,16 +49,6 @@ def cfg(**kw) -> StudentConfig:
     return StudentConfig(**(base | kw))
 
 
-@pytest.fixture
-def base(make_tiny_lm):
-    return make_tiny_lm("qwen2", seed=0)
-
-
-@pytest.fixture
-def tok(organism_tokenizer):
-    return organism_tokenizer
-
-
 def state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
