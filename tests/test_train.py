@@ -439,6 +439,49 @@ def test_distill_is_kl_teacher_to_student_with_the_teacher_in_its_own_context(to
     assert abs(got - kl(log_t_elsewhere, log_s)) > 100 * max(error, 1e-7)
 
 
+def _snapshot(model) -> tuple:
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()],
+            [type(m).__name__ for m in model.modules()], model.training, set(vars(model)))
+
+
+def _same(model, snap: tuple) -> bool:
+    state, flags, types, training, attributes = snap
+    now = model.state_dict()
+    return (set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+            and [p.requires_grad for p in model.parameters()] == flags and set(vars(model)) == attributes
+            and [type(m).__name__ for m in model.modules()] == types and model.training == training)
+
+
+def test_a_lora_student_borrows_the_base_and_gives_it_back_unchanged(tok, base, tmp_path):
+    """train_student puts a LoRA student's adapters on the base itself (no copy of a 7B base) and takes them
+    off: the base leaves as it came in (weights, requires_grad flags, module types, mode), and the student's
+    adapter equals the one trained on a deep copy, bit for bit; student_on_base evaluates it the same way."""
+    from safetensors.torch import load_file
+
+    from mech.students.store import student_on_base
+
+    snap = _snapshot(base)
+    out = train_student(base, tok, ROWS, cfg(seed=3), tmp_path / "shared")
+    assert _same(base, snap) and not lora_modules(base)
+    copied = train_model(base, tok, ROWS, cfg(seed=3))  # share_base False: a deep copy, the old path
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    mine = {k: v for k, v in copied.model.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(mine) > 0
+    assert all(torch.equal(saved[k], mine[k.replace(".weight", ".default.weight")]) for k in saved)
+    assert read_student(out)["losses"] == copied.losses
+    want = logits(load_student(base, out), tok)
+    with student_on_base(base, out) as student:
+        assert lora_modules(student) and torch.equal(logits(student, tok), want)
+    assert _same(base, snap) and not lora_modules(base)
+
+
+def test_a_failed_lora_student_gives_the_base_back_too(tok, base, tmp_path):
+    snap = _snapshot(base)
+    with pytest.raises(MechError, match="training diverged"):
+        train_student(base, tok, ROWS, cfg(lr=1e6, epochs=3), tmp_path / "s")
+    assert _same(base, snap) and not lora_modules(base)
+
+
 def test_a_diverging_student_is_refused_and_nothing_is_written(tok, base, tmp_path):
     with pytest.raises(MechError, match=r"training diverged at lr 1e\+06: the loss of step \d+ is nan"):
         train_student(base, tok, ROWS, cfg(lr=1e6, epochs=3), tmp_path / "s")

@@ -19,6 +19,7 @@ global norm also counts what LoRA cannot touch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -200,13 +201,14 @@ def _require_safe_adapter(path: Path) -> None:
 
 
 def load_student(base_model_or_spec: Any, student_dir: str | os.PathLike, device=None, dtype=None,
-                 trust_remote_code: bool = False) -> Any:
+                 trust_remote_code: bool = False, copy_base: bool = True) -> Any:
     """A student ready for evaluation (eval mode): a PeftModel for a LoRA student, a plain model otherwise.
 
     ``base_model_or_spec`` is the base as a model (never modified: a LoRA student is applied to a deep copy),
     a LoadedModel or a spec string (then loaded here). The student must have been trained on that base
     (:func:`check_student_base`). Device and dtype default to the base model's, else load_model's defaults.
-    Only safetensors weights are read; ``trust_remote_code`` is load_model's.
+    Only safetensors weights are read; ``trust_remote_code`` is load_model's. ``copy_base`` False puts the
+    adapter on the given base itself (use :func:`student_on_base`, which takes it off again).
     """
     path = Path(student_dir)
     kind = student_kind(path)
@@ -221,7 +223,7 @@ def load_student(base_model_or_spec: Any, student_dir: str | os.PathLike, device
     _require_safe_adapter(path)
     from peft import PeftModel
 
-    base = copy.deepcopy(model) if model is not None else loader.load_model(
+    base = (copy.deepcopy(model) if copy_base else model) if model is not None else loader.load_model(
         spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code).model
     with warnings.catch_warnings():
         # PEFT warns ("upgrade PEFT") about the keys record_adapter_base adds; they are ours, not newer PEFT's
@@ -229,6 +231,44 @@ def load_student(base_model_or_spec: Any, student_dir: str | os.PathLike, device
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")  # peft 0.21
         student = PeftModel.from_pretrained(base, str(path), is_trainable=False)
     return student.eval()
+
+
+def _take_off_lora(model: Any) -> None:
+    """Replace every PEFT LoRA layer inside ``model`` by the layer it wraps (what PeftModel.unload does)."""
+    wrapped = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    for name, m in wrapped:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, m.get_base_layer())
+
+
+@contextlib.contextmanager
+def lent_base(base_model: Any):
+    """Lend ``base_model`` to LoRA adapters for the block instead of deep-copying it (a 7B base is 15 GB more):
+    adapters put on it in place (PEFT) are taken off on exit, even on error, and its requires_grad flags and
+    train/eval mode are put back, so it leaves the block as it came in (PEFT never changes the base weights)."""
+    flags = [(p, p.requires_grad) for p in base_model.parameters()]
+    training, attributes = base_model.training, set(vars(base_model))
+    try:
+        yield base_model
+    finally:
+        _take_off_lora(base_model)
+        for name in set(vars(base_model)) - attributes:  # e.g. PEFT's peft_config, which the next wrap would reuse
+            delattr(base_model, name)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        base_model.train(training)
+
+
+@contextlib.contextmanager
+def student_on_base(base_model: Any, student_dir: str | os.PathLike, trust_remote_code: bool = False):
+    """:func:`load_student` for the block without the base's copy: a LoRA student's adapter is put on
+    ``base_model`` itself and taken off on exit (the base is unusable as a base meanwhile); a full student is
+    loaded as its own model. The same forwards as a copy's."""
+    if student_kind(Path(student_dir)) == FULL:
+        yield load_student(base_model, student_dir, trust_remote_code=trust_remote_code)
+        return
+    with lent_base(base_model):
+        yield load_student(base_model, student_dir, trust_remote_code=trust_remote_code, copy_base=False)
 
 
 def merged(model: Any) -> Any:

@@ -79,13 +79,14 @@ def with_lora(model, spec: LoraSpec, seed: int):
         return get_peft_model(model, cfg)
 
 
-def _trainable_copy(base_model, cfg: StudentConfig):
-    """A deep copy of the base set up for ``cfg.method``, and the parameters to optimise."""
+def _trainable_copy(base_model, cfg: StudentConfig, share_base: bool = False):
+    """A deep copy of the base set up for ``cfg.method``, and the parameters to optimise; ``share_base`` (LoRA
+    only): the adapters are put on the base itself, no copy (mech.students.store.lent_base takes them off)."""
     if surgery.unwrap(base_model) is not base_model:
         raise MechError("the base model is PEFT-wrapped: pass the plain base model (merge it first with "
                         "mech.students.store.merged)")
     surgery.base_causal_lm(base_model)  # unknown architecture -> MechError before any work
-    model = copy.deepcopy(base_model)
+    model = base_model if share_base and cfg.method == "lora" else copy.deepcopy(base_model)
     if cfg.method == "lora":
         model = with_lora(model, cfg.lora, cfg.seed)
     else:
@@ -326,7 +327,7 @@ def _unsharded(model, base_model, cfg: StudentConfig, dist: Dist):
 
 def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig, teacher: Teacher | None = None,
                 progress: Progress | None = None, on_epoch: OnEpoch | None = None,
-                stop_loss: float | None = None, dist: Dist | None = None) -> Trained:
+                stop_loss: float | None = None, dist: Dist | None = None, share_base: bool = False) -> Trained:
     """Train a student from a deep copy of ``base_model`` (never modified) on chat ``rows`` in ``cfg.context``.
 
     ``matched_norm`` trains plain full finetuning here; the rescaling is :func:`match_update_norms`.
@@ -334,7 +335,8 @@ def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig,
     ``progress(step, total, loss)`` after every step; ``on_epoch(k, model, losses)`` after epoch k.
     ``dist`` (mech.students.distributed.process_group): this process is one of several training the same student,
     each on its share of every batch; every process gets the same student back (under FSDP, its shards:
-    :func:`_unsharded` gathers them).
+    :func:`_unsharded` gathers them). ``share_base`` (LoRA): the adapters go on ``base_model`` itself instead
+    of a copy; call inside mech.students.store.lent_base, which takes them off again.
     """
     if not rows:
         raise MechError("no training rows: the dataset is empty (check the filter audit)")
@@ -345,7 +347,7 @@ def train_model(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfig,
     distill = _teacher_examples(tokenizer, rows, examples, teacher) if teacher is not None else None
     t0 = time.perf_counter()
     with _seeded(cfg.seed, device_of(base_model)):
-        model, params = _trainable_copy(base_model, cfg)
+        model, params = _trainable_copy(base_model, cfg, share_base)
         if dist is not None:
             broadcast_params(params)
         if dist is not None and dist.fsdp:
@@ -444,10 +446,12 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
     _check_objective(cfg, teacher)
     references = reference_norms(base_model, cfg) if cfg.method == "matched_norm" else {}
     stop_loss = reference_loss(cfg) if cfg.method == "matched_loss" else None
+    share = cfg.method == "lora"  # a LoRA student borrows the base (no 15 GB copy of a 7B base per student)
     if dist is not None and not dist.is_main:
-        trained = train_model(base_model, tokenizer, rows, cfg, teacher, None, None, stop_loss, dist)
-        if dist.fsdp:
-            _unsharded(trained.model, base_model, cfg, dist)  # rank 0 gathers the shards to write them
+        with students.lent_base(base_model):
+            trained = train_model(base_model, tokenizer, rows, cfg, teacher, None, None, stop_loss, dist, share)
+            if dist.fsdp:
+                _unsharded(trained.model, base_model, cfg, dist)  # rank 0 gathers the shards to write them
         barrier()
         return out
     meta = _student_meta(base_model, rows, cfg, base_spec, teacher)
@@ -456,7 +460,7 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
         if dist.fsdp:
             meta["fsdp"] = True
     t0 = time.perf_counter()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp, students.lent_base(base_model):
 
         def on_epoch(k: int, model, losses: list[float]) -> None:
             if not cfg.save_every_epoch:
@@ -467,7 +471,7 @@ def train_student(base_model, tokenizer, rows: Sequence[dict], cfg: StudentConfi
                                   "wall_seconds": time.perf_counter() - t0},
                           cfg, base_model, tokenizer, base_spec, references.get(k))
 
-        trained = train_model(base_model, tokenizer, rows, cfg, teacher, progress, on_epoch, stop_loss, dist)
+        trained = train_model(base_model, tokenizer, rows, cfg, teacher, progress, on_epoch, stop_loss, dist, share)
         if dist is not None and dist.fsdp:
             trained.model = _unsharded(trained.model, base_model, cfg, dist)
         final = _final_fields(trained, cfg, t0)

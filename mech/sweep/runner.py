@@ -299,8 +299,7 @@ class SweepRunner:
         desc = f"eval {model_key[:24]} in {eval_context}"
 
         def compute() -> None:
-            model = load()
-            with self._serving(cell) as served:
+            with load() as model, self._serving(cell) as served:
                 res = evaluate_trait(model, self.base.tokenizer, eval_config(self.cfg, eval_context),
                                      candidates=self.candidates, served=served,
                                      progress=lambda stage: self.progress(f"{desc}: {stage}", 0, 0))
@@ -309,17 +308,19 @@ class SweepRunner:
         return json.loads(self._cached("evals", path.stem, path, path, compute).read_text())
 
     def base_eval(self, eval_context: str) -> dict:
-        return self._evaluate(f"base-{self.fingerprint}", lambda: self.base.model, eval_context)
+        return self._evaluate(f"base-{self.fingerprint}", lambda: contextlib.nullcontext(self.base.model),
+                              eval_context)
 
     def _cell_model_key(self, cell: Cell) -> str:
         return f"student-{self.student_key(cell)}"
 
     def cell_eval(self, cell: Cell) -> dict:
-        from mech.students.store import load_student
+        from mech.students.store import student_on_base
 
+        # the adapter goes on the base itself for the evaluation (no 15 GB copy of a 7B base per student)
         return self._evaluate(self._cell_model_key(cell),
-                              lambda: load_student(self.base.model, self.student(cell),
-                                                   trust_remote_code=self.trust_remote_code),
+                              lambda: student_on_base(self.base.model, self.student(cell),
+                                                      trust_remote_code=self.trust_remote_code),
                               cell.eval_context, cell)
 
     def eval_path(self, cell: Cell) -> Path:
