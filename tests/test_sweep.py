@@ -485,8 +485,11 @@ def test_concurrent_shards_never_compute_anything_twice(baseline, tmp_path):
 
 def _sweep_process(cfg_path: Path, cache: Path, out: Path, log: Path, tmp_path: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MECH_CACHE=str(tmp_path / "mech_cache"))
+    # SIGINT back to its default first: a shell runs background jobs with SIGINT ignored, and a child that inherits
+    # that never gets Python's KeyboardInterrupt (as CI launched in the background would)
     return subprocess.Popen([sys.executable, "-m", "mech.cli", "sweep", str(cfg_path), "--cache", str(cache),
-                             "--out", str(out)], cwd=REPO, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
+                             "--out", str(out)], cwd=REPO, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _n_computed(cache: Path) -> int:
