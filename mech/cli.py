@@ -413,9 +413,9 @@ def cmd_teacher(a) -> int:
     with contextlib.ExitStack() as stack:
         served = None
         if cfg.backend == "vllm":
-            from mech.evaluation.vllm_backend import Served, closing, engine_for
+            from mech.evaluation.vllm_backend import Served, engine_for
 
-            served = Served(stack.enter_context(closing(engine_for(a.model, base.dtype,
+            served = Served(stack.enter_context(contextlib.closing(engine_for(a.model, base.dtype,
                                                                    trust_remote_code=a.trust_remote_code))))
         try:
             path = generate(base.model, base.tokenizer, cfg, a.out, served=served,
@@ -452,8 +452,8 @@ def cmd_train(a) -> int:
     from mech.students.store import GLOBAL, read_student
     from mech.sweep import TrainDefaults
     from mech.students.config import REFERENCED, LoraSpec, StudentConfig
-    from mech.students.distributed import process_group, world_size
-    from mech.students.train import train_student
+    from mech.students.distributed import check_fsdp, process_group, world_size
+    from mech.students.train import check_fsdp_method, train_student
 
     lr = a.lr if a.lr is not None else TrainDefaults.lr if a.method == "lora" else TrainDefaults.full_lr
     if a.method in REFERENCED and not a.reference:
@@ -467,12 +467,8 @@ def cmd_train(a) -> int:
                         gradient_checkpointing=a.gradient_checkpointing,
                         **_given(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, context=a.context,
                                  micro_batch_size=a.micro_batch_size))
-    if a.fsdp and cfg.method == "lora":
-        raise MechError("--fsdp shards full finetuning; a LoRA student's adapters are small: drop --fsdp (plain data "
-                        "parallelism) or use --method full")
-    if a.fsdp and world_size() == 1:
-        raise MechError("--fsdp shards a student over processes, but this is one process: launch it with "
-                        "torchrun --nproc-per-node N (or accelerate launch)")
+    check_fsdp_method(cfg, a.fsdp, "--fsdp")
+    check_fsdp(a.fsdp)
     if world_size() > cfg.batch_size:
         raise MechError(f"batch size {cfg.batch_size} is smaller than the {world_size()} processes launched: each "
                         "computes its share of a batch's rows, so raise --batch-size or start fewer processes")
@@ -528,10 +524,10 @@ def _served_for(cfg, source: str, dtype, adapter: Path | None = None, trust: boo
     if cfg.backend != "vllm":
         yield None
         return
-    from mech.evaluation.vllm_backend import Served, adapter_rank, closing, engine_for
+    from mech.evaluation.vllm_backend import Served, adapter_rank, engine_for
 
     rank = adapter_rank(adapter) if adapter is not None else None
-    with closing(engine_for(source, dtype, lora_rank=rank, trust_remote_code=trust)) as engine:
+    with contextlib.closing(engine_for(source, dtype, lora_rank=rank, trust_remote_code=trust)) as engine:
         yield Served(engine, adapter)
 
 

@@ -22,11 +22,10 @@ Not run on a GPU in this project: every test drives a fake ``vllm`` module (test
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from mech.errors import MechError
 from mech.evaluation import inference
@@ -215,10 +214,3 @@ def engine_for(spec: str, dtype: Any, *, lora_rank: int | None = None, max_loras
                       max_loras=max_loras, gpu_memory_utilization=gpu_memory_utilization,
                       trust_remote_code=trust_remote_code)
 
-
-@contextlib.contextmanager
-def closing(engine: VllmEngine) -> Iterator[VllmEngine]:
-    try:
-        yield engine
-    finally:
-        engine.close()

@@ -75,14 +75,19 @@ def world_size() -> int:
     return n
 
 
+def check_fsdp(fsdp: bool) -> None:
+    """FSDP shards over processes: refused in a single one (mech train checks it before reading any data)."""
+    if fsdp and world_size() == 1:
+        raise MechError("--fsdp shards a student over processes, but this is one process: launch it with "
+                        "torchrun --nproc-per-node N (or accelerate launch)")
+
+
 @contextlib.contextmanager
 def process_group(fsdp: bool = False) -> Iterator[Dist | None]:
     """Join the launcher's process group for the block (None when WORLD_SIZE is 1) and leave it after."""
+    check_fsdp(fsdp)
     n = world_size()
     if n == 1:
-        if fsdp:
-            raise MechError("--fsdp shards a student over processes, but this is one process: launch it with "
-                            "torchrun --nproc-per-node N (or accelerate launch)")
         yield None
         return
     missing = [k for k in ENV if not os.environ.get(k)]

@@ -211,6 +211,13 @@ def _split(examples: list[Example], cfg: StudentConfig, dist: Dist | None):
     return split
 
 
+def check_fsdp_method(cfg: StudentConfig, fsdp: bool, name: str = "FSDP") -> None:
+    """FSDP is for full finetuning (mech train checks it before loading anything, ``name`` then its flag)."""
+    if fsdp and cfg.method == "lora":
+        raise MechError(f"{name} shards full finetuning; a LoRA student's adapters are small: drop --fsdp (plain "
+                        "data parallelism) or use --method full")
+
+
 def _check_world(cfg: StudentConfig, dist: Dist | None) -> None:
     if dist is None:
         return
@@ -220,9 +227,7 @@ def _check_world(cfg: StudentConfig, dist: Dist | None) -> None:
     if cfg.lora.dropout > 0 and cfg.method == "lora":
         raise MechError("LoRA dropout under torchrun would draw the same masks on every process for different rows: "
                         "set lora.dropout to 0 or train in one process")
-    if dist.fsdp and cfg.method == "lora":
-        raise MechError("FSDP shards full finetuning; a LoRA student's adapters are small: drop --fsdp (plain data "
-                        "parallelism) or use --method full")
+    check_fsdp_method(cfg, dist.fsdp)
     if dist.fsdp and cfg.save_every_epoch:
         raise MechError("save_every_epoch is not built under FSDP (each checkpoint would gather the sharded model): "
                         "drop --fsdp or save_every_epoch")

@@ -60,16 +60,20 @@ class SweepRunner:
         self._engine = None  # the base's vLLM engine (backend vllm), started on first use
 
     # the vLLM engine --------------------------------------------------------------------------------------------
+    def _new_engine(self, spec: str, lora_rank: int | None = None):
+        """A vLLM engine of ``spec`` (the base, or a full student's dir) with the sweep's engine settings."""
+        from mech.evaluation.vllm_backend import engine_for
+
+        return engine_for(spec, self.base.dtype, lora_rank=lora_rank, max_loras=self.cfg.vllm.max_loras,
+                          gpu_memory_utilization=self.cfg.vllm.gpu_memory_utilization,
+                          trust_remote_code=self.trust_remote_code)
+
     def vllm_engine(self):
         """The base's vLLM engine, serving every LoRA student of the sweep as an adapter (backend vllm only)."""
-        from mech.evaluation.vllm_backend import engine_for
         from mech.sweep.config import vllm_lora_rank
 
         if self._engine is None:
-            self._engine = engine_for(self.cfg.base_model, self.base.dtype, lora_rank=vllm_lora_rank(self.cfg),
-                                      max_loras=self.cfg.vllm.max_loras,
-                                      gpu_memory_utilization=self.cfg.vllm.gpu_memory_utilization,
-                                      trust_remote_code=self.trust_remote_code)
+            self._engine = self._new_engine(self.cfg.base_model, vllm_lora_rank(self.cfg))
         return self._engine
 
     def close_engine(self) -> None:
@@ -82,7 +86,7 @@ class SweepRunner:
         """What samples a trait evaluation under backend vllm: the base engine (``cell`` None), a LoRA student as an
         adapter on it, or a full-model student's own engine, shut down after (with the base's closed first, so the
         two never share the card). None under backend hf."""
-        from mech.evaluation.vllm_backend import Served, closing, engine_for
+        from mech.evaluation.vllm_backend import Served
         from mech.students.store import LORA, student_kind
 
         if eval_config(self.cfg, self.cfg.eval_contexts[0]).backend != "vllm":
@@ -93,9 +97,7 @@ class SweepRunner:
             yield Served(self.vllm_engine(), self.student(cell))
         else:
             self.close_engine()
-            with closing(engine_for(str(self.student(cell)), self.base.dtype, max_loras=self.cfg.vllm.max_loras,
-                                    gpu_memory_utilization=self.cfg.vllm.gpu_memory_utilization,
-                                    trust_remote_code=self.trust_remote_code)) as own:
+            with contextlib.closing(self._new_engine(str(self.student(cell)))) as own:
                 yield Served(own)
 
     @classmethod
@@ -307,9 +309,11 @@ class SweepRunner:
 
         return json.loads(self._cached("evals", path.stem, path, path, compute).read_text())
 
+    def _base_model_key(self) -> str:
+        return f"base-{self.fingerprint}"
+
     def base_eval(self, eval_context: str) -> dict:
-        return self._evaluate(f"base-{self.fingerprint}", lambda: contextlib.nullcontext(self.base.model),
-                              eval_context)
+        return self._evaluate(self._base_model_key(), lambda: contextlib.nullcontext(self.base.model), eval_context)
 
     def _cell_model_key(self, cell: Cell) -> str:
         return f"student-{self.student_key(cell)}"
@@ -328,7 +332,7 @@ class SweepRunner:
         return self._eval_path(self._cell_model_key(cell), cell.eval_context)
 
     def base_eval_path(self, eval_context: str) -> Path:
-        return self._eval_path(f"base-{self.fingerprint}", eval_context)
+        return self._eval_path(self._base_model_key(), eval_context)
 
     def is_done(self, cell: Cell) -> bool:
         return self.eval_path(cell).is_file()
