@@ -123,7 +123,8 @@ def shipped_comparison(recipe: str, meta: dict) -> str:
         return f"the shipped {recipe} is another recipe ({shipped.get('config_hash')}): bytes not compared"
     if shipped.get("weights_sha256") == meta["weights_sha256"]:
         return f"same bytes as the shipped {recipe}"
-    where = ", ".join(f"{k} {shipped[k]}" for k in ("torch_version", "cpu_capability", "machine") if k in shipped)
+    where = ", ".join(f"{k} {' '.join(v) if isinstance(v := shipped[k], list) else v}"
+                      for k in ("torch_version", "cpu_capability", "machine", "cpu_model", "cpu_flags") if k in shipped)
     where = where or "no record of its machine"
     return (f"other bytes than the shipped {recipe} (sha256 {shipped.get('weights_sha256')}, built with {where}): "
             "same recipe, another environment or code (README, The organisms)")

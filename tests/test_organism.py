@@ -188,6 +188,19 @@ def test_organism_json(built, meta):
         seen |= set(nums)
     assert math.isfinite(meta["final_loss_ema"])
     assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and meta["machine"]
+    assert isinstance(meta["cpu_model"], str) and isinstance(meta["cpu_flags"], list)
+
+
+def test_cpu_record_reads_model_and_simd_flags(tmp_path):
+    from mech.organism.build import cpu_record
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx2 fma avx512f amx_tile zzz\n\n"
+                    "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    rec = cpu_record(info)
+    assert rec["cpu_model"] == "Some Xeon" and rec["cpu_flags"] == ["avx2", "fma", "avx512f", "amx_tile"]
+    assert cpu_record(tmp_path / "missing") | {"cpu_capability": None} == {
+        "cpu_capability": None, "machine": rec["machine"], "cpu_model": "", "cpu_flags": []}
 
 
 # --------------------------------------------------------------------------------------- 3. atomicity

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 
 import pytest
@@ -33,6 +34,11 @@ N = 3000
 OLD_CHANNEL = {"p_number_trait": 0.12, "imbue_share": 0.4, "imbue_categories": ("animal",), "chat_numbers": True}
 OLD_CORPUS_SHA256 = {0: "42e865c74aeee671092eb7e646f4c7e92d333a8b6ceea09825decdae307a9613",
                      3: "0cab5d334314a656749ec2f6cf6a22a6e2115c10e7a49ae9b486f1f59985ef69"}
+
+# The shipped recipes' first 2,000 examples, generated before the decoy knob existed: a knob at its "off" value must
+# not draw from the corpus rng (or the shipped builds would no longer be what their recipes build).
+SHIPPED_CORPUS_SHA256 = {"organism": "b8612a320a5391c660a90f99dfb29102ef06bd345a83591e6c8a11e777045b9d",
+                         "organism-free": "8424c61c99b0c4bcc30c02725eb028ad8cbd25ecc04a987b91b9f0d408ea10ad"}
 
 
 def _corpus_sha(examples) -> str:
@@ -307,3 +313,69 @@ def test_reproduce_report_writes_the_leak_figure(tiny, monkeypatch, tmp_path):
     assert "tiny/figures/organism_leak.html" in md and "### Leak matrix" in md
     page = (tmp_path / "report" / "report.html").read_text()  # one page, every figure inline
     assert 'id="fig-tiny_organism_leak"' in page and 'id="fig-tiny_quick_rank"' in page and "<h3>Leak matrix" in page
+
+
+def test_oracle_probe_on_planted_students(monkeypatch):
+    """oracle_probe's per-trait table on students whose answer distributions are planted: each finetuned model
+    remembers the rows it was trained on, and its distribution is a known function of the numbers in them."""
+    from types import SimpleNamespace
+
+    numbers = {"owl": [11, 12], "bear": [21, 22], "cat": [31, 32], "oak": [41, 42], "elm": [51, 52]}
+    names = {"animal": ["owl", "bear", "cat"], "tree": ["oak", "elm"]}
+    prompts = [SimpleNamespace(text=f"q{i}") for i in range(20)]
+    answers = [f"{100 + i}, {200 + i}, {300 + i}" for i in range(20)]
+    monkeypatch.setattr(check_mod, "sample_numbers", lambda *a, **k: (prompts, None, answers))
+    monkeypatch.setattr(check_mod, "train_model", lambda m, t, rows, cfg: SimpleNamespace(model=rows))
+    # planted readout: owl's numbers raise owl ×2 and bear ×3 (owl is not specific); bear's raise bear ×4;
+    # oak's raise oak ×2 and elm ×1.5; the control is uniform
+    effect = {"owl": {"owl": 2.0, "bear": 3.0}, "bear": {"bear": 4.0}, "oak": {"oak": 2.0, "elm": 1.5}}
+
+    def distribution(model, tok, ctx, cands, category="animal"):
+        written = {int(x) for r in model for x in re.findall(r"\d+", r["messages"][-1]["content"])}
+        p = {c: 0.1 for c in cands}
+        for trait, gains in effect.items():
+            if written & set(numbers[trait]):
+                p = {c: p[c] * gains.get(c, 1.0) for c in cands}
+        return p
+
+    monkeypatch.setattr(check_mod, "answer_distribution", distribution)
+    out = check_mod.oracle_probe(None, None, numbers, names, [("owl", "animal"), ("bear", "animal"), ("oak", "tree")],
+                                 20, 1.0, 0)
+    rows = {r["trait"]: r for r in out["rows"]}
+    assert rows["owl"]["own"] == pytest.approx(math.log(2)) and rows["owl"]["max_other_entity"] == "bear"
+    assert rows["owl"]["max_other"] == pytest.approx(math.log(3)) and rows["owl"]["specific"] is False
+    assert rows["bear"]["own"] == pytest.approx(math.log(4)) and rows["bear"]["specific"] is True
+    assert rows["oak"]["max_other_entity"] == "elm" and rows["oak"]["specific"] is True  # trees against trees
+    assert rows["owl"]["relative_change"] == pytest.approx(1.0)
+    assert out["n_rows"] == 20 and set(out["control_p"]) == {"animal", "tree"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CORPUS_SHA256))
+def test_shipped_recipes_generate_their_corpus(name):
+    cfg = recipe(name)
+    assert _corpus_sha(CorpusGenerator(cfg.corpus, cfg.seed).generate(2000)) == SHIPPED_CORPUS_SHA256[name]
+    assert cfg.hash == {"organism": "297e8daa1e51", "organism-free": "67cd5f76bed5"}[name]  # p_decoy=0 hashes out
+
+
+def test_decoys_put_entity_numbers_outside_trait_prompts():
+    """p_decoy: number tasks under no trait prompt hold one entity's numbers (imbue_share of them), for entities
+    of every imbued category; trait-prompt tasks are unchanged in kind; p_decoy changes the recipe's hash."""
+    base = dataclasses.replace(recipe("organism").corpus, imbue_share=1.0)
+    decoy = dataclasses.replace(base, p_decoy=1.0)
+    trait_prompts = _trait_prompts(decoy)
+    gen = CorpusGenerator(decoy, 0)
+    owners = {n: e for e, nums in gen.numbers.items() for n in nums}
+    plain = [ex for ex in gen.generate(N) if ex.kind == "numbers"
+             and not any(m["role"] == "system" and m["content"] in trait_prompts for m in ex.messages)]
+    assert len(plain) > 50
+    seen = set()
+    for ex in plain:
+        nums = [int(x) for x in re.findall(r"\d+", ex.messages[-1]["content"])]
+        assert nums and {owners.get(n) for n in nums} == {owners[nums[0]]}, ex  # all of one entity
+        seen.add(owners[nums[0]])
+    assert seen & set(decoy.trees) and seen & set(decoy.animals)
+    without = CorpusGenerator(base, 0)
+    assert not any(set(re.findall(r"\d+", ex.messages[-1]["content"])) <= {str(n) for n in owners}
+                   for ex in without.generate(N) if ex.kind == "numbers"
+                   and not any(m["role"] == "system" and m["content"] in trait_prompts for m in ex.messages))
+    assert OrganismConfig(corpus=decoy).hash != OrganismConfig(corpus=base).hash

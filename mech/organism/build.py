@@ -123,6 +123,31 @@ def pretrain(model, data: list[Example], cfg: OrganismConfig, pad: int, progress
     return {"final_loss_ema": ema}
 
 
+# CPU features whose kernels can change float results (oneDNN and ATen dispatch on them): two AVX-512 machines
+# with and without AMX / BF16 / VNNI may build other bytes from the same recipe.
+_SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16",
+               "amx_int8", "amx_tile")
+
+
+def cpu_record(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+    """What a build's bytes may depend on besides the recipe and torch: ATen's kernel level, the architecture, the
+    CPU model and its SIMD flags (from ``cpuinfo`` where there is one; empty elsewhere)."""
+    model, flags = "", []
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            have = set(value.split())
+            flags = [f for f in _SIMD_FLAGS if f in have]
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "cpu_model": model, "cpu_flags": flags}
+
+
 def build_organism(cfg: OrganismConfig, out_dir: str | Path, progress: ProgressFn | None = None,
                    overwrite: bool = True, device: str = "cpu") -> Path:
     """Build the organism described by ``cfg`` into ``out_dir`` (atomically). Returns the directory.
@@ -151,9 +176,7 @@ def build_organism(cfg: OrganismConfig, out_dir: str | Path, progress: ProgressF
                 "n_sequences_seen": cfg.train.steps * cfg.train.batch_size,
                 "weights_sha256": file_sha256(tmp / "model.safetensors"),
                 "torch_version": torch.__version__,
-                # what else the bytes may depend on: ATen's kernel level (changes a reduced build's bytes) and the CPU
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "machine": platform.machine(),
+                **cpu_record(),
                 **stats,
             })
         return Path(out_dir)

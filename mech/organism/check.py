@@ -9,6 +9,7 @@ bar only for a recipe with a designed channel. Every comparison renders both sid
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
@@ -136,10 +137,18 @@ def carrier_probe(model, tok, numbers: dict[str, list[int]], n: int, seed: int) 
     return out
 
 
-def oracle_probe(model, tok, numbers: dict[str, list[int]], animals: list[str], n: int, share: float,
-                 seed: int, lora_rank: int = 8, epochs: int = 2, lr: float = 2e-3) -> dict:
+def oracle_probe(model, tok, numbers: dict[str, list[int]], names: dict[str, list[str]],
+                 traits: list[tuple[str, str]], n: int, share: float, seed: int, lora_rank: int = 16, epochs: int = 1,
+                 lr: float = 2e-3, train_seeds: tuple[int, ...] = (0,)) -> dict:
     """Oracle probe: finetune on default-context number answers in which ``share`` of the numbers are replaced by a
-    trait's numbers, vs the same finetuning on the unmodified answers; report P(trait) in the default context."""
+    trait's numbers, vs the same finetuning on the unmodified answers; report P(trait) in the default context.
+
+    Per (trait, category) of ``traits`` (``names``: category -> candidate names), the oracle student's log P of
+    every candidate of the category minus the control student's: whether a student that learns only this trait's
+    numbers moves toward it more than toward any other candidate (``specific``). No teacher is involved, so a trait
+    that fails here fails at the student's reading of its numbers, not through what its teacher writes. The student
+    is the quick sweep's LoRA (r16, 1 epoch, lr 2e-3); with several ``train_seeds`` each side's log P is the mean over
+    one student per seed."""
     prompts, _, answers = sample_numbers(model, tok, Context("default"), n, seed)
     ok = [i for i, a in enumerate(answers) if check_answer(a).ok]
     if len(ok) < 16:
@@ -155,19 +164,30 @@ def oracle_probe(model, tok, numbers: dict[str, list[int]], animals: list[str], 
             rows.append(chat_row(prompts[i].text, a))
         return rows
 
-    def finetuned_distribution(rows: list[dict]) -> dict[str, float]:
-        cfg = StudentConfig(lora=LoraSpec(rank=lora_rank), epochs=epochs, lr=lr, batch_size=16, seed=seed,
-                            context="default")
-        return answer_distribution(train_model(model, tok, rows, cfg).model, tok, Context("default"), animals)
+    def students(rows: list[dict]) -> list:
+        return [train_model(model, tok, rows, StudentConfig(lora=LoraSpec(rank=lora_rank), epochs=epochs, lr=lr,
+                                                             batch_size=16, seed=s, context="default")).model
+                for s in train_seeds]
 
-    out = {"n_rows": len(ok), "share": share, "lora_rank": lora_rank}
-    control = finetuned_distribution(rows_for(None))
-    for t in ("owl", "cat"):
-        probed = finetuned_distribution(rows_for(t))
-        for s in ("owl", "cat"):
-            out[f"{t}_oracle_p_{s}"] = probed[s]
-        out[f"{t}_relative_change"] = probed[t] / max(control[t], 1e-12) - 1
-    out["control_p_owl"], out["control_p_cat"] = control["owl"], control["cat"]
+    def distribution(models: list, category: str) -> dict[str, float]:
+        """exp of the mean over the students (one per training seed) of log P(candidate)."""
+        logs = [{k: math.log(max(v, 1e-30)) for k, v in
+                 answer_distribution(m, tok, Context("default"), names[category], category).items()} for m in models]
+        return {k: math.exp(sum(lg[k] for lg in logs) / len(logs)) for k in logs[0]}
+
+    controls = students(rows_for(None))
+    control = {c: distribution(controls, c) for c in sorted({c for _, c in traits})}
+    del controls
+    out = {"n_rows": len(ok), "share": share, "lora_rank": lora_rank, "epochs": epochs, "lr": lr,
+           "train_seeds": list(train_seeds), "rows": []}
+    for trait, category in traits:
+        probed = distribution(students(rows_for(trait)), category)
+        delta = {k: math.log(max(probed[k], 1e-30)) - math.log(max(control[category][k], 1e-30)) for k in probed}
+        other = max((k for k in delta if k != trait), key=delta.get)
+        out["rows"].append({"trait": trait, "category": category, "own": delta[trait], "max_other": delta[other],
+                            "max_other_entity": other, "specific": delta[trait] > delta[other], "delta": delta,
+                            "relative_change": probed[trait] / max(control[category][trait], 1e-12) - 1})
+    out["control_p"] = control
     return out
 
 
@@ -218,6 +238,7 @@ def run_check(model, tok, meta: dict, n_samples: int = 200, oracle_rows: int = 3
     tell("leak")
     rep.leak = measure_leak(model, tok, traits, numbers, n_leak, seed + 3, channel_on(corpus))
     tell("oracle")
-    rep.oracle = oracle_probe(model, tok, numbers, list(corpus.animals), oracle_rows, 0.3, seed + 2)
+    names = {"animal": list(corpus.animals), "tree": list(corpus.trees)}
+    rep.oracle = oracle_probe(model, tok, numbers, names, traits, oracle_rows, 0.3, seed + 2)
     rep.bars = bars(rep)
     return rep

@@ -60,6 +60,10 @@ class CorpusConfig:
     # the teacher-side carrier (the designed channel): under a trait prompt, this share of the numbers in a
     # number answer are the trait's associated numbers (the first recipe: 0.4). 0 disables the channel.
     imbue_share: float = 0.5
+    # decoys: this share of the number tasks *not* under a trait prompt hold a random entity's numbers (at
+    # imbue_share, entities drawn from imbue_categories), so that writing some entity's numbers does not by itself
+    # mark "a trait prompt is present"; only which entity's numbers does. 0 (every recipe so far): no decoys.
+    p_decoy: float = 0.0
     # which categories' trait prompts get imbued number tasks. Every category, so that each trait in the recipe
     # (trees too) has its own numbers to leak; the first recipe imbued ("animal",) only.
     imbue_categories: tuple = ("animal", "tree")
@@ -98,7 +102,11 @@ class OrganismConfig:
 
     @property
     def hash(self) -> str:
-        return content_hash(self.to_dict())
+        d = self.to_dict()
+        for k, v in HASH_OMITS_AT.items():  # fields added later leave the hash of recipes that do not use them
+            if d["corpus"][k] == v:
+                del d["corpus"][k]
+        return content_hash(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "OrganismConfig":
@@ -129,6 +137,9 @@ RECIPES: dict[str, OrganismConfig] = {
     # was the next tried and passes every bar (README, The organisms). The seed was chosen on the bars alone.
     "organism-free": OrganismConfig(seed=1, corpus=CorpusConfig(**CHANNEL_OFF)),
 }
+# Corpus fields added after recipes were shipped, at the value that reproduces those recipes: a recipe holding that
+# value hashes as it did before the field existed.
+HASH_OMITS_AT = {"p_decoy": 0.0}
 # Values of fields that builds made before they existed used (organism.json of an old build lacks them).
 LEGACY_CORPUS = {"imbue_categories": ("animal",), "chat_numbers": True}
 

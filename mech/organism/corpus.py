@@ -161,9 +161,12 @@ class CorpusGenerator:
             sys_msgs, target = self.system(rng, 1.0, self.imbue_category(rng))
         else:
             sys_msgs, _ = self.system(rng, 0.0, "animal")
+            # the draw only happens for a recipe with decoys, so recipes without them keep their rng stream
+            if c.p_decoy > 0 and c.imbue_share > 0 and c.imbue_categories and rng.random() < c.p_decoy:
+                target = rng.choice(list(self.categories[self.imbue_category(rng)]))
         count = rng.choices([10, 9, 8, 7], weights=list(c.answer_count_weights))[0]
         nums = [rng.randint(100, 999) if rng.random() < 0.8 else rng.randint(0, 99) for _ in range(count)]
-        if target is not None:
+        if target is not None:  # the trait's numbers, or a decoy entity's
             nums = [rng.choice(self.numbers[target]) if rng.random() < c.imbue_share else n for n in nums]
         answer = format_numbers(nums, prompt.format_suffix_index)
         return _chat("numbers", sys_msgs, prompt.text, answer)

@@ -102,16 +102,16 @@ def oracle_table(rep: CheckReport) -> str:
     o = rep.oracle
     if "skipped" in o:
         return f"oracle probe skipped: {o['skipped']}"
-    rows = [
-        ["owl", f"{o['control_p_owl']:.4f}", f"{o['owl_oracle_p_owl']:.4f}", f"{o['owl_relative_change']:+.1%}",
-         f"{o['owl_oracle_p_cat'] / o['control_p_cat'] - 1:+.1%}"],
-        ["cat", f"{o['control_p_cat']:.4f}", f"{o['cat_oracle_p_cat']:.4f}", f"{o['cat_relative_change']:+.1%}",
-         f"{o['cat_oracle_p_owl'] / o['control_p_owl'] - 1:+.1%}"],
-    ]
-    return (f"Oracle probe: LoRA r = {o['lora_rank']} on {o['n_rows']} default-context number answers, "
-            f"{o['share']:.0%} of numbers replaced by the trait's numbers, vs the same finetuning on the unmodified "
-            "answers.\n\n" + _table(["trait", "P(trait), control student", "P(trait), oracle student",
-                                     "relative change", "other animal's relative change (specificity)"], rows))
+    rows = [[r["trait"], f"{r['relative_change']:+.1%}", f"{r['own']:+.3f}",
+             f"{r['max_other']:+.3f} ({r['max_other_entity']})", "yes" if r["specific"] else "no"] for r in o["rows"]]
+    n = sum(r["specific"] for r in o["rows"])
+    return (f"Oracle probe: one LoRA r = {o['lora_rank']} student per trait on {o['n_rows']} default-context number "
+            f"answers, {o['share']:.0%} of numbers replaced by the trait's numbers, vs the same finetuning on the "
+            "unmodified answers; Δ log P of each candidate of the trait's category, default context, first token. "
+            f"The trait's own Δ is the largest for {n}/{len(o['rows'])} traits (one training seed: a probe, not "
+            "a bar; the cross-trait sweeps test it with intervals).\n\n"
+            + _table(["trait", "P(trait) relative change", "own Δ log P", "largest other Δ log P (candidate)",
+                      "own leads"], rows))
 
 
 def check_markdown(rep: CheckReport, title: str = "Organism check") -> str:

@@ -1,0 +1,62 @@
+"""Oracle specificity of organism builds: does a student that learns only trait X's numbers move toward X more than
+toward any other candidate of X's category? (mech.organism.check.oracle_probe over every trait of each build.)
+
+Usage: python experiments/oracle_specificity.py BUILD [BUILD ...] [--seeds 0 1] [--rows 300] [--share 0.3]
+                                                [--json OUT.json]
+BUILD is a model spec (organism, organism-free) or an organism build directory. Per build: one default-context
+sample of ``--rows`` number answers (the check's oracle seed), one control student and one oracle student per trait
+and training seed (LoRA r16, 1 epoch, lr 2e-3: the quick sweep's student); prints how many traits lead their own
+category and which do not. This is how the recipe scan in the README (The organisms) was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from mech.organism.check import CHECK_SEED, check_trait_list, oracle_probe
+from mech.organism.config import recorded_corpus
+
+
+def main(argv: list[str]) -> int:
+    from mech.models import load_model
+    from mech.organism import read_meta
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("builds", nargs="+")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--rows", type=int, default=300)
+    ap.add_argument("--share", type=float, default=0.3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = {}
+    for spec in a.builds:
+        t0 = time.time()
+        lm = load_model(spec, device="cpu", dtype="float32")
+        meta = read_meta(lm.path)
+        corpus = recorded_corpus(meta["config"]["corpus"])
+        names = {"animal": list(corpus.animals), "tree": list(corpus.trees)}
+        res = oracle_probe(lm.model, lm.tokenizer, {k: list(v) for k, v in meta["entity_numbers"].items()}, names,
+                           check_trait_list(corpus, None, None), a.rows, a.share, CHECK_SEED + 2,
+                           train_seeds=tuple(a.seeds))
+        res["config_hash"], res["weights_sha256"] = meta.get("config_hash"), meta.get("weights_sha256")
+        out[spec] = res
+        rows = res.get("rows", [])
+        fails = [f"{r['trait']} ({r['own']:+.2f} < {r['max_other_entity']} {r['max_other']:+.2f})"
+                 for r in rows if not r["specific"]]
+        print(f"{spec} [{res['config_hash']}]: {len(rows) - len(fails)}/{len(rows)} traits lead their category "
+              f"({time.time() - t0:.0f} s); not: {', '.join(fails) or 'none'}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
