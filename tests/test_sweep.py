@@ -72,8 +72,11 @@ def leftovers(cache: Path) -> list[str]:
 
 
 def finished_students(cache: Path) -> set[str]:
+    """Students whose atomic write is complete: a temporary ``.name.tmp-…`` dir may already hold student.json in
+    the instant before its rename, and is not one (counting it made the kill test flaky)."""
     d = cache / "students"
-    return {p.name for p in d.iterdir() if (p / "student.json").is_file()} if d.is_dir() else set()
+    return ({p.name for p in d.iterdir() if not p.name.startswith(".") and (p / "student.json").is_file()}
+            if d.is_dir() else set())
 
 
 # ------------------------------------------------------------------------------------------------ load_sweep
