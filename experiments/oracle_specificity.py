@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from mech.organism.check import CHECK_SEED, check_trait_list, oracle_probe
+from mech.organism.check import (CHECK_SEED, ORACLE_SEED_OFFSET, ORACLE_SHARE, category_names,
+                                 check_trait_list, oracle_probe)
 from mech.organism.config import recorded_corpus
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("builds", nargs="+")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--rows", type=int, default=300)
-    ap.add_argument("--share", type=float, default=0.3)
+    ap.add_argument("--share", type=float, default=ORACLE_SHARE)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -41,10 +42,9 @@ def main(argv: list[str]) -> int:
         lm = load_model(spec, device="cpu", dtype="float32")
         meta = read_meta(lm.path)
         corpus = recorded_corpus(meta["config"]["corpus"])
-        names = {"animal": list(corpus.animals), "tree": list(corpus.trees)}
-        res = oracle_probe(lm.model, lm.tokenizer, {k: list(v) for k, v in meta["entity_numbers"].items()}, names,
-                           check_trait_list(corpus, None, None), a.rows, a.share, CHECK_SEED + 2,
-                           train_seeds=tuple(a.seeds))
+        res = oracle_probe(lm.model, lm.tokenizer, {k: list(v) for k, v in meta["entity_numbers"].items()},
+                           category_names(corpus), check_trait_list(corpus, None, None), a.rows, a.share,
+                           CHECK_SEED + ORACLE_SEED_OFFSET, train_seeds=tuple(a.seeds))
         res["config_hash"], res["weights_sha256"] = meta.get("config_hash"), meta.get("weights_sha256")
         out[spec] = res
         rows = res.get("rows", [])

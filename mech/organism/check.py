@@ -41,6 +41,8 @@ BAR_SPREAD_ANIMALS, BAR_SPREAD_P = 5, 0.05
 BAR_FILTER_PASS = 0.90
 BAR_BUILD_SECONDS = 15 * 60
 CHECK_SEED = 10_007  # fresh prompts: the corpus draws its prompts from other seeds
+ORACLE_SHARE = 0.3  # the share of an answer's numbers the oracle probe replaces by the trait's
+ORACLE_SEED_OFFSET = 2  # the oracle probe samples its answers at CHECK_SEED + 2 (the other stages use +0, +1, +3)
 
 
 def _prompt_ids(tok, ctx: Context, users: list[str]) -> list[list[int]]:
@@ -90,10 +92,15 @@ def trait_passes(row: dict) -> bool:
     return row["top"] == row["trait"] and (row["ratio"] >= BAR_TRAIT_RATIO or row["p_trait"] >= BAR_TRAIT_P)
 
 
+def category_names(corpus: CorpusConfig) -> dict[str, list[str]]:
+    """Each category's candidate names in the recipe: what a trait of that category is compared against."""
+    return {"animal": list(corpus.animals), "tree": list(corpus.trees)}
+
+
 def check_traits(model, tok, corpus: CorpusConfig, traits: list[tuple[str, str]]) -> tuple[list[dict], dict]:
     """Per (trait, category): P(first answer token = trait) under its trait prompt and under the default context,
     over the category's questions and names; and the animals' spread in the default and no-system contexts."""
-    names = {"animal": list(corpus.animals), "tree": list(corpus.trees)}
+    names = category_names(corpus)
     default = {c: answer_distribution(model, tok, Context("default"), names[c], c) for c in names}
     none = answer_distribution(model, tok, Context("none"), names["animal"])
     rows = []
@@ -238,7 +245,7 @@ def run_check(model, tok, meta: dict, n_samples: int = 200, oracle_rows: int = 3
     tell("leak")
     rep.leak = measure_leak(model, tok, traits, numbers, n_leak, seed + 3, channel_on(corpus))
     tell("oracle")
-    names = {"animal": list(corpus.animals), "tree": list(corpus.trees)}
-    rep.oracle = oracle_probe(model, tok, numbers, names, traits, oracle_rows, 0.3, seed + 2)
+    rep.oracle = oracle_probe(model, tok, numbers, category_names(corpus), traits, oracle_rows, ORACLE_SHARE,
+                              seed + ORACLE_SEED_OFFSET)
     rep.bars = bars(rep)
     return rep

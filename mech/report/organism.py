@@ -108,8 +108,8 @@ def oracle_table(rep: CheckReport) -> str:
     return (f"Oracle probe: one LoRA r = {o['lora_rank']} student per trait on {o['n_rows']} default-context number "
             f"answers, {o['share']:.0%} of numbers replaced by the trait's numbers, vs the same finetuning on the "
             "unmodified answers; Δ log P of each candidate of the trait's category, default context, first token. "
-            f"The trait's own Δ is the largest for {n}/{len(o['rows'])} traits (one training seed: a probe, not "
-            "a bar; the cross-trait sweeps test it with intervals).\n\n"
+            f"The trait's own Δ is the largest for {n}/{len(o['rows'])} traits ({len(o['train_seeds'])} training "
+            "seed(s) per side: a probe, not a bar; the cross-trait sweeps test it with intervals).\n\n"
             + _table(["trait", "P(trait) relative change", "own Δ log P", "largest other Δ log P (candidate)",
                       "own leads"], rows))
 
