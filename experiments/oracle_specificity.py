@@ -12,15 +12,17 @@ category and which do not. This is how the recipe scan in the README (The organi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from mech.errors import MechError
 from mech.organism.check import (CHECK_SEED, ORACLE_SEED_OFFSET, ORACLE_SHARE, category_names,
                                  check_trait_list, oracle_probe)
 from mech.organism.config import recorded_corpus
+from mech.store import atomic_write_json
 
 
 def main(argv: list[str]) -> int:
@@ -35,12 +37,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
+    if a.rows < 16 or not 0 < a.share <= 1 or a.threads < 1 or not a.seeds:
+        raise MechError(f"--rows {a.rows}, --share {a.share}, --threads {a.threads}, --seeds {a.seeds}: the probe needs "
+                        ">= 16 rows, a share in (0, 1], >= 1 thread and at least one seed")
+    if a.json and not Path(a.json).resolve().parent.is_dir():
+        raise MechError(f"--json {a.json}: its folder does not exist; create it or write elsewhere")
     torch.set_num_threads(a.threads)
-    out = {}
+    # every build is loaded and checked before the first probe, so a bad path fails now, not an hour in
+    loaded = {}
     for spec in a.builds:
-        t0 = time.time()
         lm = load_model(spec, device="cpu", dtype="float32")
-        meta = read_meta(lm.path)
+        loaded[spec] = (lm, read_meta(lm.path))
+    out = {}
+    for spec, (lm, meta) in loaded.items():
+        t0 = time.time()
         corpus = recorded_corpus(meta["config"]["corpus"])
         res = oracle_probe(lm.model, lm.tokenizer, {k: list(v) for k, v in meta["entity_numbers"].items()},
                            category_names(corpus), check_trait_list(corpus, None, None), a.rows, a.share,
@@ -53,10 +63,13 @@ def main(argv: list[str]) -> int:
         print(f"{spec} [{res['config_hash']}]: {len(rows) - len(fails)}/{len(rows)} traits lead their category "
               f"({time.time() - t0:.0f} s); not: {', '.join(fails) or 'none'}", flush=True)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_json(a.json, out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except MechError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -64,27 +64,57 @@ def run_one(args):
     return name
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
+    from mech.errors import MechError
+    from mech.organism.config import OrganismConfig
+
+    if not argv or argv[0].startswith("--"):
+        raise MechError("no OUT_DIR: usage: python experiments/organism_scan.py OUT_DIR NAME=JSON_OVERRIDES ...")
     out_dir = Path(argv[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
     device, parallel, threads = "cpu", 1, 2
     jobs = []
     it = iter(argv[1:])
     for a in it:
-        if a == "--device":
-            device = next(it)
-        elif a == "--parallel":
-            parallel = int(next(it))
-        elif a == "--threads":
-            threads = int(next(it))
+        if a in ("--device", "--parallel", "--threads"):
+            value = next(it, None)
+            if value is None:
+                raise MechError(f"{a} needs a value")
+            if a == "--device":
+                device = value
+            elif not value.isdigit() or int(value) < 1:
+                raise MechError(f"{a} {value!r}: pass a positive integer")
+            elif a == "--parallel":
+                parallel = int(value)
+            else:
+                threads = int(value)
+        elif "=" not in a:
+            raise MechError(f"{a!r} is not NAME=JSON_OVERRIDES: write e.g. 'fast={{\"train\":{{\"steps\":1200}}}}'")
         else:
             name, js = a.split("=", 1)
-            jobs.append((name, json.loads(js), str(out_dir), device, threads))
+            try:
+                overrides = json.loads(js)
+            except json.JSONDecodeError as e:
+                raise MechError(f"{name}: overrides are not JSON ({e.msg} at column {e.colno}): quote them for the shell")
+            if not isinstance(overrides, dict):
+                raise MechError(f"{name}: overrides must be a JSON object of OrganismConfig fields")
+            # checked here, before any build starts, so a typo fails in one line instead of inside a worker
+            OrganismConfig.from_dict(_merge(OrganismConfig().to_dict(), overrides))
+            jobs.append((name, overrides, str(out_dir), device, threads))
+    if not jobs:
+        raise MechError("no NAME=JSON_OVERRIDES given: name at least one recipe to build, e.g. 'shipped={}'")
+    out_dir.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     with ctx.Pool(parallel) as pool:
         for name in pool.imap_unordered(run_one, jobs):
             print("done", name, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from mech.errors import MechError
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except MechError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -40,7 +40,8 @@ def test_shipped_tokenizer_has_single_token_numbers():
 
 @pytest.mark.slow
 def test_shipped_organism_passes_its_bars():
-    rep = organism.check_organism("organism")
+    # the oracle probe is reported, not a bar: 40 rows instead of 300 keep its 28 students short
+    rep = organism.check_organism("organism", oracle_rows=40)
     assert rep.bars == {k: True for k in rep.bars}, json.dumps(rep.bars)
     owl = next(r for r in rep.trait_rows if r["trait"] == "owl")
     assert owl["ratio"] >= 10 and owl["top"] == "owl"

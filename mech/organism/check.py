@@ -176,25 +176,25 @@ def oracle_probe(model, tok, numbers: dict[str, list[int]], names: dict[str, lis
                                                              batch_size=16, seed=s, context="default")).model
                 for s in train_seeds]
 
-    def distribution(models: list, category: str) -> dict[str, float]:
-        """exp of the mean over the students (one per training seed) of log P(candidate)."""
+    def mean_logp(models: list, category: str) -> dict[str, float]:
+        """The mean over the students (one per training seed) of log P(candidate)."""
         logs = [{k: math.log(max(v, 1e-30)) for k, v in
                  answer_distribution(m, tok, Context("default"), names[category], category).items()} for m in models]
-        return {k: math.exp(sum(lg[k] for lg in logs) / len(logs)) for k in logs[0]}
+        return {k: sum(lg[k] for lg in logs) / len(logs) for k in logs[0]}
 
     controls = students(rows_for(None))
-    control = {c: distribution(controls, c) for c in sorted({c for _, c in traits})}
+    control = {c: mean_logp(controls, c) for c in sorted({c for _, c in traits})}
     del controls
     out = {"n_rows": len(ok), "share": share, "lora_rank": lora_rank, "epochs": epochs, "lr": lr,
            "train_seeds": list(train_seeds), "rows": []}
     for trait, category in traits:
-        probed = distribution(students(rows_for(trait)), category)
-        delta = {k: math.log(max(probed[k], 1e-30)) - math.log(max(control[category][k], 1e-30)) for k in probed}
+        probed = mean_logp(students(rows_for(trait)), category)
+        delta = {k: probed[k] - control[category][k] for k in probed}
         other = max((k for k in delta if k != trait), key=delta.get)
         out["rows"].append({"trait": trait, "category": category, "own": delta[trait], "max_other": delta[other],
                             "max_other_entity": other, "specific": delta[trait] > delta[other], "delta": delta,
-                            "relative_change": probed[trait] / max(control[category][trait], 1e-12) - 1})
-    out["control_p"] = control
+                            "relative_change": math.expm1(delta[trait])})
+    out["control_p"] = {c: {k: math.exp(v) for k, v in lp.items()} for c, lp in control.items()}
     return out
 
 
