@@ -42,12 +42,12 @@ def main(argv: list[str]) -> int:
                         ">= 16 rows, a share in (0, 1], >= 1 thread and at least one seed")
     if a.json and not Path(a.json).resolve().parent.is_dir():
         raise MechError(f"--json {a.json}: its folder does not exist; create it or write elsewhere")
-    torch.set_num_threads(a.threads)
     # every build is loaded and checked before the first probe, so a bad path fails now, not an hour in
     loaded = {}
     for spec in a.builds:
         lm = load_model(spec, device="cpu", dtype="float32")
         loaded[spec] = (lm, read_meta(lm.path))
+    torch.set_num_threads(a.threads)  # only once nothing can be refused: a refusal leaves the process as it was
     out = {}
     for spec, (lm, meta) in loaded.items():
         t0 = time.time()

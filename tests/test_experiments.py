@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from mech.sweep.config import cells, load_sweep
 
@@ -56,5 +57,7 @@ def test_organism_scan_refuses_bad_input_before_building(tmp_path, argv, match):
 def test_oracle_specificity_refuses_bad_input(tmp_path, argv, match):
     from mech.errors import MechError
 
+    threads = torch.get_num_threads()
     with pytest.raises(MechError, match=match):
         _script("oracle_specificity").main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert torch.get_num_threads() == threads  # a refusal leaves the session's torch as it was
