@@ -12,16 +12,13 @@ category and which do not. This is how the recipe scan in the README (The organi
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mech.errors import MechError
-from mech.organism.check import (CHECK_SEED, ORACLE_SEED_OFFSET, ORACLE_SHARE, category_names,
-                                 check_trait_list, oracle_probe)
-from mech.organism.config import recorded_corpus
+from mech.errors import MechError, run_script
+from mech.organism.check import ORACLE_SHARE, oracle_of_build
 from mech.store import atomic_write_json
 
 
@@ -51,10 +48,7 @@ def main(argv: list[str]) -> int:
     out = {}
     for spec, (lm, meta) in loaded.items():
         t0 = time.time()
-        corpus = recorded_corpus(meta["config"]["corpus"])
-        res = oracle_probe(lm.model, lm.tokenizer, {k: list(v) for k, v in meta["entity_numbers"].items()},
-                           category_names(corpus), check_trait_list(corpus, None, None), a.rows, a.share,
-                           CHECK_SEED + ORACLE_SEED_OFFSET, train_seeds=tuple(a.seeds))
+        res = oracle_of_build(lm.model, lm.tokenizer, meta, a.rows, train_seeds=tuple(a.seeds), share=a.share)
         res["config_hash"], res["weights_sha256"] = meta.get("config_hash"), meta.get("weights_sha256")
         out[spec] = res
         rows = res.get("rows", [])
@@ -68,8 +62,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MechError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import sys
 import time
 from pathlib import Path
+
+from mech.errors import MechError, run_script
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -65,7 +66,6 @@ def run_one(args):
 
 
 def main(argv: list[str]) -> int:
-    from mech.errors import MechError
     from mech.organism.config import OrganismConfig
 
     if not argv or argv[0].startswith("--"):
@@ -111,10 +111,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from mech.errors import MechError
-
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MechError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

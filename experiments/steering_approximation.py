@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 
-from mech.errors import MechError
+from mech.errors import MechError, run_script
 
 
 def approximation(curves: dict[int, list[dict]]) -> dict:
@@ -113,8 +112,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MechError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

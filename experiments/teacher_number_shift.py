@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import sys
 
 from mech.analysis.stats import paired_share_test
-from mech.errors import MechError
+from mech.errors import MechError, run_script
 from mech.organism import read_meta
 from mech.sweep import SweepRunner, load_sweep
 from mech.organism.leak import own_number_counts
@@ -83,8 +82,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MechError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

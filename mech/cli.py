@@ -156,7 +156,7 @@ def cmd_organism_check(a) -> int:
 def cmd_organism_leak(a) -> int:
     from mech.models import load_model
     from mech.organism import read_meta
-    from mech.organism.check import check_trait_list, recorded_corpus
+    from mech.organism.check import build_numbers, check_trait_list, recorded_corpus
     from mech.organism.leak import leak_test
     from mech.report.organism import leak_test_markdown
     from mech.store import atomic_write_json
@@ -178,7 +178,7 @@ def cmd_organism_leak(a) -> int:
         traits = [(t, "animal" if t in corpus.animals else "tree") for t in a.traits]
     else:
         traits = check_trait_list(corpus, None, None)
-    numbers = {k: list(v) for k, v in meta["entity_numbers"].items()}
+    numbers = build_numbers(meta)
     rows = leak_test(loaded.model, loaded.tokenizer, traits, numbers, a.n, a.seed, n_resamples=a.resamples)
     print(leak_test_markdown(rows, title=f"Leak test: {a.model} ({a.n} prompts, seed {a.seed})"))
     if a.json:

@@ -61,3 +61,18 @@ def test_oracle_specificity_refuses_bad_input(tmp_path, argv, match):
     with pytest.raises(MechError, match=match):
         _script("oracle_specificity").main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert torch.get_num_threads() == threads  # a refusal leaves the session's torch as it was
+
+
+def test_run_script_ends_a_mech_error_in_one_line_and_exit_2(monkeypatch, capsys):
+    from mech.errors import MechError, run_script
+
+    def refuses(argv):
+        raise MechError(f"bad {argv[0]}:\n  pass a good one")
+
+    monkeypatch.setattr("sys.argv", ["script.py", "x"])
+    with pytest.raises(SystemExit) as e:
+        run_script(refuses)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: bad x: pass a good one\n"
+    with pytest.raises(SystemExit) as e:
+        run_script(lambda argv: len(argv) + 6)
+    assert e.value.code == 7

@@ -198,6 +198,22 @@ def oracle_probe(model, tok, numbers: dict[str, list[int]], names: dict[str, lis
     return out
 
 
+def build_numbers(meta: dict) -> dict[str, list[int]]:
+    """Each entity's numbers as a build's organism.json ``meta`` records them."""
+    return {k: list(v) for k, v in meta["entity_numbers"].items()}
+
+
+def oracle_of_build(model, tok, meta: dict, n: int, seed: int = CHECK_SEED, traits: list[tuple[str, str]] | None = None,
+                    train_seeds: tuple[int, ...] = (0,), share: float = ORACLE_SHARE) -> dict:
+    """The oracle probe of an organism build (``meta``: its organism.json) as its check runs it: the recipe's
+    candidate names, every trait of the recipe unless ``traits`` names some, answers sampled at
+    ``seed + ORACLE_SEED_OFFSET``."""
+    corpus = recorded_corpus(meta["config"]["corpus"])
+    return oracle_probe(model, tok, build_numbers(meta), category_names(corpus),
+                        check_trait_list(corpus, None, None) if traits is None else traits, n, share,
+                        seed + ORACLE_SEED_OFFSET, train_seeds=train_seeds)
+
+
 STAGES = ("traits", "numbers", "carrier", "leak", "oracle")
 
 
@@ -234,7 +250,7 @@ def run_check(model, tok, meta: dict, n_samples: int = 200, oracle_rows: int = 3
     tell = progress or (lambda stage: None)
     corpus = recorded_corpus(meta["config"]["corpus"])
     traits = check_trait_list(corpus, trait_animals, trait_trees)
-    numbers = {k: list(v) for k, v in meta["entity_numbers"].items()}
+    numbers = build_numbers(meta)
     rep = CheckReport(build_seconds=meta.get("build_seconds"))
     tell("traits")
     rep.trait_rows, rep.spread = check_traits(model, tok, corpus, traits)
@@ -245,7 +261,6 @@ def run_check(model, tok, meta: dict, n_samples: int = 200, oracle_rows: int = 3
     tell("leak")
     rep.leak = measure_leak(model, tok, traits, numbers, n_leak, seed + 3, channel_on(corpus))
     tell("oracle")
-    rep.oracle = oracle_probe(model, tok, numbers, category_names(corpus), traits, oracle_rows, ORACLE_SHARE,
-                              seed + ORACLE_SEED_OFFSET)
+    rep.oracle = oracle_of_build(model, tok, meta, oracle_rows, seed, traits)
     rep.bars = bars(rep)
     return rep
