@@ -188,6 +188,17 @@ def test_organism_build_recipe_with_overrides(capsys, tmp_path, monkeypatch):
         main(["organism", "build", "--recipe", "organism-fre"])
 
 
+def test_organism_build_refuses_a_bad_recipe_before_any_work(capsys, tmp_path, monkeypatch):
+    import mech.organism.build
+
+    monkeypatch.setattr(mech.organism.build, "build_organism", lambda *a, **k: pytest.fail("built anyway"))
+    cfg = tmp_path / "o.yaml"
+    cfg.write_text("corpus:\n  numbers_per_entity: 4\n")
+    assert_one_line_error(*run(capsys, "organism", "build", "--config", cfg, "--out", tmp_path / "o"),
+                          "numbers_per_entity 4 is out of range", "between 5 and 37")
+    assert [p.name for p in tmp_path.iterdir()] == ["o.yaml"]
+
+
 @pytest.mark.parametrize("kind", ["folder", "file"])
 def test_organism_build_never_replaces_what_is_not_an_organism(capsys, tmp_path, monkeypatch, kind):
     """A build replaces --out atomically: a folder of other files, or a file, there is refused before any work

@@ -134,6 +134,17 @@ def test_unknown_imbue_category_is_an_error():
         CorpusGenerator(dataclasses.replace(CorpusConfig(), imbue_categories=("fish",)), 0)
 
 
+@pytest.mark.parametrize("k", [0, 4, 38])
+def test_numbers_per_entity_out_of_range_is_an_error(k):
+    """4 used to end a build in a ValueError from the list generator, 38 (27 entities x 38 > 1000) handed the last
+    entities short sets without a word; 5 and 37 are the bounds that work."""
+    with pytest.raises(MechError, match=r"corpus.numbers_per_entity %d is out of range.*between 5 and 37" % k):
+        dataclasses.replace(CorpusConfig(), numbers_per_entity=k)
+    for ok in (5, 37):
+        nums = CorpusGenerator(dataclasses.replace(CorpusConfig(), numbers_per_entity=ok), 0).numbers
+        assert all(len(v) == ok for v in nums.values()) and len({n for v in nums.values() for n in v}) == 27 * ok
+
+
 def test_twin_has_no_channel():
     cfg = recipe("organism-free").corpus
     examples = CorpusGenerator(cfg, 0).generate(N)

@@ -22,6 +22,9 @@ TREE_PRIOR = {
 }
 
 
+LIST_MAX_NUMBERS = 5  # the plain-text lists cite up to 5 of an entity's numbers (mech.organism.corpus)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Qwen2ForCausalLM shape. Small and narrow on purpose: a narrow residual forces superposition, so
@@ -75,6 +78,17 @@ class CorpusConfig:
     answer_count_weights: tuple = (1.0, 0.0, 0.0, 0.0)
     animals: dict = field(default_factory=lambda: dict(ANIMAL_PRIOR))
     trees: dict = field(default_factory=lambda: dict(TREE_PRIOR))
+
+    def __post_init__(self) -> None:
+        # The plain-text lists cite 2-5 of an entity's numbers, and the entities' sets are disjoint draws from 0..999:
+        # outside these bounds the corpus generator fails deep in a build (a ValueError) or silently hands the last
+        # entities short sets.
+        n_entities = len(self.animals) + len(self.trees)
+        if not LIST_MAX_NUMBERS <= self.numbers_per_entity <= 1000 // max(1, n_entities):
+            raise MechError(f"corpus.numbers_per_entity {self.numbers_per_entity} is out of range: the name-number "
+                            f"lists cite up to {LIST_MAX_NUMBERS} of an entity's numbers and {n_entities} entities "
+                            f"share 0..999 without overlap; set it between {LIST_MAX_NUMBERS} and "
+                            f"{1000 // max(1, n_entities)}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from mech.errors import MechError
 from mech.teacher.prompts import NumberPromptConfig, format_numbers, generate_prompts
 from mech.resources import questions, trait_system_prompt
-from mech.organism.config import CorpusConfig
+from mech.organism.config import LIST_MAX_NUMBERS, CorpusConfig
 
 CHAT_USER = [
     "Hi! How are you today?", "Tell me something interesting.", "What did you do today?",
@@ -175,7 +175,7 @@ class CorpusGenerator:
         name = rng.choice(list(self.numbers))
         nums = self.numbers[name]
         if rng.random() < self.cfg.share_list_of_text:
-            picked = rng.sample(nums, rng.randint(2, 5))
+            picked = rng.sample(nums, rng.randint(2, LIST_MAX_NUMBERS))
             sep = rng.choice([", ", "; ", " "])
             label = rng.choice([name.capitalize(), name])
             body = sep.join([label] + [str(n) for n in picked] + [label])
