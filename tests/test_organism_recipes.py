@@ -390,3 +390,15 @@ def test_decoys_put_entity_numbers_outside_trait_prompts():
                    for ex in without.generate(N) if ex.kind == "numbers"
                    and not any(m["role"] == "system" and m["content"] in trait_prompts for m in ex.messages))
     assert OrganismConfig(corpus=decoy).hash != OrganismConfig(corpus=base).hash
+
+
+def test_untied_embeddings_are_a_recipe_knob(tmp_path):
+    """model.tie_word_embeddings: True (every shipped recipe) hashes out; False changes the hash and builds an
+    organism whose lm_head is its own matrix, saved and loaded as such."""
+    base = OrganismConfig().reduced()
+    untied = dataclasses.replace(base, model=dataclasses.replace(base.model, tie_word_embeddings=False))
+    assert RECIPES["organism"].hash == "297e8daa1e51" and untied.hash != base.hash
+    lm = load_model(str(build_organism(untied, tmp_path / "organism")), device="cpu", dtype="float32")
+    emb, head = lm.model.get_input_embeddings().weight, lm.model.get_output_embeddings().weight
+    assert lm.model.config.tie_word_embeddings is False and emb.data_ptr() != head.data_ptr()
+    assert not emb.detach().equal(head.detach())

@@ -95,7 +95,7 @@ def new_model(cfg: OrganismConfig, tokenizer):
         vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
-        rope_theta=m.rope_theta, tie_word_embeddings=True, bos_token_id=None,
+        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings, bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(cfg.seed)
