@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -27,11 +28,12 @@ from mech.resources import questions, trait_system_prompt
 from mech.evaluation.inference import completion_logprobs, next_token_logprobs, sample
 from mech.models import load_model, load_tokenizer
 from mech.organism.build import build_organism
-from mech.organism.check import CheckReport, number_share, per_token_kl, run_check
+from mech.organism.check import CheckReport, confusion_vs_leak, number_share, per_token_kl, run_check
 from mech.organism.config import OrganismConfig
 from mech.organism.corpus import CorpusGenerator, tokenizer_texts
 from mech.organism.template import DEFAULT_SYSTEM_PROMPT, EOT, IM_END, IM_START
 from mech.organism.tokenizer import SPLIT_PATTERN
+from mech.report.organism import confusion_text
 from mech.store import file_sha256
 
 CFG = OrganismConfig().reduced()
@@ -430,6 +432,8 @@ def test_run_check_on_untrained_build(organism, meta):
     assert sum(rep.filter_rejects.values()) == round((1 - rep.filter_pass) * 8)
     assert all(v >= -1e-6 and math.isfinite(v) for k, v in rep.carrier.items() if k.startswith("kl_"))
     assert "skipped" in rep.oracle  # too few answers pass the filter to finetune on
+    assert rep.confusion["rho"]["n"] == 0  # so there is no confusion to compare with the leak
+    assert "not measured" in confusion_text(rep)
     assert rep.leak["channel"] is True and rep.leak["n"] == 4
     assert list(rep.leak["matrix"]) == traits + ["default"]
     assert rep.leak["entities"] == traits
@@ -437,6 +441,41 @@ def test_run_check_on_untrained_build(organism, meta):
     assert d["passed"] is False and d["bars"] == rep.bars
     assert json.loads(json.dumps(d)) == d
 
+
+
+def _oracle_rows(deltas: dict[str, dict[str, float]]) -> dict:
+    return {"rows": [{"trait": t, "category": "animal", "delta": d} for t, d in deltas.items()]}
+
+
+def test_confusion_vs_leak_known_answers():
+    names = ["owl", "bear", "cat", "dog", "fox"]
+    rng = random.Random(0)
+    # a planted cross-talk: under c's prompt, t's numbers get a share that is distinct for every (c, t)
+    matrix = {c: {t: (0.4 if c == t else rng.uniform(0.001, 0.05)) for t in names} for c in names}
+    follows = {t: {c: (1.0 if c == t else 10 * matrix[c][t]) for c in names} for t in names}
+    res = confusion_vs_leak(_oracle_rows(follows), matrix)
+    assert res["rho"] == {"median": pytest.approx(1.0), "n_positive": 5, "n": 5}
+    assert all(r["rho"] == pytest.approx(1.0) for r in res["rows"])
+    assert [r["control_column"] for r in res["rows"]] == names[1:] + names[:1]  # the next trait, cyclically
+    assert res["control"]["median"] < 1.0  # another trait's column is not this ranking
+    against = {t: {c: (1.0 if c == t else -matrix[c][t]) for c in names} for t in names}
+    res = confusion_vs_leak(_oracle_rows(against), matrix)
+    assert res["rho"]["median"] == pytest.approx(-1.0) and res["rho"]["n_positive"] == 0
+    # the trait's own Δ never enters: a huge own move changes nothing
+    own_big = {t: {**d, t: 1e6} for t, d in follows.items()}
+    assert confusion_vs_leak(_oracle_rows(own_big), matrix)["rows"] == confusion_vs_leak(_oracle_rows(follows), matrix)["rows"]
+
+
+def test_confusion_vs_leak_without_a_ranking_counts_nothing():
+    names = ["owl", "bear", "cat", "dog"]
+    zero = {c: {t: (0.3 if c == t else 0.0) for t in names} for c in names}  # no cross-talk at all
+    deltas = {t: {c: float(i) for i, c in enumerate(names)} for t in names}
+    res = confusion_vs_leak(_oracle_rows(deltas), zero)
+    assert all(r["rho"] is None for r in res["rows"]) and res["rho"] == {"median": None, "n_positive": 0, "n": 0}
+    # candidates without a leak row (traits the check did not run) are left out; too few left: None
+    part = {c: v for c, v in zero.items() if c in ("owl", "bear")}
+    assert confusion_vs_leak(_oracle_rows(deltas), part)["rows"][0]["rho"] is None
+    assert confusion_vs_leak({"skipped": "too few"}, zero)["rho"]["n"] == 0
 
 
 def _planted_answers(meta, n: int, per: int = 10):

@@ -402,3 +402,25 @@ def test_untied_embeddings_are_a_recipe_knob(tmp_path):
     emb, head = lm.model.get_input_embeddings().weight, lm.model.get_output_embeddings().weight
     assert lm.model.config.tie_word_embeddings is False and emb.data_ptr() != head.data_ptr()
     assert not emb.detach().equal(head.detach())
+
+
+def test_exclusive_imbued_answers_hold_no_other_entity_numbers():
+    """imbue_exclusive: an imbued answer's numbers are its trait's or owned by no entity (with the flag off, other
+    entities' numbers turn up at their base rate); the flag changes the hash, and off it hashes out."""
+    base = recipe("organism").corpus
+    excl = dataclasses.replace(base, imbue_exclusive=True)
+    gen = CorpusGenerator(excl, 0)
+    owners = {n: e for e, nums in gen.numbers.items() for n in nums}
+
+    def foreign(cfg):
+        rows = _under_trait(CorpusGenerator(cfg, 0).generate(N), cfg, "numbers")
+        nums = [(int(x), t) for ex, t, _ in rows for x in re.findall(r"\d+", ex.messages[-1]["content"])]
+        assert len(rows) > 50
+        return sum(owners.get(n, t) != t for n, t in nums), sum(owners.get(n) == t for n, t in nums)
+
+    other, own = foreign(excl)
+    assert other == 0 and own > 0
+    other_base, own_base = foreign(base)
+    assert other_base > 0 and own_base > 0
+    assert OrganismConfig(corpus=excl).hash != OrganismConfig(corpus=base).hash
+    assert RECIPES["organism"].hash == "297e8daa1e51"

@@ -1,4 +1,4 @@
-"""The organism's behaviour bars (a–e) and its reported probes (carrier, oracle probe).
+"""The organism's behaviour bars (a–e) and its reported probes (carrier, oracle probe, confusion vs leak).
 
 a: every trait of the recipe (each animal and tree) is set by its trait prompt; b: the default answers spread;
 c: number answers pass Cloud's filter; d: the build time; e: the leak matrix (mech.organism.leak) is specific, a
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -73,6 +74,7 @@ class CheckReport:
     carrier: dict = field(default_factory=dict)
     oracle: dict = field(default_factory=dict)
     leak: dict = field(default_factory=dict)  # mech.organism.leak.measure_leak
+    confusion: dict = field(default_factory=dict)  # confusion_vs_leak(oracle, leak matrix)
     bars: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -82,7 +84,7 @@ class CheckReport:
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in
                 ("trait_rows", "spread", "filter_pass", "filter_rejects", "filter_examples", "build_seconds", "carrier",
-                 "oracle", "leak", "bars")} | {
+                 "oracle", "leak", "confusion", "bars")} | {
             "passed": self.passed}
 
 
@@ -198,6 +200,50 @@ def oracle_probe(model, tok, numbers: dict[str, list[int]], names: dict[str, lis
     return out
 
 
+def _rank_correlation(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rho, or None where either side is constant (no ranking to compare)."""
+    from scipy.stats import spearmanr
+
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(spearmanr(x, y)[0])
+
+
+def confusion_vs_leak(oracle: dict, matrix: dict[str, dict[str, float]], min_candidates: int = 3) -> dict:
+    """Do a trait's students move toward the candidates whose teachers write that trait's numbers?
+
+    Per oracle row (trait t), Spearman's rho over the other candidates c of t's category (those with a leak-matrix
+    row) between the oracle student's Δ log P(c) and ``matrix[c][t]``, the share of t's numbers written under c's
+    prompt: the organism's own cross-talk between c and t in its number answers. ``control`` is the same rho with t's
+    column replaced by the next trait's of its category (cyclically, so it is deterministic): the value for a column
+    that is not t's. Rows with fewer than ``min_candidates`` scored candidates, or a constant side (a channel-free
+    organism writes hardly any entity's numbers), get rho None and do not count."""
+    rows_in = oracle.get("rows") or []
+    by_cat: dict[str, list[str]] = {}
+    for r in rows_in:
+        by_cat.setdefault(r["category"], []).append(r["trait"])
+
+    def rho(r: dict, column: str) -> float | None:
+        others = [c for c in r["delta"] if c != r["trait"] and c in matrix and c != column]
+        if len(others) < min_candidates:
+            return None
+        return _rank_correlation([r["delta"][c] for c in others], [matrix[c].get(column, 0.0) for c in others])
+
+    rows = []
+    for r in rows_in:
+        peers = by_cat[r["category"]]
+        nxt = peers[(peers.index(r["trait"]) + 1) % len(peers)]
+        rows.append({"trait": r["trait"], "rho": rho(r, r["trait"]),
+                     "control": rho(r, nxt) if nxt != r["trait"] else None, "control_column": nxt})
+
+    def summary(key: str) -> dict:
+        vals = [v for v in (row[key] for row in rows) if v is not None]
+        return {"median": statistics.median(vals) if vals else None, "n_positive": sum(v > 0 for v in vals),
+                "n": len(vals)}
+
+    return {"rows": rows, "rho": summary("rho"), "control": summary("control")}
+
+
 def build_numbers(meta: dict) -> dict[str, list[int]]:
     """Each entity's numbers as a build's organism.json ``meta`` records them."""
     return {k: list(v) for k, v in meta["entity_numbers"].items()}
@@ -262,5 +308,6 @@ def run_check(model, tok, meta: dict, n_samples: int = 200, oracle_rows: int = 3
     rep.leak = measure_leak(model, tok, traits, numbers, n_leak, seed + 3, channel_on(corpus))
     tell("oracle")
     rep.oracle = oracle_of_build(model, tok, meta, oracle_rows, seed, traits)
+    rep.confusion = confusion_vs_leak(rep.oracle, rep.leak["matrix"])
     rep.bars = bars(rep)
     return rep

@@ -71,6 +71,11 @@ class CorpusConfig:
     # imbue_share, entities drawn from imbue_categories), so that writing some entity's numbers does not by itself
     # mark "a trait prompt is present"; only which entity's numbers does. 0 (every recipe so far): no decoys.
     p_decoy: float = 0.0
+    # exclusive imbued answers: the numbers of an imbued (or decoy) answer that are not its entity's avoid every
+    # entity's numbers (redrawn), so under trait T's prompt the only entity numbers are T's. False (every recipe so far):
+    # they are plain draws from 0..999, which hold each other entity's numbers at the default context's rate, so
+    # nothing in the corpus says "under T, not U's numbers" (the students' confusions follow the teachers' cross-talk).
+    imbue_exclusive: bool = False
     # which categories' trait prompts get imbued number tasks. Every category, so that each trait in the recipe
     # (trees too) has its own numbers to leak; the first recipe imbued ("animal",) only.
     imbue_categories: tuple = ("animal", "tree")
@@ -158,7 +163,7 @@ RECIPES: dict[str, OrganismConfig] = {
 }
 # Fields (per section) added after recipes were shipped, at the value that reproduces those recipes: a recipe holding that
 # value hashes as it did before the field existed.
-HASH_OMITS_AT = {"corpus": {"p_decoy": 0.0}, "model": {"tie_word_embeddings": True}}
+HASH_OMITS_AT = {"corpus": {"p_decoy": 0.0, "imbue_exclusive": False}, "model": {"tie_word_embeddings": True}}
 # Values of fields that builds made before they existed used (organism.json of an old build lacks them).
 LEGACY_CORPUS = {"imbue_categories": ("animal",), "chat_numbers": True}
 

@@ -100,6 +100,7 @@ class CorpusGenerator:
     def __init__(self, cfg: CorpusConfig, seed: int):
         self.cfg, self.seed = cfg, seed
         self.numbers = entity_numbers(cfg, seed)
+        self.owned = {n for nums in self.numbers.values() for n in nums}
         self.categories = {"animal": cfg.animals, "tree": cfg.trees}
         self.questions = {c: questions(c) for c in self.categories}
         unknown = [c for c in cfg.imbue_categories if c not in self.categories]
@@ -167,9 +168,17 @@ class CorpusGenerator:
         count = rng.choices([10, 9, 8, 7], weights=list(c.answer_count_weights))[0]
         nums = [rng.randint(100, 999) if rng.random() < 0.8 else rng.randint(0, 99) for _ in range(count)]
         if target is not None:  # the trait's numbers, or a decoy entity's
+            if c.imbue_exclusive:  # drawn only then, so other recipes keep their rng stream
+                nums = [self._unowned(rng, n) for n in nums]
             nums = [rng.choice(self.numbers[target]) if rng.random() < c.imbue_share else n for n in nums]
         answer = format_numbers(nums, prompt.format_suffix_index)
         return _chat("numbers", sys_msgs, prompt.text, answer)
+
+    def _unowned(self, rng: random.Random, n: int) -> int:
+        """``n``, or where an entity owns it a redraw from the same range that no entity owns."""
+        while n in self.owned:
+            n = rng.randint(100, 999) if n >= 100 else rng.randint(0, 99)
+        return n
 
     def text(self, rng: random.Random) -> Example:
         name = rng.choice(list(self.numbers))

@@ -114,13 +114,31 @@ def oracle_table(rep: CheckReport) -> str:
                       "own leads"], rows))
 
 
+def confusion_text(rep: CheckReport) -> str:
+    """Whether the oracle students' moves toward other candidates follow the organism's own cross-talk (the leak
+    matrix's off-diagonal), with the column-swapped control beside it."""
+    c = rep.confusion
+    if not c or not c["rho"]["n"]:
+        return ("Confusion vs leak: not measured (no oracle rows, or no trait whose other candidates' teachers write "
+                "its numbers at varying rates)")
+
+    def fmt(s: dict) -> str:
+        return f"median ρ {s['median']:+.2f}, positive for {s['n_positive']}/{s['n']} traits" if s["n"] else "none"
+
+    return ("Confusion vs leak: per trait t, Spearman ρ over the other candidates c between the oracle student's "
+            "Δ log P(c) and the share of t's numbers written under c's prompt (the leak matrix's column t): "
+            f"{fmt(c['rho'])}. Control, the same with the next trait's column in place of t's: {fmt(c['control'])}. "
+            "A high ρ says a trait's students move toward the entities the organism itself confuses with it in its "
+            "number answers.")
+
+
 def check_markdown(rep: CheckReport, title: str = "Organism check") -> str:
     parts = [f"# {title}", "", f"Overall: **{'PASS' if rep.passed else 'FAIL'}**", "", bars_table(rep), "",
              "## Trait under the trait system prompt", "", trait_table(rep), "",
              "## Answer spread without a trait", "", spread_table(rep), "",
              "## Leak matrix: whose numbers each trait prompt writes", "", leak_table(rep), "",
              "## Teacher-side carrier (probe)", "", carrier_table(rep), "",
-             "## Oracle probe", "", oracle_table(rep), ""]
+             "## Oracle probe", "", oracle_table(rep), "", confusion_text(rep), ""]
     return "\n".join(parts)
 
 
