@@ -227,7 +227,7 @@ def confusion_vs_leak(oracle: dict, matrix: dict[str, dict[str, float]], min_can
         others = [c for c in r["delta"] if c != r["trait"] and c in matrix and c != column]
         if len(others) < min_candidates:
             return None
-        return _rank_correlation([r["delta"][c] for c in others], [matrix[c].get(column, 0.0) for c in others])
+        return _rank_correlation([r["delta"][c] for c in others], [matrix[c][column] for c in others])
 
     rows = []
     for r in rows_in:
