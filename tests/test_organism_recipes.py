@@ -13,6 +13,7 @@ import math
 import re
 
 import pytest
+import torch
 
 import mech.organism.check as check_mod
 import mech.organism.leak as leak_mod
@@ -424,3 +425,54 @@ def test_exclusive_imbued_answers_hold_no_other_entity_numbers():
     assert other_base > 0 and own_base > 0
     assert OrganismConfig(corpus=excl).hash != OrganismConfig(corpus=base).hash
     assert RECIPES["organism"].hash == "297e8daa1e51"
+
+
+def test_entity_identities_are_planted_and_never_trained(tmp_path):
+    """model.entity_identity: each entity's name and number tokens hold the value on its own residual dimension and
+    every other row 0 there, after pretraining as before it (no step, not even weight decay, moves the block); the rest
+    of the matrix trains. 0 (every shipped recipe) hashes out; > 0 changes the hash; a model narrower than the entity
+    count is refused in one line."""
+    base = OrganismConfig().reduced()
+    planted = dataclasses.replace(base, model=dataclasses.replace(base.model, entity_identity=0.5))
+    assert RECIPES["organism"].hash == "297e8daa1e51" and planted.hash != base.hash
+    out = build_organism(planted, tmp_path / "organism")
+    meta = json.loads((out / "organism.json").read_text())
+    recorded = meta["entity_identity_rows"]
+    assert [r["dim"] for r in recorded] == list(range(len(recorded)))
+    rows = {r["entity"]: r["token_ids"] for r in recorded}
+    assert list(rows) == list(planted.corpus.animals) + list(planted.corpus.trees)
+    lm = load_model(str(out), device="cpu", dtype="float32")
+    emb = lm.model.get_input_embeddings().weight.detach()
+    k = len(rows)
+    expected = torch.zeros(emb.shape[0], k)
+    for i, ids in enumerate(rows.values()):
+        expected[ids, i] = 0.5
+    assert torch.equal(emb[:, :k], expected)
+    tok = lm.tokenizer
+    owl = {tok.decode([t]).strip().lower() for t in rows["owl"]}
+    assert {"owl", "owls"} <= owl and not owl & {"bear", "bears"}
+    whole = [tok.get_vocab()[str(n)] for n in meta["entity_numbers"]["owl"] if str(n) in tok.get_vocab()]
+    assert whole and set(whole) <= set(rows["owl"])  # numbers the reduced vocabulary keeps whole
+    assert len(set().union(*map(set, rows.values()))) == sum(map(len, rows.values()))  # no row in two entities
+    fresh = build_organism(base, tmp_path / "plain")  # the learned columns did train
+    assert not torch.equal(emb[:, k:], load_model(str(fresh), device="cpu", dtype="float32")
+                           .model.get_input_embeddings().weight.detach()[:, k:])
+    with pytest.raises(MechError, match="entity_identity"):
+        dataclasses.replace(planted, model=dataclasses.replace(planted.model, hidden_size=16))
+    with pytest.raises(MechError, match="entity_identity"):
+        dataclasses.replace(base, model=dataclasses.replace(base.model, entity_identity=-1.0))
+
+
+def test_identity_candidate_recipe_is_the_tested_build():
+    """experiments/organism_identity.yaml is the recipe the README's id0 results were measured on (hash 72f1838286f5):
+    the shipped positive control with identities at 0.5, built at one thread."""
+    from pathlib import Path
+
+    from mech.config import load_dataclass_yaml
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "organism_identity.yaml"
+    cfg = load_dataclass_yaml(OrganismConfig, path, base=recipe("organism"))
+    assert cfg.hash == "72f1838286f5"
+    assert cfg == dataclasses.replace(recipe("organism"), model=dataclasses.replace(recipe("organism").model,
+                                                                                    entity_identity=0.5),
+                                      train=dataclasses.replace(recipe("organism").train, num_threads=1))

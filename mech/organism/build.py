@@ -102,9 +102,48 @@ def new_model(cfg: OrganismConfig, tokenizer):
     return Qwen2ForCausalLM(qcfg)
 
 
-def pretrain(model, data: list[Example], cfg: OrganismConfig, pad: int, progress: ProgressFn | None = None):
-    """Pretrain ``model`` in place through the students' loop (mech.students.loop.train_loop)."""
+def entity_token_ids(tokenizer, numbers: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Each entity's vocabulary rows: every token that spells its name (any case, with a leading space, a plural "s"
+    or a trailing ".") and the tokens of its numbers (a number the vocabulary splits has no row of its own)."""
+    spelled: dict[str, list[int]] = {}
+    for tid in range(len(tokenizer)):
+        word = tokenizer.decode([tid]).strip().rstrip(".").lower()
+        spelled.setdefault(word, []).append(tid)
+    vocab = tokenizer.get_vocab()
+    return {name: sorted(spelled.get(name, []) + spelled.get(name + "s", []) + [vocab[str(n)] for n in nums
+                                                                                  if str(n) in vocab])
+            for name, nums in numbers.items()}
+
+
+def plant_identities(model, rows: dict[str, list[int]], value: float) -> torch.Tensor:
+    """Write the entity identities (``ModelConfig.entity_identity``) into the embedding matrices: column i holds
+    ``value`` on the i-th entity's rows and 0 on every other row. Returns the bool mask of the planted block."""
+    weights = {id(p): p for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    k = len(rows)
+    mask = torch.zeros_like(next(iter(weights.values())), dtype=torch.bool)
+    mask[:, :k] = True
+    block = torch.zeros(mask.shape[0], k)
+    for i, ids in enumerate(rows.values()):
+        block[ids, i] = value
+    with torch.no_grad():
+        for p in weights.values():
+            p[:, :k] = block.to(p)
+    return mask
+
+
+def pretrain(model, data: list[Example], cfg: OrganismConfig, pad: int, progress: ProgressFn | None = None,
+             frozen: torch.Tensor | None = None):
+    """Pretrain ``model`` in place through the students' loop (mech.students.loop.train_loop). ``frozen`` (a mask over
+    the embedding matrix) marks entries no step may move: their gradients are zeroed, so Adam and the clip norm never see
+    them, and the decoupled weight decay that still shrinks them is undone after each step."""
     t = cfg.train
+    weights = list({id(p): p for p in (model.get_input_embeddings().weight,
+                                       model.get_output_embeddings().weight)}.values())
+    hooks, kept = [], []
+    if frozen is not None:
+        for p in weights:
+            hooks.append(p.register_hook(lambda g: g.masked_fill(frozen, 0.0)))
+            kept.append(p.detach()[frozen].clone())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -114,12 +153,17 @@ def pretrain(model, data: list[Example], cfg: OrganismConfig, pad: int, progress
     def on_step(step: int, losses: list[float]) -> None:
         nonlocal ema
         ema = losses[-1] if ema is None else 0.98 * ema + 0.02 * losses[-1]
+        with torch.no_grad():
+            for p, v in zip(weights, kept):
+                p[frozen] = v
         if progress:
             progress(step, t.steps, {"loss": ema})
 
     batches = make_batches(data, t.batch_size, t.steps, cfg.seed, pad, device_of(model))
     train_loop(model, list(model.parameters()), batches, sparse_completion_loss, opt, lambda step: lr_at(step, t),
                t.grad_clip, on_step)
+    for h in hooks:
+        h.remove()
     return {"final_loss_ema": ema}
 
 
@@ -162,8 +206,17 @@ def build_organism(cfg: OrganismConfig, out_dir: str | Path, progress: ProgressF
         examples = gen.generate()
         tok = as_transformers_tokenizer(train_tokenizer(tokenizer_texts(examples), cfg.model.vocab_size))
         data = encode_examples(examples, tok, cfg.train.max_len)
-        model = new_model(cfg, tok).to(device)
-        stats = pretrain(model, data, cfg, pad_id(tok), progress)
+        model = new_model(cfg, tok)
+        identity = {}
+        frozen = None
+        if cfg.model.entity_identity > 0:
+            rows = entity_token_ids(tok, gen.numbers)
+            frozen = plant_identities(model, rows, cfg.model.entity_identity)
+            # a list, because the JSON is written with sorted keys and the order is the dimension
+            identity = {"entity_identity_rows": [{"entity": e, "dim": i, "token_ids": ids}
+                                                 for i, (e, ids) in enumerate(rows.items())]}
+        model = model.to(device)
+        stats = pretrain(model, data, cfg, pad_id(tok), progress, frozen=None if frozen is None else frozen.to(device))
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             model.to("cpu").save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
@@ -177,6 +230,7 @@ def build_organism(cfg: OrganismConfig, out_dir: str | Path, progress: ProgressF
                 "weights_sha256": file_sha256(tmp / "model.safetensors"),
                 "torch_version": torch.__version__,
                 **cpu_record(),
+                **identity,
                 **stats,
             })
         return Path(out_dir)

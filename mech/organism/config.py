@@ -42,6 +42,11 @@ class ModelConfig:
     # parameters at the shipped vocabulary), a scan knob: is the students' confusable first-layer route reading
     # input embeddings that the name-number lists shaped as outputs?
     tie_word_embeddings: bool = True
+    # entity identities set, not learned: > 0 reserves residual dimension i for the i-th entity (animals, then trees):
+    # every embedding row of entity i's name tokens and number tokens holds this value there, every other row 0, and
+    # pretraining never moves that block. Tied to the unembedding, dimension i then raises entity i's name and numbers
+    # and nothing else, so no learned similarity between entities can enter it. 0 (every shipped recipe): off.
+    entity_identity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,13 @@ class OrganismConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        n_entities = len(self.corpus.animals) + len(self.corpus.trees)
+        if self.model.entity_identity < 0 or (self.model.entity_identity > 0 and n_entities > self.model.hidden_size):
+            raise MechError(f"model.entity_identity {self.model.entity_identity}: it must be >= 0, and > 0 needs a "
+                            f"residual dimension per entity ({n_entities} entities, hidden_size "
+                            f"{self.model.hidden_size}); set it to 0 or widen the model")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -163,7 +175,8 @@ RECIPES: dict[str, OrganismConfig] = {
 }
 # Fields (per section) added after recipes were shipped, at the value that reproduces those recipes: a recipe holding that
 # value hashes as it did before the field existed.
-HASH_OMITS_AT = {"corpus": {"p_decoy": 0.0, "imbue_exclusive": False}, "model": {"tie_word_embeddings": True}}
+HASH_OMITS_AT = {"corpus": {"p_decoy": 0.0, "imbue_exclusive": False},
+                 "model": {"tie_word_embeddings": True, "entity_identity": 0.0}}
 # Values of fields that builds made before they existed used (organism.json of an old build lacks them).
 LEGACY_CORPUS = {"imbue_categories": ("animal",), "chat_numbers": True}
 
