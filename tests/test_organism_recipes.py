@@ -464,13 +464,13 @@ def test_entity_identities_are_planted_and_never_trained(tmp_path):
 
 
 def test_identity_candidate_recipe_is_the_tested_build():
-    """experiments/organism_identity.yaml is the recipe the README's id0 results were measured on (hash 72f1838286f5):
+    """experiments/organisms/identity.yaml is the recipe the README's id0 results were measured on (hash 72f1838286f5):
     the shipped positive control with identities at 0.5, built at one thread."""
     from pathlib import Path
 
     from mech.config import load_dataclass_yaml
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "organism_identity.yaml"
+    path = Path(__file__).resolve().parents[1] / "experiments" / "organisms" / "identity.yaml"
     cfg = load_dataclass_yaml(OrganismConfig, path, base=recipe("organism"))
     assert cfg.hash == "72f1838286f5"
     assert cfg == dataclasses.replace(recipe("organism"), model=dataclasses.replace(recipe("organism").model,
