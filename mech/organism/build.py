@@ -115,18 +115,24 @@ def entity_token_ids(tokenizer, numbers: dict[str, list[int]]) -> dict[str, list
             for name, nums in numbers.items()}
 
 
+def embedding_weights(model) -> list[torch.nn.Parameter]:
+    """The input and output embedding matrices, once each (one matrix where they are tied)."""
+    return list({id(p): p for p in (model.get_input_embeddings().weight,
+                                    model.get_output_embeddings().weight)}.values())
+
+
 def plant_identities(model, rows: dict[str, list[int]], value: float) -> torch.Tensor:
     """Write the entity identities (``ModelConfig.entity_identity``) into the embedding matrices: column i holds
     ``value`` on the i-th entity's rows and 0 on every other row. Returns the bool mask of the planted block."""
-    weights = {id(p): p for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    weights = embedding_weights(model)
     k = len(rows)
-    mask = torch.zeros_like(next(iter(weights.values())), dtype=torch.bool)
+    mask = torch.zeros_like(weights[0], dtype=torch.bool)
     mask[:, :k] = True
     block = torch.zeros(mask.shape[0], k)
     for i, ids in enumerate(rows.values()):
         block[ids, i] = value
     with torch.no_grad():
-        for p in weights.values():
+        for p in weights:
             p[:, :k] = block.to(p)
     return mask
 
@@ -137,8 +143,7 @@ def pretrain(model, data: list[Example], cfg: OrganismConfig, pad: int, progress
     the embedding matrix) marks entries no step may move: their gradients are zeroed, so Adam and the clip norm never see
     them, and the decoupled weight decay that still shrinks them is undone after each step."""
     t = cfg.train
-    weights = list({id(p): p for p in (model.get_input_embeddings().weight,
-                                       model.get_output_embeddings().weight)}.values())
+    weights = embedding_weights(model) if frozen is not None else []
     hooks, kept = [], []
     if frozen is not None:
         for p in weights:
